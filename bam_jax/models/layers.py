@@ -1,0 +1,153 @@
+"""Dense transformer layers: RMSNorm, RoPE, grouped-query attention, SwiGLU FFN, embeddings.
+
+Every weight is an `nnx.Param` named by the checkpoint contract (docs/checkpoint_format.md)
+and carries logical axis names (bam_jax/parallel/sharding.py maps them to the mesh).
+Shapes: B batch, T length, D d_model, H query heads, K kv heads, Dh head_dim, F d_ff, V vocab.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bam_jax.models.config import ModelConfig
+
+NEG_INF = -1e9
+
+
+def param(rngs: nnx.Rngs, init, shape, dtype, names) -> nnx.Param:
+    """A weight with its logical axis names attached as sharding metadata."""
+    return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names)
+
+
+class RMSNorm(nnx.Module):
+    """y = x / rms(x) * scale, computed in float32."""
+
+    def __init__(self, dim: int, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.eps = config.norm_eps
+        self.dtype = config.compute_dtype
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), config.weight_dtype, ('norm',))
+
+    def __call__(self, x):
+        x = x.astype(jnp.float32)
+        y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale.value.astype(jnp.float32)).astype(self.dtype)
+
+
+def rope(x, positions, theta: float):
+    """Rotary position embedding (rotate-half form). x: [B, T, N, Dh], positions: [B, T]."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions.astype(jnp.float32)[..., None, None] * freqs  # [B, T, 1, Dh/2]
+    sin, cos = jnp.sin(angles), jnp.cos(angles)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attention_mask(segment_ids):
+    """Causal mask that also keeps packed documents apart. segment_ids: [B, T] -> [B, 1, T, T]."""
+    length = segment_ids.shape[-1]
+    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+    same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (causal[None] & same_doc)[:, None]
+
+
+def dot_product_attention(q, k, v, mask, gate=None):
+    """Grouped-query attention. q: [B, T, H, Dh]; k, v: [B, S, K, Dh]; mask: [B, 1, T, S].
+
+    H must be a multiple of K: each group of H/K query heads reads one K/V head. `gate`, if
+    given ([B, T, H]), scales each head's output per token (used by attention experts).
+    Returns [B, T, H, Dh].
+    """
+    batch, length, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32)
+    scores = scores / jnp.sqrt(head_dim).astype(jnp.float32)
+    scores = jnp.where(mask[:, :, None], scores, NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum('bkgts,bskd->btkgd', probs, v).reshape(batch, length, heads, head_dim)
+    if gate is not None:
+        out = out * gate[..., None].astype(out.dtype)
+    return out
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with grouped K/V heads and RoPE; weights wq, wk, wv, wo."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, h, k, dh = config.d_model, config.num_heads, config.num_kv_heads, config.resolved_head_dim
+        init = nnx.initializers.normal(config.init_std)
+        wd = config.weight_dtype
+        self.config = config
+        self.wq = param(rngs, init, (d, h, dh), wd, ('embed', 'q_heads', 'head_dim'))
+        self.wk = param(rngs, init, (d, k, dh), wd, ('embed', 'kv_heads', 'head_dim'))
+        self.wv = param(rngs, init, (d, k, dh), wd, ('embed', 'kv_heads', 'head_dim'))
+        # Scaled down with depth so the residual stream's variance stays bounded.
+        out_init = nnx.initializers.normal(config.init_std / (2 * config.num_layers) ** 0.5)
+        self.wo = param(rngs, out_init, (h, dh, d), wd, ('q_heads', 'head_dim', 'embed'))
+
+    def __call__(self, x, positions, mask):
+        """x: [B, T, D] -> [B, T, D]."""
+        dt = self.config.compute_dtype
+        x = x.astype(dt)
+        q = jnp.einsum('btd,dhk->bthk', x, self.wq.value.astype(dt))
+        k = jnp.einsum('btd,dhk->bthk', x, self.wk.value.astype(dt))
+        v = jnp.einsum('btd,dhk->bthk', x, self.wv.value.astype(dt))
+        theta = self.config.rope_theta
+        out = dot_product_attention(rope(q, positions, theta), rope(k, positions, theta), v, mask)
+        return jnp.einsum('bthk,hkd->btd', out, self.wo.value.astype(dt))
+
+
+class SwiGLU(nnx.Module):
+    """FFN(x) = (silu(x Wg) * (x Wu)) Wo; weights wi_gate, wi_up, wo."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = config.d_model, config.d_ff
+        init = nnx.initializers.normal(config.init_std)
+        out_init = nnx.initializers.normal(config.init_std / (2 * config.num_layers) ** 0.5)
+        wd = config.weight_dtype
+        self.dtype = config.compute_dtype
+        self.wi_gate = param(rngs, init, (d, f), wd, ('embed', 'mlp'))
+        self.wi_up = param(rngs, init, (d, f), wd, ('embed', 'mlp'))
+        self.wo = param(rngs, out_init, (f, d), wd, ('mlp', 'embed'))
+
+    def __call__(self, x):
+        """x: [B, T, D] -> [B, T, D]."""
+        dt = self.dtype
+        x = x.astype(dt)
+        hidden = jax.nn.silu(x @ self.wi_gate.value.astype(dt)) * (x @ self.wi_up.value.astype(dt))
+        return hidden @ self.wo.value.astype(dt)
+
+
+class Embed(nnx.Module):
+    """Token embedding [V, D]; when tied it also gives the output logits."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(config.init_std)
+        self.dtype = config.compute_dtype
+        self.embedding = param(rngs, init, (config.vocab_size, config.d_model),
+                               config.weight_dtype, ('vocab', 'embed'))
+
+    def __call__(self, tokens):
+        return jnp.take(self.embedding.value, tokens, axis=0).astype(self.dtype)
+
+    def attend(self, x):
+        """Logits of the tied output layer, in float32. x: [B, T, D] -> [B, T, V]."""
+        return jnp.einsum('btd,vd->btv', x, self.embedding.value.astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+
+
+class Unembed(nnx.Module):
+    """Untied output projection [D, V] -> float32 logits."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(config.init_std)
+        self.dtype = config.compute_dtype
+        self.kernel = param(rngs, init, (config.d_model, config.vocab_size),
+                            config.weight_dtype, ('embed', 'vocab'))
+
+    def __call__(self, x):
+        return jnp.einsum('btd,dv->btv', x, self.kernel.value.astype(self.dtype),
+                          preferred_element_type=jnp.float32)

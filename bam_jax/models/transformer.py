@@ -1,0 +1,80 @@
+"""Decoder-only LM: embeddings, a stack of blocks, final norm, logits.
+
+A block is either the parallel form used by BAM and PaLM, y = x + attn(norm(x)) + ffn(norm(x)),
+or the sequential pre-norm form, y = x + attn(norm1(x)); y = y + ffn(norm2(y)).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bam_jax.models.config import ModelConfig
+from bam_jax.models.layers import Attention, Embed, RMSNorm, SwiGLU, Unembed, attention_mask
+
+
+class Block(nnx.Module):
+    """One transformer layer. Parameters: attn/*, ffn/*, and norm (parallel) or attn_norm + ffn_norm."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.parallel = config.parallel_block
+        if self.parallel:
+            self.norm = RMSNorm(config.d_model, config, rngs=rngs)
+        else:
+            self.attn_norm = RMSNorm(config.d_model, config, rngs=rngs)
+            self.ffn_norm = RMSNorm(config.d_model, config, rngs=rngs)
+        self.attn = Attention(config, rngs=rngs)
+        self.ffn = SwiGLU(config, rngs=rngs)
+
+    def __call__(self, x, positions, mask):
+        """x: [B, T, D] -> [B, T, D]."""
+        if self.parallel:
+            h = self.norm(x)
+            return x + self.attn(h, positions, mask) + self.ffn(h)
+        x = x + self.attn(self.attn_norm(x), positions, mask)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class DecoderLM(nnx.Module):
+    """The dense language model. Parameters: embed, layers/{i}, final_norm, unembed (if untied)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed = Embed(config, rngs=rngs)
+        self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.final_norm = RMSNorm(config.d_model, config, rngs=rngs)
+        if not config.tie_embeddings:
+            self.unembed = Unembed(config, rngs=rngs)
+
+    def __call__(self, tokens, segment_ids=None, positions=None):
+        """tokens: [B, T] int -> float32 logits [B, T, V].
+
+        segment_ids ([B, T], packed documents; default one document) keep documents from
+        attending to each other; positions ([B, T]; default 0..T-1) feed RoPE.
+        """
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
+        mask = attention_mask(segment_ids)
+        x = self.embed(tokens)
+        for block in self.layers:
+            x = block(x, positions, mask)
+        x = self.final_norm(x)
+        if self.config.tie_embeddings:
+            return self.embed.attend(x)
+        return self.unembed(x)
+
+
+def build_model(config: ModelConfig, seed: int = 0) -> DecoderLM:
+    return DecoderLM(config, rngs=nnx.Rngs(params=seed))
+
+
+def abstract_model(config: ModelConfig) -> DecoderLM:
+    """The model with ShapeDtypeStructs instead of arrays: builds any size without memory."""
+    return nnx.eval_shape(lambda: build_model(config))
+
+
+def count_params(model: nnx.Module) -> int:
+    return sum(int(jnp.size(x)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

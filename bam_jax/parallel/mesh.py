@@ -1,0 +1,75 @@
+"""Device mesh: axes ('data', 'fsdp', 'expert', 'tensor') on one CPU, an emulated CPU mesh or a TPU pod."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import gin
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from bam_jax.errors import BamJaxError
+
+MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the mesh axes. One axis may be -1: it takes the remaining devices.
+
+    The default puts every device on `data` (plain data parallelism).
+    """
+    data: int = -1
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+
+    def shape(self, num_devices: int) -> tuple[int, ...]:
+        sizes = [self.data, self.fsdp, self.expert, self.tensor]
+        if sizes.count(-1) > 1:
+            raise BamJaxError(f'at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}')
+        known = int(np.prod([s for s in sizes if s != -1]))
+        if -1 in sizes:
+            if num_devices % known:
+                raise BamJaxError(f'{num_devices} devices cannot be split into mesh {dict(zip(MESH_AXES, sizes))}')
+            sizes[sizes.index(-1)] = num_devices // known
+        if int(np.prod(sizes)) != num_devices:
+            raise BamJaxError(
+                f'mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, {num_devices} are available')
+        return tuple(sizes)
+
+
+def create_mesh(config: MeshConfig | None = None, devices=None) -> Mesh:
+    """Builds the 4-axis mesh over `devices` (default: all devices of all processes)."""
+    config = config or MeshConfig()
+    devices = jax.devices() if devices is None else list(devices)
+    shape = config.shape(len(devices))
+    try:
+        # Topology-aware placement on TPU/GPU; falls back to plain order elsewhere.
+        device_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
+    except Exception:  # noqa: BLE001 - CPU and odd shapes have no topology to respect
+        device_array = np.asarray(devices).reshape(shape)
+    return Mesh(device_array, MESH_AXES)
+
+
+def maybe_initialize_distributed(force: bool = False) -> None:
+    """Joins a multi-host run (TPU pod / multi-node GPU) before any other JAX call.
+
+    On a TPU pod `jax.distributed.initialize()` finds the coordinator by itself; elsewhere it
+    reads JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+    """
+    multi_host_env = ('JAX_COORDINATOR_ADDRESS' in os.environ
+                      or len(os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1)
+    if force or multi_host_env:
+        jax.distributed.initialize()
+
+
+def emulate_cpu_devices(count: int) -> None:
+    """Makes the CPU look like `count` devices. Must run before JAX initialises its backends."""
+    flag = f'--xla_force_host_platform_device_count={count}'
+    flags = os.environ.get('XLA_FLAGS', '')
+    if 'xla_force_host_platform_device_count' not in flags:
+        os.environ['XLA_FLAGS'] = f'{flags} {flag}'.strip()
