@@ -1,0 +1,131 @@
+"""Orbax checkpoints of a run: layout, resolution of user-given paths, save and restore.
+
+A run's workdir holds `checkpoints/<step>/` with the items
+  params      plain nested dict of float32 arrays (docs/checkpoint_format.md)
+  opt_state   the optimizer state (absent from upcycled checkpoints)
+  train_state JSON: step, data position (batches consumed), seed
+  model       JSON: the ModelConfig fields
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from bam_jax.errors import BamJaxError
+from bam_jax.models.config import ModelConfig
+from bam_jax.models.params import flatten
+
+CHECKPOINT_SUBDIR = 'checkpoints'
+
+
+def _is_step_dir(path: pathlib.Path) -> bool:
+    return (path / 'params').is_dir() and (path / 'model').is_dir()
+
+
+def _latest_step_dir(directory: pathlib.Path) -> pathlib.Path | None:
+    steps = [p for p in directory.iterdir() if p.name.isdigit() and _is_step_dir(p)]
+    return max(steps, key=lambda p: int(p.name)) if steps else None
+
+
+def resolve_checkpoint(path: str | pathlib.Path, what: str = 'checkpoint') -> pathlib.Path:
+    """The step directory for a run's workdir, its checkpoints/ dir, or a step dir itself.
+
+    A workdir or checkpoints dir gives its latest finished step. Raises BamJaxError otherwise.
+    """
+    path = pathlib.Path(path).expanduser()
+    if not path.exists():
+        raise BamJaxError(f'{what} {path} does not exist')
+    if not path.is_dir():
+        raise BamJaxError(f'{what} {path} is not a directory')
+    if _is_step_dir(path):
+        return path
+    for directory in (path / CHECKPOINT_SUBDIR, path):
+        try:
+            found = _latest_step_dir(directory) if directory.is_dir() else None
+        except PermissionError:
+            raise BamJaxError(f'{what} {directory} is not readable') from None
+        if found is not None:
+            return found
+    raise BamJaxError(f'{what} {path} is not a bam_jax checkpoint: no <step>/params and <step>/model '
+                      f'under it or under {path / CHECKPOINT_SUBDIR}')
+
+
+def read_model_config(step_dir: pathlib.Path) -> ModelConfig:
+    try:
+        values = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / 'model')
+    except Exception as e:  # noqa: BLE001 - any read failure means the same to the user
+        raise BamJaxError(f'cannot read the model config of {step_dir}: {e}') from None
+    return ModelConfig.from_dict(values)
+
+
+def read_param_shapes(step_dir: pathlib.Path) -> dict[str, Any]:
+    """{path: (shape, dtype)} of the stored parameters, read from metadata only."""
+    try:
+        tree = ocp.StandardCheckpointer().metadata(step_dir / 'params').item_metadata.tree
+    except Exception as e:  # noqa: BLE001
+        raise BamJaxError(f'cannot read the parameters of {step_dir}: {e}') from None
+    return {k: (tuple(m.shape), m.dtype) for k, m in flatten(tree).items()}
+
+
+def check_same_params(expected: dict[str, Any], found: dict[str, Any], source: str) -> None:
+    """Raises naming the first parameter path whose presence or shape differs."""
+    for path in sorted(set(expected) | set(found)):
+        if path not in found:
+            raise BamJaxError(f'{source} has no parameter {path}')
+        if path not in expected:
+            raise BamJaxError(f'{source} has a parameter {path} this model does not have')
+        if tuple(expected[path][0]) != tuple(found[path][0]):
+            raise BamJaxError(f'{source}: parameter {path} has shape {found[path][0]}, '
+                              f'this model needs {expected[path][0]}')
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def restore_params(step_dir: pathlib.Path, abstract_params, shardings):
+    """Parameters only, placed on the mesh by `shardings`."""
+    return ocp.StandardCheckpointer().restore(step_dir / 'params', _abstract(abstract_params, shardings))
+
+
+class RunCheckpoints:
+    """The CheckpointManager of one run: async saves, keeps the newest N."""
+
+    def __init__(self, workdir: pathlib.Path, keep: int):
+        self.directory = pathlib.Path(workdir).absolute() / CHECKPOINT_SUBDIR
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
+                                                 create=True))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def step_dir(self, step: int) -> pathlib.Path:
+        return self.directory / str(step)
+
+    def save(self, step: int, params, opt_state, train_state: dict, model: ModelConfig) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            train_state=ocp.args.JsonSave(train_state),
+            model=ocp.args.JsonSave(model.to_dict()),
+        ), force=True)
+
+    def restore(self, step: int, abstract_params, param_shardings, abstract_opt_state, opt_shardings):
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(_abstract(abstract_params, param_shardings)),
+            opt_state=ocp.args.StandardRestore(_abstract(abstract_opt_state, opt_shardings)),
+            train_state=ocp.args.JsonRestore(),
+        ))
+        return restored['params'], restored['opt_state'], dict(restored['train_state'])
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

@@ -1,0 +1,74 @@
+"""Run metrics: a JSON file in the workdir, TensorBoard scalars, and the console table."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+
+import jax
+
+METRICS_FILE = 'metrics.json'
+
+
+def write_json_atomic(path: pathlib.Path, value) -> None:
+    """Writes to a temporary file and renames it into place: readers never see half a file."""
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else float('inf')
+
+
+class MetricsLog:
+    """Appends train and eval records to workdir/metrics.json and TensorBoard (process 0 only).
+
+    On resume, records after the restored step are dropped so the log matches the state.
+    """
+
+    def __init__(self, workdir: pathlib.Path, resume_step: int):
+        self.path = pathlib.Path(workdir) / METRICS_FILE
+        self.enabled = jax.process_index() == 0
+        self.records = {'train': [], 'eval': []}
+        if self.path.exists():
+            try:
+                old = json.loads(self.path.read_text())
+                self.records = {k: [r for r in old.get(k, []) if r['step'] <= resume_step]
+                                for k in self.records}
+            except (json.JSONDecodeError, KeyError, TypeError):
+                pass  # a damaged log is replaced, never fatal
+        self._writer = None
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+            self._writer = SummaryWriter(str(pathlib.Path(workdir) / 'tb'))
+
+    def train(self, step: int, values: dict[str, float]) -> None:
+        self._add('train', step, values)
+
+    def eval(self, step: int, per_domain: dict[str, dict[str, float]]) -> None:
+        flat = {f'{domain}/{k}': v for domain, d in per_domain.items() for k, v in d.items()}
+        self._add('eval', step, flat)
+
+    def _add(self, kind: str, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.records[kind].append({'step': step, **values})
+        for name, value in values.items():
+            self._writer.add_scalar(f'{kind}/{name}', value, step)
+        self._writer.flush()
+        write_json_atomic(self.path, self.records)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def format_eval_table(per_domain: dict[str, dict[str, float]]) -> str:
+    """A fixed-width table: domain, loss, perplexity."""
+    lines = [f'{"domain":<12} {"loss":>8} {"ppl":>10}']
+    for domain, values in per_domain.items():
+        lines.append(f'{domain:<12} {values["loss"]:>8.4f} {values["perplexity"]:>10.3f}')
+    return '\n'.join(lines)

@@ -1,0 +1,223 @@
+"""The training loop: seed, branch and (later) mix runs all go through `train`."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import signal
+import time
+
+import gin
+import jax
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from bam_jax import data
+from bam_jax.errors import BamJaxError
+from bam_jax.models import ModelConfig, abstract_model, build_model, flatten, param_shardings, split_params
+from bam_jax.parallel import MeshConfig, batch_sharding, create_mesh, replicated
+from bam_jax.train import checkpoints as ckpt
+from bam_jax.train.config import TrainConfig
+from bam_jax.train.metrics import MetricsLog, format_eval_table, perplexity
+from bam_jax.train.optimizer import learning_rate_schedule, make_optimizer
+from bam_jax.train.step import make_eval_step, make_train_step
+
+OPERATIVE_CONFIG_FILE = 'config.gin'
+
+
+class _StopSignal:
+    """Turns SIGTERM into a flag the loop checks after each step: save, then exit cleanly."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not in the main thread: no handler, no graceful stop
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_same_model(model: ModelConfig, step_dir: pathlib.Path, what: str) -> None:
+    stored = ckpt.read_model_config(step_dir).to_dict()
+    for name, value in model.to_dict().items():
+        if stored.get(name) != value:
+            raise BamJaxError(f'{what} holds a run of a different model: '
+                              f'{name} is {stored.get(name)!r} there, {value!r} here')
+
+
+def _opt_shardings(optimizer, abstract_opt_state, shardings, mesh):
+    # Moments mirror the parameters' shardings; counters and other scalars are replicated.
+    return optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt_state, shardings,
+                                 transform_non_params=lambda _: replicated(mesh))
+
+
+def _global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def _replicated_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+    # Every process holds the same (eval) batch: build the global array from it directly.
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+            for k, v in batch.items()}
+
+
+def evaluate(eval_step, params, data_config, batch_size, seq_len, sharding, cache) -> dict:
+    """Validation loss and perplexity per domain, on up to DataConfig.eval_batches batches."""
+    results = {}
+    for domain in data_config.eval_domains:
+        if domain not in cache:
+            cache[domain] = data.eval_batches(data_config, domain, batch_size, seq_len)
+        total, count = 0.0, 0.0
+        for batch in cache[domain]:
+            nll, n = eval_step(params, _replicated_batch(batch, sharding))
+            total, count = total + float(nll), count + float(n)
+        loss = total / max(count, 1.0)
+        results[domain] = {'loss': loss, 'perplexity': perplexity(loss)}
+    if results:
+        losses = [v['loss'] for v in results.values()]
+        results['average'] = {'loss': float(np.mean(losses)),
+                              'perplexity': float(np.mean([v['perplexity'] for v in results.values()]))}
+    return results
+
+
+def train(workdir: str | pathlib.Path, config: TrainConfig | None = None,
+          model_config: ModelConfig | None = None, data_config: data.DataConfig | None = None,
+          mesh_config: MeshConfig | None = None) -> dict:
+    """Trains (or resumes) the run in `workdir`. Configs default to their gin bindings.
+
+    Returns {'step': last step, 'loss': last train loss, 'eval': last eval results, 'stopped': why}.
+    """
+    config = config or TrainConfig()
+    model_config = model_config or ModelConfig()
+    data_config = data_config or data.DataConfig()
+    mesh = create_mesh(mesh_config or MeshConfig())
+    workdir = pathlib.Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    vocab_size = data.vocabulary(data_config).vocab_size
+    if vocab_size > model_config.vocab_size:
+        raise BamJaxError(f'the vocabulary has {vocab_size} ids but ModelConfig.vocab_size is '
+                          f'{model_config.vocab_size}')
+    num_data_shards = mesh.shape['data'] * mesh.shape['fsdp'] * mesh.shape['expert']
+    if config.batch_size % max(num_data_shards, jax.process_count()):
+        raise BamJaxError(f'batch size {config.batch_size} is not divisible by the {num_data_shards} '
+                          f'data-parallel devices')
+    local_batch = config.batch_size // jax.process_count()
+
+    abstract = abstract_model(model_config)
+    graphdef, abstract_params = split_params(abstract)
+    shardings = param_shardings(abstract, mesh)
+    optimizer = make_optimizer(config)
+    schedule = learning_rate_schedule(config)
+    abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+    opt_shardings = _opt_shardings(optimizer, abstract_opt, shardings, mesh)
+    data_sharding = batch_sharding(mesh)
+
+    checkpoints = ckpt.RunCheckpoints(workdir, config.keep_checkpoints)
+    start = checkpoints.latest_step()
+    if start is not None:
+        _check_same_model(model_config, checkpoints.step_dir(start), f'workdir {workdir}')
+        params, opt_state, train_state = checkpoints.restore(
+            start, abstract_params, shardings, abstract_opt, opt_shardings)
+        data_position = int(train_state['data_position'])
+        print(f'resuming {workdir} from step {start}')
+    else:
+        start, data_position = 0, 0
+        params = _initial_params(config, model_config, abstract_params, shardings)
+        opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
+
+    _write_config(workdir)
+    train_step = jax.jit(make_train_step(graphdef, optimizer, config.grad_accum_steps),
+                         in_shardings=(shardings, opt_shardings, data_sharding),
+                         out_shardings=(shardings, opt_shardings, replicated(mesh)),
+                         donate_argnums=(0, 1))
+    eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(shardings, data_sharding),
+                        out_shardings=replicated(mesh))
+
+    end = min(config.train_steps, config.stop_at_step or config.train_steps)
+    batches = data.train_batches(data_config, local_batch, config.seq_len, config.seed,
+                                 start_batch=data_position, shard_index=jax.process_index(),
+                                 num_shards=jax.process_count())
+    log = MetricsLog(workdir, resume_step=start)
+    eval_cache: dict = {}
+    result = {'step': start, 'loss': None, 'eval': None, 'stopped': 'finished'}
+
+    def save(step):
+        checkpoints.save(step, params, opt_state,
+                         {'step': step, 'data_position': data_position, 'seed': config.seed},
+                         model_config)
+
+    step = start
+    try:
+        with _StopSignal() as stop, tqdm(total=end, initial=start, desc=workdir.name, unit='step',
+                                         disable=jax.process_index() != 0, dynamic_ncols=True) as bar:
+            window_start, window_tokens = time.perf_counter(), 0.0
+            while step < end:
+                batch = _global_batch(next(batches), data_sharding)
+                params, opt_state, metrics = train_step(params, opt_state, batch)
+                data_position += 1
+                step += 1
+                loss, grad_norm = float(metrics['loss']), float(metrics['grad_norm'])
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    last = checkpoints.latest_step()
+                    kept = f'the last good checkpoint is step {last}' if last else 'no checkpoint was saved'
+                    raise BamJaxError(f'loss is {loss} (grad norm {grad_norm}) at step {step}: stopping; {kept}')
+                window_tokens += float(metrics['tokens'])
+                result['loss'] = loss
+                if step % config.log_every == 0 or step == end:
+                    elapsed = time.perf_counter() - window_start
+                    tokens_per_s = window_tokens / max(elapsed, 1e-9)
+                    log.train(step, {'loss': loss, 'grad_norm': grad_norm,
+                                     'learning_rate': float(schedule(step - 1)), 'tokens_per_s': tokens_per_s})
+                    bar.set_postfix(loss=f'{loss:.4f}', tok_s=f'{tokens_per_s:,.0f}')
+                    window_start, window_tokens = time.perf_counter(), 0.0
+                bar.update(1)
+                if step % config.eval_every == 0 or step == config.train_steps:
+                    result['eval'] = evaluate(eval_step, params, data_config, config.batch_size,
+                                              config.seq_len, data_sharding, eval_cache)
+                    log.eval(step, result['eval'])
+                    bar.write(f'step {step} validation\n{format_eval_table(result["eval"])}')
+                if step % config.checkpoint_every == 0 or step == end or stop.received:
+                    save(step)
+                if stop.received:
+                    result['stopped'] = 'sigterm'
+                    bar.write(f'SIGTERM: saved step {step}, stopping')
+                    break
+        if step < config.train_steps and result['stopped'] == 'finished':
+            result['stopped'] = 'stop_at_step'
+    finally:
+        checkpoints.wait()
+        checkpoints.close()
+        log.close()
+    result['step'] = step
+    return result
+
+
+def _initial_params(config: TrainConfig, model_config: ModelConfig, abstract_params, shardings):
+    """Fresh random weights, or the parameters of INIT_CHECKPOINT (its optimizer state is not used)."""
+    if config.init_checkpoint:
+        step_dir = ckpt.resolve_checkpoint(config.init_checkpoint, 'INIT_CHECKPOINT')
+        expected = {k: (v.shape, v.dtype) for k, v in flatten(abstract_params).items()}
+        ckpt.check_same_params(expected, ckpt.read_param_shapes(step_dir), f'INIT_CHECKPOINT {step_dir}')
+        print(f'initialising parameters from {step_dir}')
+        return ckpt.restore_params(step_dir, abstract_params, shardings)
+    if config.init_required:
+        raise BamJaxError('this run starts from a trained model: set --gin.INIT_CHECKPOINT="\'DIR\'"')
+    init = jax.jit(lambda: split_params(build_model(model_config, config.seed))[1], out_shardings=shardings)
+    return init()
+
+
+def _write_config(workdir: pathlib.Path) -> None:
+    if jax.process_index() == 0:
+        (workdir / OPERATIVE_CONFIG_FILE).write_text(gin.operative_config_str())
