@@ -26,7 +26,10 @@ def _is_step_dir(path: pathlib.Path) -> bool:
     return (path / 'params').is_dir() and (path / 'model').is_dir()
 
 
-def _latest_step_dir(directory: pathlib.Path) -> pathlib.Path | None:
+def latest_step_dir(directory: pathlib.Path) -> pathlib.Path | None:
+    """The newest finished step directory under `directory`, or None."""
+    if not directory.is_dir():
+        return None
     steps = [p for p in directory.iterdir() if p.name.isdigit() and _is_step_dir(p)]
     return max(steps, key=lambda p: int(p.name)) if steps else None
 
@@ -45,7 +48,7 @@ def resolve_checkpoint(path: str | pathlib.Path, what: str = 'checkpoint') -> pa
         return path
     for directory in (path / CHECKPOINT_SUBDIR, path):
         try:
-            found = _latest_step_dir(directory) if directory.is_dir() else None
+            found = latest_step_dir(directory)
         except PermissionError:
             raise BamJaxError(f'{what} {directory} is not readable') from None
         if found is not None:
@@ -89,7 +92,10 @@ def _abstract(tree, shardings):
 
 def restore_params(step_dir: pathlib.Path, abstract_params, shardings):
     """Parameters only, placed on the mesh by `shardings`."""
-    return ocp.StandardCheckpointer().restore(step_dir / 'params', _abstract(abstract_params, shardings))
+    try:
+        return ocp.StandardCheckpointer().restore(step_dir / 'params', _abstract(abstract_params, shardings))
+    except Exception as e:  # noqa: BLE001 - a damaged checkpoint, whatever orbax calls it
+        raise BamJaxError(f'cannot read the parameters of {step_dir}: {str(e).splitlines()[0]}') from None
 
 
 class RunCheckpoints:

@@ -53,6 +53,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         metrics = {
             'loss': nll / count,
             'grad_norm': optax.global_norm(grads),
+            'param_norm': optax.global_norm(params),
             'tokens': count,
         }
         return params, opt_state, metrics

@@ -103,7 +103,6 @@ def train(workdir: str | pathlib.Path, config: TrainConfig | None = None,
     data_config = data_config or data.DataConfig()
     mesh = create_mesh(mesh_config or MeshConfig())
     workdir = pathlib.Path(workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
 
     vocab_size = data.vocabulary(data_config).vocab_size
     if vocab_size > model_config.vocab_size:
@@ -124,17 +123,30 @@ def train(workdir: str | pathlib.Path, config: TrainConfig | None = None,
     opt_shardings = _opt_shardings(optimizer, abstract_opt, shardings, mesh)
     data_sharding = batch_sharding(mesh)
 
+    # Every check runs before anything is written to the workdir.
+    resume_dir = ckpt.latest_step_dir(workdir / ckpt.CHECKPOINT_SUBDIR)
+    if resume_dir is not None:
+        _check_same_model(model_config, resume_dir, f'workdir {workdir}')
+        init_dir = None
+    else:
+        init_dir = _init_checkpoint(config, abstract_params)
+    workdir.mkdir(parents=True, exist_ok=True)
     checkpoints = ckpt.RunCheckpoints(workdir, config.keep_checkpoints)
-    start = checkpoints.latest_step()
-    if start is not None:
-        _check_same_model(model_config, checkpoints.step_dir(start), f'workdir {workdir}')
+    if resume_dir is not None:
+        start = int(resume_dir.name)
         params, opt_state, train_state = checkpoints.restore(
             start, abstract_params, shardings, abstract_opt, opt_shardings)
         data_position = int(train_state['data_position'])
         print(f'resuming {workdir} from step {start}')
     else:
         start, data_position = 0, 0
-        params = _initial_params(config, model_config, abstract_params, shardings)
+        if init_dir is not None:
+            print(f'initialising parameters from {init_dir}')
+            params = ckpt.restore_params(init_dir, abstract_params, shardings)
+        else:
+            init = jax.jit(lambda: split_params(build_model(model_config, config.seed))[1],
+                           out_shardings=shardings)
+            params = init()
         opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
 
     _write_config(workdir)
@@ -169,10 +181,13 @@ def train(workdir: str | pathlib.Path, config: TrainConfig | None = None,
                 data_position += 1
                 step += 1
                 loss, grad_norm = float(metrics['loss']), float(metrics['grad_norm'])
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                # A finite loss can still come with an update that overflowed the weights.
+                if not all(map(math.isfinite, (loss, grad_norm, float(metrics['param_norm'])))):
+                    checkpoints.wait()
                     last = checkpoints.latest_step()
                     kept = f'the last good checkpoint is step {last}' if last else 'no checkpoint was saved'
-                    raise BamJaxError(f'loss is {loss} (grad norm {grad_norm}) at step {step}: stopping; {kept}')
+                    raise BamJaxError(f'non-finite training at step {step} (loss {loss}, grad norm '
+                                      f'{grad_norm}): stopping; {kept}')
                 window_tokens += float(metrics['tokens'])
                 result['loss'] = loss
                 if step % config.log_every == 0 or step == end:
@@ -204,18 +219,16 @@ def train(workdir: str | pathlib.Path, config: TrainConfig | None = None,
     return result
 
 
-def _initial_params(config: TrainConfig, model_config: ModelConfig, abstract_params, shardings):
-    """Fresh random weights, or the parameters of INIT_CHECKPOINT (its optimizer state is not used)."""
-    if config.init_checkpoint:
-        step_dir = ckpt.resolve_checkpoint(config.init_checkpoint, 'INIT_CHECKPOINT')
-        expected = {k: (v.shape, v.dtype) for k, v in flatten(abstract_params).items()}
-        ckpt.check_same_params(expected, ckpt.read_param_shapes(step_dir), f'INIT_CHECKPOINT {step_dir}')
-        print(f'initialising parameters from {step_dir}')
-        return ckpt.restore_params(step_dir, abstract_params, shardings)
-    if config.init_required:
-        raise BamJaxError('this run starts from a trained model: set --gin.INIT_CHECKPOINT="\'DIR\'"')
-    init = jax.jit(lambda: split_params(build_model(model_config, config.seed))[1], out_shardings=shardings)
-    return init()
+def _init_checkpoint(config: TrainConfig, abstract_params) -> pathlib.Path | None:
+    """The checkpoint whose parameters (not optimizer state) start this run, checked; None: random init."""
+    if not config.init_checkpoint:
+        if config.init_required:
+            raise BamJaxError('this run starts from a trained model: set --gin.INIT_CHECKPOINT="\'DIR\'"')
+        return None
+    step_dir = ckpt.resolve_checkpoint(config.init_checkpoint, 'INIT_CHECKPOINT')
+    expected = {k: (v.shape, v.dtype) for k, v in flatten(abstract_params).items()}
+    ckpt.check_same_params(expected, ckpt.read_param_shapes(step_dir), f'INIT_CHECKPOINT {step_dir}')
+    return step_dir
 
 
 def _write_config(workdir: pathlib.Path) -> None:
