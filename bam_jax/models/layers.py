@@ -32,7 +32,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x):
         x = x.astype(jnp.float32)
         y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale.value.astype(jnp.float32)).astype(self.dtype)
+        return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
 
 def rope(x, positions, theta: float):
@@ -92,12 +92,12 @@ class Attention(nnx.Module):
         """x: [B, T, D] -> [B, T, D]."""
         dt = self.config.compute_dtype
         x = x.astype(dt)
-        q = jnp.einsum('btd,dhk->bthk', x, self.wq.value.astype(dt))
-        k = jnp.einsum('btd,dhk->bthk', x, self.wk.value.astype(dt))
-        v = jnp.einsum('btd,dhk->bthk', x, self.wv.value.astype(dt))
+        q = jnp.einsum('btd,dhk->bthk', x, self.wq[...].astype(dt))
+        k = jnp.einsum('btd,dhk->bthk', x, self.wk[...].astype(dt))
+        v = jnp.einsum('btd,dhk->bthk', x, self.wv[...].astype(dt))
         theta = self.config.rope_theta
         out = dot_product_attention(rope(q, positions, theta), rope(k, positions, theta), v, mask)
-        return jnp.einsum('bthk,hkd->btd', out, self.wo.value.astype(dt))
+        return jnp.einsum('bthk,hkd->btd', out, self.wo[...].astype(dt))
 
 
 class SwiGLU(nnx.Module):
@@ -117,8 +117,8 @@ class SwiGLU(nnx.Module):
         """x: [B, T, D] -> [B, T, D]."""
         dt = self.dtype
         x = x.astype(dt)
-        hidden = jax.nn.silu(x @ self.wi_gate.value.astype(dt)) * (x @ self.wi_up.value.astype(dt))
-        return hidden @ self.wo.value.astype(dt)
+        hidden = jax.nn.silu(x @ self.wi_gate[...].astype(dt)) * (x @ self.wi_up[...].astype(dt))
+        return hidden @ self.wo[...].astype(dt)
 
 
 class Embed(nnx.Module):
@@ -131,11 +131,11 @@ class Embed(nnx.Module):
                                config.weight_dtype, ('vocab', 'embed'))
 
     def __call__(self, tokens):
-        return jnp.take(self.embedding.value, tokens, axis=0).astype(self.dtype)
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
 
     def attend(self, x):
         """Logits of the tied output layer, in float32. x: [B, T, D] -> [B, T, V]."""
-        return jnp.einsum('btd,vd->btv', x, self.embedding.value.astype(self.dtype),
+        return jnp.einsum('btd,vd->btv', x, self.embedding[...].astype(self.dtype),
                           preferred_element_type=jnp.float32)
 
 
@@ -149,5 +149,5 @@ class Unembed(nnx.Module):
                             config.weight_dtype, ('embed', 'vocab'))
 
     def __call__(self, x):
-        return jnp.einsum('btd,dv->btv', x, self.kernel.value.astype(self.dtype),
+        return jnp.einsum('btd,dv->btv', x, self.kernel[...].astype(self.dtype),
                           preferred_element_type=jnp.float32)

@@ -6,6 +6,8 @@ or the sequential pre-norm form, y = x + attn(norm1(x)); y = y + ffn(norm2(y)).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -77,4 +79,4 @@ def abstract_model(config: ModelConfig) -> DecoderLM:
 
 
 def count_params(model: nnx.Module) -> int:
-    return sum(int(jnp.size(x)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

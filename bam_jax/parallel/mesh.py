@@ -8,6 +8,7 @@ import os
 import gin
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh
 
 from bam_jax.errors import BamJaxError
@@ -29,6 +30,8 @@ class MeshConfig:
 
     def shape(self, num_devices: int) -> tuple[int, ...]:
         sizes = [self.data, self.fsdp, self.expert, self.tensor]
+        if any(s == 0 or s < -1 for s in sizes):
+            raise BamJaxError(f'mesh axis sizes must be positive (or one -1), got {dict(zip(MESH_AXES, sizes))}')
         if sizes.count(-1) > 1:
             raise BamJaxError(f'at most one mesh axis may be -1, got {dict(zip(MESH_AXES, sizes))}')
         known = int(np.prod([s for s in sizes if s != -1]))
@@ -49,7 +52,7 @@ def create_mesh(config: MeshConfig | None = None, devices=None) -> Mesh:
     shape = config.shape(len(devices))
     try:
         # Topology-aware placement on TPU/GPU; falls back to plain order elsewhere.
-        device_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
+        device_array = mesh_utils.create_device_mesh(shape, devices)
     except Exception:  # noqa: BLE001 - CPU and odd shapes have no topology to respect
         device_array = np.asarray(devices).reshape(shape)
     return Mesh(device_array, MESH_AXES)

@@ -64,7 +64,7 @@ def logical_names(variable: nnx.Variable) -> tuple[str | None, ...]:
 def state_shardings(state, mesh: Mesh):
     """NamedShardings for an nnx.State (or pure tree of Variables), from logical names."""
     def one(v):
-        return NamedSharding(mesh, logical_to_spec(logical_names(v), v.value.shape, mesh))
+        return NamedSharding(mesh, logical_to_spec(logical_names(v), v.get_value().shape, mesh))
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 

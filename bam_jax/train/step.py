@@ -52,8 +52,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         params = optax.apply_updates(params, updates)
         metrics = {
             'loss': nll / count,
-            'grad_norm': optax.global_norm(grads),
-            'param_norm': optax.global_norm(params),
+            'grad_norm': optax.tree.norm(grads),
+            'param_norm': optax.tree.norm(params),
             'tokens': count,
         }
         return params, opt_state, metrics
