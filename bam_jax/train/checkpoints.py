@@ -59,7 +59,8 @@ def resolve_checkpoint(path: str | pathlib.Path, what: str = 'checkpoint') -> pa
 
 def read_model_config(step_dir: pathlib.Path) -> ModelConfig:
     try:
-        values = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / 'model')
+        with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+            values = checkpointer.restore(step_dir / 'model')
     except Exception as e:  # noqa: BLE001 - any read failure means the same to the user
         raise BamJaxError(f'cannot read the model config of {step_dir}: {e}') from None
     return ModelConfig.from_dict(values)
@@ -68,7 +69,8 @@ def read_model_config(step_dir: pathlib.Path) -> ModelConfig:
 def read_param_shapes(step_dir: pathlib.Path) -> dict[str, Any]:
     """{path: (shape, dtype)} of the stored parameters, read from metadata only."""
     try:
-        tree = ocp.StandardCheckpointer().metadata(step_dir / 'params').item_metadata.tree
+        with ocp.StandardCheckpointer() as checkpointer:
+            tree = checkpointer.metadata(step_dir / 'params').item_metadata.tree
     except Exception as e:  # noqa: BLE001
         raise BamJaxError(f'cannot read the parameters of {step_dir}: {e}') from None
     return {k: (tuple(m.shape), m.dtype) for k, m in flatten(tree).items()}
@@ -93,7 +95,8 @@ def _abstract(tree, shardings):
 def restore_params(step_dir: pathlib.Path, abstract_params, shardings):
     """Parameters only, placed on the mesh by `shardings`."""
     try:
-        return ocp.StandardCheckpointer().restore(step_dir / 'params', _abstract(abstract_params, shardings))
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(step_dir / 'params', _abstract(abstract_params, shardings))
     except Exception as e:  # noqa: BLE001 - a damaged checkpoint, whatever orbax calls it
         raise BamJaxError(f'cannot read the parameters of {step_dir}: {str(e).splitlines()[0]}') from None
 

@@ -1,0 +1,154 @@
+"""`bam-jax train` end to end: seed -> branch, and every user error as one line, exit 1."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from bam_jax.models import flatten
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SMALL = ['--gin.TRAIN_STEPS=2', '--gin.BATCH_SIZE=8', '--gin.SEQ_LEN=64',
+         '--gin.TrainConfig.checkpoint_every=1', '--gin.TrainConfig.eval_every=2',
+         '--gin.TrainConfig.warmup_steps=1', '--gin.TrainConfig.log_every=1',
+         '--gin.DataConfig.eval_batches=1',
+         '--gin.DataConfig.math_documents=500', '--gin.ModelConfig.num_layers=2',
+         "--gin.ModelConfig.dtype='float32'"]
+SEED = ['--gin_file=gin/models/tiny.gin', '--gin_file=gin/seed.gin', *SMALL]
+BRANCH = ['--gin_file=gin/models/tiny.gin', '--gin_file=gin/branch.gin', *SMALL]
+
+
+def bam_jax(*args, check=True):
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+    proc = subprocess.run([sys.executable, '-m', 'bam_jax.cli', 'train', *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def params(step_dir):
+    return ocp.StandardCheckpointer().restore(step_dir / 'params')
+
+
+def assert_one_line_error(proc, pattern):
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr
+    assert pattern in errors[0], errors[0]
+
+
+@pytest.fixture(scope='module')
+def seed_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp('runs') / 'seed'
+    bam_jax(*SEED, f'--workdir={workdir}')
+    return workdir
+
+
+def test_seed_run_writes_checkpoints_config_and_metrics(seed_run):
+    assert sorted(p.name for p in (seed_run / 'checkpoints').iterdir() if p.name.isdigit()) == ['1', '2']
+    metrics = json.loads((seed_run / 'metrics.json').read_text())
+    assert [r['step'] for r in metrics['train']] == [1, 2]
+    evaluated = metrics['eval'][-1]
+    for domain in ('general', 'code', 'law', 'math'):
+        assert np.isclose(evaluated[f'{domain}/perplexity'], np.exp(evaluated[f'{domain}/loss']))
+    config = (seed_run / 'config.gin').read_text()
+    for line in ('TRAIN_STEPS = 2', 'TrainConfig.train_steps = %TRAIN_STEPS', "DataConfig.source = 'seed'"):
+        assert line in config.splitlines()
+    assert list((seed_run / 'tb').iterdir()), 'no TensorBoard events'
+
+
+def test_branch_starts_from_seed_params_with_fresh_optimizer(seed_run, tmp_path):
+    workdir = tmp_path / 'code'
+    bam_jax(*BRANCH, "--gin.DOMAIN='code'", f"--gin.INIT_CHECKPOINT='{seed_run}'", f'--workdir={workdir}')
+    # The warmup's first learning rate is 0, so after one step the branch still holds the seed's
+    # final weights exactly; a restored optimizer state would have moved them.
+    seed_final = flatten(params(seed_run / 'checkpoints' / '2'))
+    branch_first = flatten(params(workdir / 'checkpoints' / '1'))
+    assert seed_final.keys() == branch_first.keys()
+    for path, value in seed_final.items():
+        np.testing.assert_array_equal(value, branch_first[path], err_msg=path)
+    config = (workdir / 'config.gin').read_text()
+    for line in ("DOMAIN = 'code'", 'DataConfig.source = %DOMAIN', 'TrainConfig.lr_multiplier = 0.5'):
+        assert line in config.splitlines()
+    branch_lr = json.loads((workdir / 'metrics.json').read_text())['train'][1]['learning_rate']
+    seed_lr = json.loads((seed_run / 'metrics.json').read_text())['train'][1]['learning_rate']
+    assert branch_lr == pytest.approx(seed_lr / 2)
+
+
+def test_unknown_gin_binding(tmp_path):
+    proc = bam_jax(*SEED, '--gin.TrainConfig.no_such_field=3', f'--workdir={tmp_path / "w"}', check=False)
+    assert_one_line_error(proc, 'no_such_field')
+    assert not (tmp_path / 'w').exists()
+
+
+def test_missing_gin_file(tmp_path):
+    proc = bam_jax('--gin_file=gin/models/no_such.gin', f'--workdir={tmp_path / "w"}', check=False)
+    assert_one_line_error(proc, 'gin/models/no_such.gin not found')
+
+
+def test_branch_without_init_checkpoint(tmp_path):
+    proc = bam_jax(*BRANCH, "--gin.DOMAIN='code'", f'--workdir={tmp_path / "w"}', check=False)
+    assert_one_line_error(proc, 'INIT_CHECKPOINT')
+    assert not (tmp_path / 'w').exists()
+
+
+def test_missing_init_checkpoint(tmp_path):
+    proc = bam_jax(*BRANCH, "--gin.DOMAIN='code'", f"--gin.INIT_CHECKPOINT='{tmp_path / 'nope'}'",
+                   f'--workdir={tmp_path / "w"}', check=False)
+    assert_one_line_error(proc, 'does not exist')
+    assert not (tmp_path / 'w').exists()
+
+
+def test_init_checkpoint_that_is_not_a_checkpoint(tmp_path):
+    (tmp_path / 'junk').mkdir()
+    (tmp_path / 'junk' / 'notes.txt').write_text('hello')
+    proc = bam_jax(*BRANCH, "--gin.DOMAIN='code'", f"--gin.INIT_CHECKPOINT='{tmp_path / 'junk'}'",
+                   f'--workdir={tmp_path / "w"}', check=False)
+    assert_one_line_error(proc, 'is not a bam_jax checkpoint')
+
+
+def test_damaged_init_checkpoint(seed_run, tmp_path):
+    damaged = tmp_path / 'damaged'
+    subprocess.run(['cp', '-r', str(seed_run / 'checkpoints' / '2'), str(damaged)], check=True)
+    for f in (damaged / 'params').rglob('*'):
+        if f.is_file() and f.name not in ('_METADATA', 'commit_success.txt'):
+            f.write_bytes(b'\0' * 16)
+    proc = bam_jax(*BRANCH, "--gin.DOMAIN='code'", f"--gin.INIT_CHECKPOINT='{damaged}'",
+                   f'--workdir={tmp_path / "w"}', check=False)
+    assert_one_line_error(proc, 'cannot read the parameters')
+
+
+def test_workdir_of_a_different_model(seed_run):
+    before = sorted(p.name for p in (seed_run / 'checkpoints').iterdir())
+    proc = bam_jax(*SEED, '--gin.ModelConfig.d_model=64', f'--workdir={seed_run}', check=False)
+    assert_one_line_error(proc, 'holds a run of a different model: d_model is 128 there, 64 here')
+    assert sorted(p.name for p in (seed_run / 'checkpoints').iterdir()) == before
+
+
+def test_sigterm_saves_and_exits(tmp_path):
+    workdir = tmp_path / 'w'
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+    args = [a for a in SEED if not a.startswith('--gin.TRAIN_STEPS')]
+    proc = subprocess.Popen([sys.executable, '-m', 'bam_jax.cli', 'train', *args, '--gin.TRAIN_STEPS=100000',
+                             '--gin.TrainConfig.checkpoint_every=100000', '--gin.TrainConfig.log_every=1',
+                             f'--workdir={workdir}'], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (workdir / 'metrics.json').exists() and time.time() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-2000:]
+    steps = [int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()]
+    assert len(steps) == 1 and 0 < steps[0] < 100000
+    state = json.loads(next((workdir / 'checkpoints' / str(steps[0]) / 'train_state').glob('metadata')).read_text())
+    assert state['step'] == steps[0] == state['data_position']
