@@ -1,0 +1,50 @@
+"""Data: built-in corpora, seqio tasks and mixtures, packed numpy batches.
+
+TensorFlow is told to keep off GPUs/TPUs before anything else imports it.
+"""
+
+from bam_jax.data import tf_setup  # noqa: F401  (must come first)
+from bam_jax.data.corpora import (
+    BUILTIN_DOMAINS,
+    Corpus,
+    Document,
+    load_corpus,
+    normalise,
+)
+from bam_jax.data.math_problems import problem as math_problem
+from bam_jax.data.pipeline import (
+    DataConfig,
+    eval_batches,
+    eval_domain_names,
+    resolve_source,
+    train_batches,
+    vocabulary,
+)
+from bam_jax.data.tasks import (
+    MIX_MIXTURE,
+    SEED_MIXTURE,
+    register_all,
+    task_name,
+)
+from bam_jax.data.user_domains import DomainSpec, text_domain
+
+__all__ = [
+    'BUILTIN_DOMAINS',
+    'MIX_MIXTURE',
+    'SEED_MIXTURE',
+    'Corpus',
+    'DataConfig',
+    'Document',
+    'DomainSpec',
+    'eval_batches',
+    'eval_domain_names',
+    'load_corpus',
+    'math_problem',
+    'normalise',
+    'register_all',
+    'resolve_source',
+    'task_name',
+    'text_domain',
+    'train_batches',
+    'vocabulary',
+]

@@ -39,7 +39,7 @@ def resolve_checkpoint(path: str | pathlib.Path, what: str = 'checkpoint') -> pa
 
     A workdir or checkpoints dir gives its latest finished step. Raises BamJaxError otherwise.
     """
-    path = pathlib.Path(path).expanduser()
+    path = pathlib.Path(path).expanduser().absolute()
     if not path.exists():
         raise BamJaxError(f'{what} {path} does not exist')
     if not path.is_dir():

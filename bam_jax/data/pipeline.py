@@ -1,0 +1,208 @@
+"""Packed numpy batches for training and evaluation.
+
+Every batch is a dict of numpy arrays shaped [batch, seq_len]:
+    inputs        int32    decoder input: targets shifted right, 0 at each
+                           segment start
+    targets       int32
+    segment_ids   int32    0 = padding, 1.. = the packed documents of a row
+    positions     int32    position within its document (chunk)
+    loss_weights  float32  0 on padding
+"""
+
+import dataclasses
+
+import gin
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from bam_jax.data import corpora, tasks
+from bam_jax.data.user_domains import DomainSpec
+from bam_jax.data.vocab import make_vocabulary
+from bam_jax.errors import BamJaxError
+
+_FEATURES = {'inputs': 'decoder_input_tokens',
+             'targets': 'decoder_target_tokens',
+             'segment_ids': 'decoder_segment_ids',
+             'positions': 'decoder_positions',
+             'loss_weights': 'decoder_loss_weights'}
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What to read and how.
+
+    source: a domain ('code', or a user domain's name), 'seed', 'mix',
+      comma-separated domains (an equal-rate mixture of them), or the name of
+      any registered seqio task or mixture with a 'targets' feature.
+    eval_domains: domains evaluated on their validation split; user domains
+      are evaluated only when named here.
+    eval_batches: cap on validation batches per domain (0: no cap).
+    user_domains: DomainSpecs from `text_domain(...)`.
+    max_file_bytes, max_domain_bytes: size limits of the built-in corpora.
+    """
+    source: str = 'seed'
+    eval_domains: tuple = ('general', 'code', 'law', 'math')
+    spm_path: str | None = None
+    validation_fraction: float = 0.05
+    shuffle_buffer: int = 1000
+    eval_batches: int = 8
+    user_domains: tuple = ()
+    math_documents: int = corpora.DEFAULT_MATH_DOCUMENTS
+    max_file_bytes: int = corpora.MAX_FILE_BYTES
+    max_domain_bytes: int = corpora.MAX_DOMAIN_BYTES
+
+    def __post_init__(self):
+        # gin hands over lists; keep the config hashable.
+        object.__setattr__(self, 'eval_domains', tuple(self.eval_domains))
+        object.__setattr__(self, 'user_domains', tuple(self.user_domains))
+        names = [s.name for s in self.user_domains
+                 if isinstance(s, DomainSpec)]
+        if len(names) != len(self.user_domains):
+            raise BamJaxError('DataConfig.user_domains takes text_domain(...) '
+                              'entries only')
+        if len(set(names)) != len(names):
+            raise BamJaxError(f'user domain names repeat: {names}')
+        if self.shuffle_buffer < 1:
+            raise BamJaxError(f'shuffle_buffer must be >= 1, got '
+                              f'{self.shuffle_buffer}')
+
+    @property
+    def domains(self):
+        """All domain names: built-in, then user."""
+        return corpora.BUILTIN_DOMAINS + tuple(
+            s.name for s in self.user_domains)
+
+
+def vocabulary(config):
+    """The seqio vocabulary of `config`: bytes, or its SentencePiece model."""
+    return make_vocabulary(config.spm_path)
+
+
+def _task_names(config):
+    return tasks.register_all(config)
+
+
+def resolve_source(config):
+    """The seqio task or mixture name that `config.source` stands for."""
+    names = _task_names(config)
+    source = config.source.strip()
+    if source in names:
+        return names[source]
+    if source in ('seed', 'mix'):
+        return tasks.SEED_MIXTURE if source == 'seed' else tasks.MIX_MIXTURE
+    if ',' in source:
+        domains = [d.strip() for d in source.split(',') if d.strip()]
+        unknown = [d for d in domains if d not in names]
+        if unknown or not domains:
+            raise BamJaxError(f'unknown domains {unknown} in source '
+                              f'{source!r}; domains are {list(names)}')
+        return tasks.register_mixture(tasks.custom_mixture_name(domains),
+                                      domains)
+    if source in seqio.TaskRegistry.names() or \
+            source in seqio.MixtureRegistry.names():
+        return source
+    raise BamJaxError(f'unknown data source {source!r}: use a domain '
+                      f"({', '.join(names)}), 'seed', 'mix', comma-separated "
+                      'domains, or a registered seqio task or mixture')
+
+
+def _model_features(batch):
+    """seqio decoder_* features -> the names and dtypes the model uses."""
+    out = {k: tf.cast(batch[v], tf.int32) for k, v in _FEATURES.items()}
+    out['loss_weights'] = tf.cast(batch[_FEATURES['loss_weights']],
+                                  tf.float32)
+    return out
+
+
+def _options():
+    options = tf.data.Options()
+    options.deterministic = True
+    return options
+
+
+def _packed(name, split, seq_len, shuffle, seed, num_epochs, shard_info):
+    if seq_len < 2:
+        raise BamJaxError(f'seq_len must be >= 2, got {seq_len}')
+    return seqio.get_dataset(
+        name, task_feature_lengths={'targets': int(seq_len)},
+        feature_converter=seqio.DecoderFeatureConverter(pack=True),
+        dataset_split=split, shuffle=shuffle, seed=seed,
+        num_epochs=num_epochs, shard_info=shard_info, verbose=False)
+
+
+def train_batches(config, batch_size, seq_len, seed, start_batch=0,
+                  shard_index=0, num_shards=1):
+    """Endless shuffled packed batches of the training split.
+
+    Deterministic given the arguments: batch i after resuming with
+    `start_batch=k` equals batch k+i of a fresh iterator. `batch_size` is this
+    process's batch; process `shard_index` of `num_shards` reads its own
+    disjoint part of the documents.
+    """
+    if batch_size < 1 or start_batch < 0:
+        raise BamJaxError(f'need batch_size >= 1 and start_batch >= 0, got '
+                          f'{batch_size} and {start_batch}')
+    if not 0 <= shard_index < num_shards:
+        raise BamJaxError(f'shard_index {shard_index} is not in '
+                          f'[0, {num_shards})')
+    name = resolve_source(config)
+    shard_info = seqio.ShardInfo(shard_index, num_shards) \
+        if num_shards > 1 else None
+    ds = _packed(name, 'train', seq_len, shuffle=True, seed=int(seed),
+                 num_epochs=None, shard_info=shard_info)
+    ds = (ds.batch(batch_size, drop_remainder=True)
+          .map(_model_features)
+          .skip(start_batch)
+          .prefetch(2)
+          .with_options(_options()))
+
+    def iterate():
+        count = 0
+        for batch in ds.as_numpy_iterator():
+            count += 1
+            yield batch
+        # Only an empty training split (or shard) ends an endless dataset.
+        raise BamJaxError(f'data source {config.source!r} has no training '
+                          f'documents for shard {shard_index} of {num_shards}'
+                          if count == 0 else
+                          f'data source {config.source!r} ended unexpectedly')
+
+    return iterate()
+
+
+def eval_batches(config, domain, batch_size, seq_len):
+    """The validation split of `domain`, packed, in a fixed order: at most
+    `config.eval_batches` batches, the last padded with all-zero rows."""
+    names = _task_names(config)
+    if domain not in names:
+        raise BamJaxError(f'unknown eval domain {domain!r}; domains are '
+                          f"{', '.join(names)}")
+    source = seqio.TaskRegistry.get(names[domain]).source
+    if not source.num_input_examples('validation'):
+        raise BamJaxError(f"domain '{domain}' has no validation documents "
+                          '(too few distinct documents)')
+    ds = _packed(names[domain], 'validation', seq_len, shuffle=False,
+                 seed=None, num_epochs=1, shard_info=None)
+    ds = ds.batch(batch_size).map(_model_features)
+    if config.eval_batches:
+        ds = ds.take(config.eval_batches)
+    batches = list(ds.with_options(_options()).as_numpy_iterator())
+    if batches and len(batches[-1]['targets']) < batch_size:
+        last = batches[-1]
+        missing = batch_size - len(last['targets'])
+        batches[-1] = {k: np.concatenate(
+            [v, np.zeros((missing,) + v.shape[1:], v.dtype)])
+            for k, v in last.items()}
+    return batches
+
+
+def eval_domain_names(config):
+    """config.eval_domains (user domains join only when named there)."""
+    names = set(config.domains)
+    unknown = [d for d in config.eval_domains if d not in names]
+    if unknown:
+        raise BamJaxError(f'unknown eval domains {unknown}; domains are '
+                          f'{list(config.domains)}')
+    return config.eval_domains

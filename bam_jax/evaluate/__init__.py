@@ -1,0 +1,1 @@
+"""Evaluation: held-out perplexity per domain and comparison tables across runs."""

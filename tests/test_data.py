@@ -1,0 +1,437 @@
+"""Data package: corpora, seqio tasks and mixtures, packed batches.
+
+Each test checks against a reference computed here, independently of the
+package (plain Python reads, arithmetic, substring search).
+"""
+
+import ast
+import collections
+import fractions
+import glob
+import hashlib
+import json
+import operator
+import os
+import re
+
+import numpy as np
+import pytest
+
+from bam_jax import data
+from bam_jax.data import corpora, math_problems
+from bam_jax.errors import BamJaxError
+
+KEYS = {'inputs': np.int32, 'targets': np.int32, 'segment_ids': np.int32,
+        'positions': np.int32, 'loss_weights': np.float32}
+EOS = 1
+
+
+def _norm(text):
+    return re.sub(r'\s+', ' ', text).strip().lower()
+
+
+def _segments(batch):
+    """Token lists of every packed segment in a batch."""
+    out = []
+    for row, seg in zip(batch['targets'], batch['segment_ids']):
+        for s in np.unique(seg[seg > 0]):
+            out.append(row[seg == s].tolist())
+    return out
+
+
+def _as_bytes(tokens):
+    """Byte-vocabulary tokens -> bytes; EOS becomes NUL (never in texts)."""
+    assert all(t == EOS or 3 <= t < 259 for t in tokens), tokens
+    return bytes(0 if t == EOS else t - 3 for t in tokens)
+
+
+def _haystack(documents):
+    return b'\0'.join(d.text.encode() for d in documents) + b'\0'
+
+
+def _check_batch(batch, batch_size, seq_len):
+    assert set(batch) == set(KEYS)
+    for key, dtype in KEYS.items():
+        assert batch[key].shape == (batch_size, seq_len), key
+        assert batch[key].dtype == dtype, key
+
+
+def test_tensorflow_sees_no_accelerator():
+    import tensorflow as tf
+    assert not tf.config.get_visible_devices('GPU')
+
+
+@pytest.mark.parametrize('domain', ['general', 'code', 'law', 'math'])
+def test_domain_task_yields_text_of_its_domain(domain):
+    config = data.DataConfig(source=domain)
+    batch = next(data.train_batches(config, batch_size=4, seq_len=96, seed=0))
+    _check_batch(batch, 4, 96)
+    hay = _haystack(corpora.load_corpus(domain).train)
+    segments = _segments(batch)
+    assert segments
+    for tokens in segments:
+        chunk = _as_bytes(tokens)
+        assert len(chunk) > 0 and chunk in hay
+    assert data.resolve_source(config) == f'bam.{domain}'
+
+
+def test_math_task_text_is_the_generator_output():
+    config = data.DataConfig(source='math', math_documents=50)
+    batch = next(data.train_batches(config, batch_size=2, seq_len=512,
+                                    seed=3))
+    # Documents are worksheets of consecutive problems, regenerated here.
+    hay = b'\0'.join(
+        '\n\n'.join(math_problems.problem(6 * d + i)
+                     for i in range(6)).encode()
+        for d in range(50)) + b'\0'
+    for tokens in _segments(batch):
+        assert _as_bytes(tokens) in hay
+
+
+@pytest.mark.parametrize('domain', ['general', 'code', 'law', 'math'])
+def test_validation_is_disjoint_from_training(domain):
+    corpus = corpora.load_corpus(domain)
+    train = {_norm(d.text) for d in corpus.train}
+    validation = {_norm(d.text) for d in corpus.validation}
+    assert len(validation) >= 4
+    assert len(validation) < 0.1 * len(train)
+    assert not train & validation
+    # The split is sha256 of the normalised text: recompute it.
+    for doc in corpus.train:
+        digest = hashlib.sha256(_norm(doc.text).encode()).hexdigest()
+        assert int(digest[:16], 16) >= 0.05 * 2 ** 64
+
+
+def test_eval_batches_come_from_validation():
+    config = data.DataConfig(eval_batches=3)
+    batches = data.eval_batches(config, 'code', batch_size=4, seq_len=64)
+    assert 1 <= len(batches) <= 3
+    corpus = corpora.load_corpus('code')
+    hay = _haystack(corpus.validation)
+    for batch in batches:
+        _check_batch(batch, 4, 64)
+        for tokens in _segments(batch):
+            assert _as_bytes(tokens) in hay
+
+
+def test_law_is_deduplicated():
+    paths = glob.glob('/usr/share/common-licenses/*')
+    paths += glob.glob('/usr/share/doc/*/copyright')
+    texts = {}
+    for path in paths:
+        real = os.path.realpath(path)
+        if os.path.isfile(real) and os.path.getsize(real) <= 200_000:
+            with open(real, 'rb') as f:
+                raw = f.read()
+            try:
+                texts[real] = raw.decode('utf-8')
+            except UnicodeDecodeError:
+                pass
+    distinct = {_norm(t) for t in texts.values() if t.strip()}
+    corpus = corpora.load_corpus('law')
+    kept = [_norm(d.text) for d in corpus.train + corpus.validation]
+    assert len(kept) == len(set(kept))
+    assert set(kept) == distinct
+    assert corpus.documents_read == len([t for t in texts.values()
+                                         if t.strip()])
+    if len(distinct) < len(texts):
+        assert len(kept) < corpus.documents_read
+
+
+def _short_domain(tmp_path):
+    """A user domain of 40 short texts of varied length: they must pack."""
+    lines = [f'Short note {i}: ' + 'tide and wind ' * (i % 9)
+             for i in range(40)]
+    _write(tmp_path / 'short.jsonl',
+           '\n'.join(json.dumps({'text': t}) for t in lines))
+    return data.text_domain('short', [str(tmp_path / 'short.jsonl')])
+
+
+@pytest.mark.parametrize('source', ['mix', 'short'])
+def test_packing_is_consistent(source, tmp_path):
+    config = data.DataConfig(source=source,
+                             user_domains=(_short_domain(tmp_path),))
+    batches = data.train_batches(config, batch_size=8, seq_len=512, seed=5)
+    segment_counts = []
+    for _ in range(3):
+        batch = next(batches)
+        _check_batch(batch, 8, 512)
+        for row in range(8):
+            seg, pos = batch['segment_ids'][row], batch['positions'][row]
+            tgt, inp = batch['targets'][row], batch['inputs'][row]
+            real = seg > 0
+            np.testing.assert_array_equal(batch['loss_weights'][row], real)
+            assert np.all(tgt[~real] == 0) and np.all(pos[~real] == 0)
+            # Documents are numbered 1, 2, ... and padding comes last.
+            ids = seg[real]
+            assert ids[0] == 1 and np.all(np.diff(ids) >= 0)
+            assert np.all(np.diff(ids) <= 1) and real.sum() == len(ids)
+            assert not np.any(real[int(real.sum()):])
+            segment_counts.append(ids.max())
+            for t in range(int(real.sum())):
+                start = t == 0 or seg[t] != seg[t - 1]
+                assert pos[t] == (0 if start else pos[t - 1] + 1)
+                assert inp[t] == (0 if start else tgt[t - 1])
+    if source == 'short':
+        assert min(segment_counts) > 1  # short texts were actually packed
+
+
+def test_resume_matches_a_fresh_iterator():
+    config = data.DataConfig(source='seed')
+    fresh = data.train_batches(config, batch_size=4, seq_len=64, seed=11)
+    first = [next(fresh) for _ in range(7)]
+    resumed = data.train_batches(config, batch_size=4, seq_len=64, seed=11,
+                                 start_batch=4)
+    for expected in first[4:]:
+        got = next(resumed)
+        for key in KEYS:
+            np.testing.assert_array_equal(got[key], expected[key])
+    other = next(data.train_batches(config, batch_size=4, seq_len=64, seed=12))
+    assert not np.array_equal(other['targets'], first[0]['targets'])
+
+
+def test_shards_read_different_documents():
+    config = data.DataConfig(source='code')
+    shards = [next(data.train_batches(config, 4, 64, seed=0, shard_index=i,
+                                      num_shards=2)) for i in range(2)]
+    assert not np.array_equal(shards[0]['targets'], shards[1]['targets'])
+
+
+def _chunk_index(seq_len):
+    """Every chunk of every training document (bytes, EOS as NUL) -> the set
+    of domains it occurs in; chunking redone here in plain Python."""
+    index = collections.defaultdict(set)
+    for domain in data.BUILTIN_DOMAINS:
+        for doc in corpora.load_corpus(domain).train:
+            raw = doc.text.encode() + b'\0'
+            for i in range(0, len(raw), seq_len):
+                index[raw[i:i + seq_len]].add(domain)
+    return index
+
+
+def test_mix_takes_a_quarter_from_each_domain():
+    seq_len = 512
+    index = _chunk_index(seq_len)
+    config = data.DataConfig(source='mix')
+    batches = data.train_batches(config, batch_size=16, seq_len=seq_len,
+                                 seed=2)
+    counts, unknown, total = collections.Counter(), 0, 0
+    for _ in range(50):
+        for tokens in _segments(next(batches)):
+            total += 1
+            owners = index.get(_as_bytes(tokens), set())
+            if len(owners) == 1:
+                counts[owners.pop()] += 1
+            elif not owners:
+                unknown += 1
+    assert unknown == 0
+    known = sum(counts.values())
+    assert known >= 0.97 * total and total >= 800
+    for domain in ('general', 'code', 'law', 'math'):
+        assert abs(counts[domain] / known - 0.25) < 0.06, counts
+
+
+def _write(path, text):
+    with open(path, 'w', encoding='utf-8') as f:
+        f.write(text)
+
+
+def test_user_text_and_jsonl_domains(tmp_path):
+    notes = [f'Note {i}: the heron stood on one leg by pond {i * 7}.'
+             for i in range(12)]
+    for i, text in enumerate(notes):
+        _write(tmp_path / f'note{i:02d}.txt', text)
+    records = [{'body': f'Record {i}: the otter swam {i * 3} laps.', 'id': i}
+               for i in range(10)]
+    _write(tmp_path / 'records.jsonl',
+           '\n'.join(json.dumps(r) for r in records) + '\n')
+    config = data.DataConfig(
+        source='notes,records', eval_batches=100,
+        user_domains=(data.text_domain('notes', [str(tmp_path / '*.txt')]),
+                      data.text_domain('records', [str(tmp_path / '*.jsonl')],
+                                       text_key='body')))
+    expected = {'notes': notes, 'records': [r['body'] for r in records]}
+    batch = next(data.train_batches(config, batch_size=4, seq_len=128,
+                                    seed=0))
+    allowed = {t.encode() + b'\0' for ts in expected.values() for t in ts}
+    assert all(_as_bytes(s) in allowed for s in _segments(batch))
+    for name, texts in expected.items():
+        seen = set()
+        for batch in data.eval_batches(config, name, batch_size=2,
+                                       seq_len=128):
+            seen |= {_as_bytes(s) for s in _segments(batch)}
+        train = {d.text for d in corpora.load_corpus(
+            config.user_domains[0 if name == 'notes' else 1]).train}
+        # All validation documents appear, and only they.
+        assert seen and seen == {t.encode() + b'\0' for t in texts
+                                 if t not in train}
+
+
+def test_missing_or_empty_user_domain_is_reported(tmp_path):
+    pattern = str(tmp_path / 'absent' / '*.txt')
+    config = data.DataConfig(source='ghost', user_domains=(
+        data.text_domain('ghost', [pattern]),))
+    with pytest.raises(BamJaxError, match='ghost') as error:
+        data.train_batches(config, batch_size=2, seq_len=32, seed=0)
+    assert pattern in str(error.value)
+    _write(tmp_path / 'blank.txt', '  \n\n ')
+    empty = data.DataConfig(source='blank', user_domains=(
+        data.text_domain('blank', [str(tmp_path / 'blank.txt')]),))
+    with pytest.raises(BamJaxError, match="blank.*blank.txt"):
+        data.train_batches(empty, batch_size=2, seq_len=32, seed=0)
+    with pytest.raises(BamJaxError, match='reserved'):
+        data.text_domain('law', ['x'])
+
+
+def test_missing_builtin_domain_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpora, 'LICENSE_ROOT', str(tmp_path / 'licenses'))
+    monkeypatch.setattr(corpora, 'DOC_ROOT', str(tmp_path / 'doc'))
+    corpora.clear_cache()
+    try:
+        with pytest.raises(BamJaxError, match="'law'.*licenses"):
+            corpora.load_corpus('law')
+    finally:
+        monkeypatch.undo()
+        corpora.clear_cache()
+
+
+def test_sentencepiece_vocabulary_and_reregistration(tmp_path):
+    spm = pytest.importorskip('sentencepiece')
+    text = tmp_path / 'math.txt'
+    _write(text, '\n'.join(math_problems.problems(400)))
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(tmp_path / 'm'), vocab_size=200,
+        model_type='bpe', pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+        minloglevel=2)
+    config = data.DataConfig(source='math', spm_path=str(tmp_path / 'm.model'))
+    vocab = data.vocabulary(config)
+    batch = next(data.train_batches(config, batch_size=2, seq_len=64, seed=0))
+    assert batch['targets'].max() < vocab.vocab_size
+    # SentencePiece normalises whitespace, so compare normalised text.
+    decoded = _norm(vocab.decode(_segments(batch)[0]))
+    assert decoded and decoded in _norm('\n'.join(
+        d.text for d in corpora.load_corpus('math').train))
+    # Back to bytes in the same process: the tasks are registered again.
+    batch = next(data.train_batches(data.DataConfig(source='math'), 2, 64, 0))
+    assert data.vocabulary(data.DataConfig()).vocab_size == 259
+    _as_bytes(_segments(batch)[0])
+    with pytest.raises(BamJaxError, match='not found'):
+        data.vocabulary(data.DataConfig(spm_path=str(tmp_path / 'no.model')))
+
+
+# ---- math generator: determinism and correct worked answers -------------
+
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+        ast.Div: operator.truediv}
+
+
+def _evaluate(expression, names=None):
+    """Exact value of + - * / arithmetic (names allowed) as a Fraction."""
+    def value(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return fractions.Fraction(node.value)
+        if isinstance(node, ast.Name):
+            return names[node.id]
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return -value(node.operand)
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](value(node.left), value(node.right))
+        raise ValueError(f'not arithmetic: {expression}')
+    return value(ast.parse(expression, mode='eval').body)
+
+
+def _algebra(expression, names):
+    """'-5x + 3y - 2' evaluated at names."""
+    return _evaluate(re.sub(r'(\d)([a-z])', r'\1*\2', expression), names)
+
+
+def _assignments(answer):
+    return {k: fractions.Fraction(int(v)) for k, v in
+            re.findall(r'([a-z]) = (-?\d+)', answer)}
+
+
+def _check_answer(question, answer):
+    """Solve `question` independently; compare with `answer`. Returns the
+    kind of problem recognised."""
+    F = fractions.Fraction
+    if m := re.fullmatch(r'Compute ([\d +*-]+)\.', question):
+        assert int(answer) == _evaluate(m[1])
+        return 'integer'
+    if m := re.fullmatch(r'Divide (\d+) by (\d+)\.', question):
+        quotient, remainder = divmod(int(m[1]), int(m[2]))
+        assert answer == f'{quotient} remainder {remainder}'
+        return 'divide'
+    if m := re.fullmatch(r'Compute (.+) in lowest terms\.', question):
+        value = _evaluate(m[1])
+        assert answer == (str(value.numerator) if value.denominator == 1
+                          else f'{value.numerator}/{value.denominator}')
+        return 'fraction'
+    if m := re.fullmatch(r'What is (\d+)% of (\d+)\?', question):
+        assert F(answer) == F(int(m[1]) * int(m[2]), 100)
+        return 'percent_of'
+    if m := re.fullmatch(r'A price (?:rises|falls) from (\d+) to (\d+)\. '
+                         r'What is the percentage (?:increase|decrease)\?',
+                         question):
+        old, new = int(m[1]), int(m[2])
+        assert F(answer.rstrip('%')) == F(abs(new - old) * 100, old)
+        return 'percent_change'
+    if m := re.fullmatch(r'Solve for ([a-z]): (.+) = (.+)\.', question):
+        names = _assignments(answer)
+        assert list(names) == [m[1]]
+        assert _algebra(m[2], names) == _algebra(m[3], names)
+        return 'linear'
+    if m := re.fullmatch(r'Solve the system: (.+) = (-?\d+) and (.+) = '
+                         r'(-?\d+)\.', question):
+        names = _assignments(answer)
+        assert set(names) == {'x', 'y'}
+        assert _algebra(m[1], names) == int(m[2])
+        assert _algebra(m[3], names) == int(m[4])
+        return 'system'
+    raise AssertionError(f'unrecognised problem: {question}')
+
+
+def test_math_generator_is_deterministic():
+    texts = math_problems.problems(50)
+    assert texts == [math_problems.problem(i) for i in range(50)]
+    digest = hashlib.sha256('\n\n'.join(texts).encode()).hexdigest()
+    # Pinned: the corpus must be identical on every machine.
+    assert digest == ('9d4b6745914dfcd36b8f55da85e364dc'
+                      'abc3490a78e07acc0e0f06741d9ce6f2')
+    assert len(set(math_problems.problems(400))) > 390
+
+
+def test_math_worked_answers_are_correct():
+    claim = re.compile(r'(?:^|: )([-0-9+*/(). ]+) = '
+                       r'(-?\d+(?:\.\d+)?(?:/\d+)?)$')
+    kinds, claims = collections.Counter(), 0
+    for text in math_problems.problems(600):
+        lines = text.split('\n')
+        assert lines[0].startswith('Problem: ') and lines[1] == 'Solution:'
+        assert lines[-1].startswith('Answer: ')
+        kinds[_check_answer(lines[0][9:], lines[-1][8:])] += 1
+        for line in lines[2:-1]:
+            if m := claim.search(line):
+                claims += 1
+                assert _evaluate(m[1]) == fractions.Fraction(m[2]), line
+    assert len(kinds) == 7 and min(kinds.values()) >= 50
+    assert claims > 2000
+
+
+def test_gin_configures_user_domains(tmp_path):
+    import gin
+    gin.clear_config()
+    try:
+        gin.parse_config(f"""
+            DataConfig.source = 'notes'
+            DataConfig.eval_domains = ['code', 'notes']
+            DataConfig.user_domains = [@notes/text_domain()]
+            notes/text_domain.name = 'notes'
+            notes/text_domain.paths = ['{tmp_path}/*.txt']
+        """)
+        config = data.DataConfig()
+    finally:
+        gin.clear_config()
+    assert config.user_domains == (data.DomainSpec(
+        'notes', (f'{tmp_path}/*.txt',), 'text'),)
+    assert data.eval_domain_names(config) == ('code', 'notes')
+    hash(config)
