@@ -86,6 +86,9 @@ def _task_names(config):
 
 def resolve_source(config):
     """The seqio task or mixture name that `config.source` stands for."""
+    if not config.source:
+        raise BamJaxError('DataConfig.source is not set: name a domain '
+                          "(branch runs: --gin.DOMAIN=\"'code'\")")
     names = _task_names(config)
     source = config.source.strip()
     if source in names:

@@ -1,7 +1,28 @@
 """Keep TensorFlow on the host: the data pipeline must not take accelerator
 memory that JAX needs. Imported first by the data package, before seqio."""
 
-import tensorflow as tf
+import contextlib
+import os
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """TensorFlow's C++ libraries log banners (CUDA stubs, oneDNN) to fd 2 at
+    load time, before any log level applies; hide them during the import."""
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+with _quiet_stderr():
+    import tensorflow as tf
+    import seqio  # noqa: F401 - loads tensorflow_text's libraries under the same cover
 
 
 def hide_accelerators_from_tensorflow():

@@ -43,7 +43,7 @@ def comparison(runs: dict[str, pathlib.Path]) -> dict:
 
 def markdown(result: dict) -> str:
     table = result['perplexity']
-    domains = list(next(iter(table.values())))
+    domains = sorted(next(iter(table.values())), key=lambda d: (d == 'average', d))
     lines = ['| run | ' + ' | '.join(domains) + ' |', '|---' * (len(domains) + 1) + '|']
     for run, values in table.items():
         cells = []

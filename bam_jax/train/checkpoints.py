@@ -9,6 +9,8 @@ A run's workdir holds `checkpoints/<step>/` with the items
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import pathlib
 from typing import Any
 
@@ -66,10 +68,22 @@ def read_model_config(step_dir: pathlib.Path) -> ModelConfig:
     return ModelConfig.from_dict(values)
 
 
+@contextlib.contextmanager
+def _absl_errors_only():
+    logger = logging.getLogger('absl')
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def read_param_shapes(step_dir: pathlib.Path) -> dict[str, Any]:
     """{path: (shape, dtype)} of the stored parameters, read from metadata only."""
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        # Orbax warns that a lone item has no step-level metadata file; that is expected here.
+        with _absl_errors_only(), ocp.StandardCheckpointer() as checkpointer:
             tree = checkpointer.metadata(step_dir / 'params').item_metadata.tree
     except Exception as e:  # noqa: BLE001
         raise BamJaxError(f'cannot read the parameters of {step_dir}: {e}') from None

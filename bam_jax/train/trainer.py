@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import pathlib
 import signal
+import sys
 import time
 
 import gin
@@ -104,6 +105,8 @@ def train(workdir: str | pathlib.Path, config: TrainConfig | None = None,
     mesh = create_mesh(mesh_config or MeshConfig())
     workdir = pathlib.Path(workdir).absolute()
 
+    data.resolve_source(data_config)
+    data.eval_domain_names(data_config)
     vocab_size = data.vocabulary(data_config).vocab_size
     if vocab_size > model_config.vocab_size:
         raise BamJaxError(f'the vocabulary has {vocab_size} ids but ModelConfig.vocab_size is '
@@ -173,7 +176,9 @@ def train(workdir: str | pathlib.Path, config: TrainConfig | None = None,
     step = start
     try:
         with _StopSignal() as stop, tqdm(total=end, initial=start, desc=workdir.name, unit='step',
-                                         disable=jax.process_index() != 0, dynamic_ncols=True) as bar:
+                                         disable=jax.process_index() != 0, dynamic_ncols=True,
+                                         # in a log file, a line every 30 s instead of every update
+                                         mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
             window_start, window_tokens = time.perf_counter(), 0.0
             while step < end:
                 batch = _global_batch(next(batches), data_sharding)
