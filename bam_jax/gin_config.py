@@ -33,7 +33,7 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
     paths = [resolve_gin_file(f) for f in files]
     try:
         gin.parse_config_files_and_bindings(paths, bindings)
-    except (ValueError, SyntaxError, IOError, KeyError) as e:
+    except (OSError, ValueError, SyntaxError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = ''
         if 'parse' in first.lower() or isinstance(e, SyntaxError):

@@ -10,8 +10,16 @@ import numpy as np
 import pytest
 
 from bam_jax.errors import BamJaxError
-from bam_jax.models import (ModelConfig, abstract_model, build_model, count_params, flatten,
-                            merge_params, param_logical_names, split_params)
+from bam_jax.models import (
+    ModelConfig,
+    abstract_model,
+    build_model,
+    count_params,
+    flatten,
+    merge_params,
+    param_logical_names,
+    split_params,
+)
 from bam_jax.parallel.sharding import LOGICAL_AXIS_RULES
 
 # Small but not degenerate: grouped-query attention (4 query heads over 2 K/V heads), a

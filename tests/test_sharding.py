@@ -4,12 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from bam_jax.errors import BamJaxError
 from bam_jax.models import ModelConfig, build_model, merge_params, param_shardings, split_params
-from bam_jax.parallel import (MESH_AXES, MeshConfig, batch_sharding, create_mesh,
-                              logical_to_spec, replicated)
+from bam_jax.parallel import MESH_AXES, MeshConfig, batch_sharding, create_mesh, logical_to_spec, replicated
 
 # Every sharded dimension divides the (2, 2, 1, 2) mesh; kv_heads=2 does not divide tensor=4,
 # so the (1, 2, 1, 4) layout also exercises a dropped mapping next to a kept one.

@@ -19,7 +19,8 @@ def main() -> None:
     parser.add_argument('--batch', type=int, default=8)
     parser.add_argument('--seq_len', type=int, default=256)
     parser.add_argument('--steps', type=int, default=5)
-    parser.add_argument('--dtype', default=None, help='compute dtype (default: bfloat16 on accelerators, float32 on CPU)')
+    parser.add_argument('--dtype', default=None,
+                        help='compute dtype (default: bfloat16 on accelerators, float32 on CPU)')
     parser.add_argument('--out', default='runs/bench/results.json')
     args = parser.parse_args()
 

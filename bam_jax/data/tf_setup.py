@@ -21,8 +21,8 @@ def _quiet_stderr():
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 with _quiet_stderr():
-    import tensorflow as tf
     import seqio  # noqa: F401 - loads tensorflow_text's libraries under the same cover
+    import tensorflow as tf
 
 
 def hide_accelerators_from_tensorflow():

@@ -7,7 +7,5 @@ from flax import nnx
 nnx.use_eager_sharding(False)
 
 from bam_jax.models.config import ModelConfig  # noqa: E402
-from bam_jax.models.params import (flatten, merge_params, param_logical_names,  # noqa: E402
-                                   param_shardings, split_params)
-from bam_jax.models.transformer import (Block, DecoderLM, abstract_model, build_model,  # noqa: E402
-                                        count_params)
+from bam_jax.models.params import flatten, merge_params, param_logical_names, param_shardings, split_params  # noqa: E402
+from bam_jax.models.transformer import Block, DecoderLM, abstract_model, build_model, count_params  # noqa: E402

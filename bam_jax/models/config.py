@@ -38,7 +38,8 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise BamJaxError(f'num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})')
         if not self.head_dim and self.d_model % self.num_heads:
-            raise BamJaxError(f'd_model ({self.d_model}) is not divisible by num_heads ({self.num_heads}); set head_dim')
+            raise BamJaxError(f'd_model ({self.d_model}) is not divisible by num_heads '
+                              f'({self.num_heads}); set head_dim')
         if self.resolved_head_dim % 2:
             raise BamJaxError(f'head_dim must be even for RoPE, got {self.resolved_head_dim}')
         for name in ('dtype', 'param_dtype'):
@@ -63,7 +64,7 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> 'ModelConfig':
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:

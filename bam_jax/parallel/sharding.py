@@ -7,12 +7,13 @@ test model still runs on a mesh that is too wide for it.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 # logical name -> mesh axes (None: replicated)
 LOGICAL_AXIS_RULES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
