@@ -7,7 +7,7 @@ import time
 import jax
 import numpy as np
 
-from bam_jax.models import ModelConfig, abstract_model, build_model, count_params, param_shardings, split_params
+from bam_jax.models import ModelConfig, abstract_model, count_params, init_params, param_shardings, split_params
 from bam_jax.models.flops import train_flops_per_token
 from bam_jax.parallel import MeshConfig, batch_sharding, create_mesh, replicated
 from bam_jax.train.config import TrainConfig
@@ -35,7 +35,7 @@ def time_train_step(model_config: ModelConfig, batch_size: int, seq_len: int, st
     graphdef, _ = split_params(abstract)
     shardings = param_shardings(abstract, mesh)
     optimizer = make_optimizer(config)
-    params = jax.jit(lambda: split_params(build_model(model_config))[1], out_shardings=shardings)()
+    params = init_params(model_config, 0, shardings)
     opt_state = jax.jit(optimizer.init)(params)
     step = jax.jit(make_train_step(graphdef, optimizer, 1), donate_argnums=(0, 1),
                    out_shardings=(shardings, None, replicated(mesh)))

@@ -8,4 +8,4 @@ nnx.use_eager_sharding(False)
 
 from bam_jax.models.config import ModelConfig  # noqa: E402
 from bam_jax.models.params import flatten, merge_params, param_logical_names, param_shardings, split_params  # noqa: E402
-from bam_jax.models.transformer import Block, DecoderLM, abstract_model, build_model, count_params  # noqa: E402
+from bam_jax.models.transformer import Block, DecoderLM, abstract_model, build_model, count_params, init_params  # noqa: E402

@@ -14,6 +14,7 @@ from flax import nnx
 
 from bam_jax.models.config import ModelConfig
 from bam_jax.models.layers import Attention, Embed, RMSNorm, SwiGLU, Unembed, attention_mask
+from bam_jax.models.params import split_params
 
 
 class Block(nnx.Module):
@@ -71,6 +72,11 @@ class DecoderLM(nnx.Module):
 
 def build_model(config: ModelConfig, seed: int = 0) -> DecoderLM:
     return DecoderLM(config, rngs=nnx.Rngs(params=seed))
+
+
+def init_params(config: ModelConfig, seed: int, shardings=None):
+    """Fresh random weights as a parameter dict, created directly in place on the mesh."""
+    return jax.jit(lambda: split_params(build_model(config, seed))[1], out_shardings=shardings)()
 
 
 def abstract_model(config: ModelConfig) -> DecoderLM:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from bam_jax import data
 from bam_jax.errors import BamJaxError
-from bam_jax.models import ModelConfig, abstract_model, build_model, flatten, param_shardings, split_params
+from bam_jax.models import ModelConfig, abstract_model, flatten, init_params, param_shardings, split_params
 from bam_jax.parallel import MeshConfig, batch_sharding, create_mesh, replicated
 from bam_jax.train import checkpoints as ckpt
 from bam_jax.train.config import TrainConfig
@@ -147,9 +147,7 @@ def train(workdir: str | pathlib.Path, config: TrainConfig | None = None,
             print(f'initialising parameters from {init_dir}')
             params = ckpt.restore_params(init_dir, abstract_params, shardings)
         else:
-            init = jax.jit(lambda: split_params(build_model(model_config, config.seed))[1],
-                           out_shardings=shardings)
-            params = init()
+            params = init_params(model_config, config.seed, shardings)
         opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(params)
 
     _write_config(workdir)
