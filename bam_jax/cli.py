@@ -72,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         return {'train': _train}[args.command](args, bindings)
     except BamJaxError as e:
         print(f'error: {str(e).strip().splitlines()[0]}', file=sys.stderr)
-        return EXIT_USER_ERROR
+        # Everything worth keeping is already saved or was never written. Skip the interpreter's
+        # teardown, where Orbax's I/O threads can report their closed event loops as tracebacks.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         return 130
