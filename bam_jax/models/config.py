@@ -10,6 +10,93 @@ import jax.numpy as jnp
 
 from bam_jax.errors import BamJaxError
 
+ROUTING_MODES = ('top_k', 'soft', 'sample_top1')
+GATE_FORMS = ('softmax', 'renormalize')
+
+
+@dataclasses.dataclass(frozen=True)
+class RoutedConfig:
+    """How a layer routes tokens to its experts (bam_jax/models/routing.py).
+
+    routing: 'top_k' (each token goes to `top_k` experts), 'soft' (every expert, weighted by
+      the router softmax) or 'sample_top1' (one expert drawn with Gumbel noise in training,
+      the arg-max in evaluation).
+    gate: 'softmax' weighs a chosen expert by its softmax probability over all experts, not
+      renormalised (BAM, Switch); 'renormalize' takes a softmax over the k kept logits
+      (BTX, Mixtral). Soft routing always uses the full softmax.
+    load_balance_weight, z_loss_weight: coefficients of the Switch load-balancing loss and the
+      ST-MoE router z-loss, added to the token-mean NLL once per layer.
+    """
+    num_experts: int = 4
+    routing: str = 'top_k'
+    top_k: int = 1
+    gate: str = 'softmax'
+    load_balance_weight: float = 0.01
+    z_loss_weight: float = 0.001
+
+    def __post_init__(self):
+        name = type(self).__name__
+        if self.num_experts < 1:
+            raise BamJaxError(f'{name}.num_experts must be >= 1, got {self.num_experts}')
+        if self.routing not in ROUTING_MODES:
+            raise BamJaxError(f'{name}.routing={self.routing!r} is not one of {ROUTING_MODES}')
+        if self.gate not in GATE_FORMS:
+            raise BamJaxError(f'{name}.gate={self.gate!r} is not one of {GATE_FORMS}')
+        if not 1 <= self.top_k <= self.num_routed_experts:
+            raise BamJaxError(f'{name}.top_k={self.top_k} must be in [1, {self.num_routed_experts}]')
+        if self.load_balance_weight < 0 or self.z_loss_weight < 0:
+            raise BamJaxError(f'{name}: loss weights must be >= 0')
+
+    @property
+    def num_routed_experts(self) -> int:
+        return self.num_experts
+
+    @property
+    def experts_per_token(self) -> int:
+        """How many experts each token is computed by."""
+        if self.routing == 'soft':
+            return self.num_routed_experts
+        return 1 if self.routing == 'sample_top1' else self.top_k
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class MoEConfig(RoutedConfig):
+    """Routed FFN experts (bam_jax/models/moe.py). Defaults: BAM's top-1, Switch capacity.
+
+    capacity_factor_train / _eval: each expert takes at most
+      ceil(factor * tokens * k / experts) tokens of a dispatch group (a device's share of the
+      batch); the rest pass through on the residual and are counted as dropped.
+    expert_split: BTX's split-experts ablation: each expert's FFN is cut into this many
+      chunks of d_ff / expert_split hidden units, giving num_experts * expert_split experts.
+    """
+    capacity_factor_train: float = 1.25
+    capacity_factor_eval: float = 2.0
+    expert_split: int = 1
+
+    def __post_init__(self):
+        if self.expert_split < 1:
+            raise BamJaxError(f'MoEConfig.expert_split must be >= 1, got {self.expert_split}')
+        super().__post_init__()
+        if min(self.capacity_factor_train, self.capacity_factor_eval) <= 0:
+            raise BamJaxError('MoEConfig capacity factors must be > 0')
+
+    @property
+    def num_routed_experts(self) -> int:
+        return self.num_experts * self.expert_split
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class MoAConfig(RoutedConfig):
+    """Attention experts (bam_jax/models/moa.py). Defaults: BAM's soft routing, expert KV.
+
+    shared_kv: per-expert Wq and Wo with one shared Wk, Wv (the KV cache is the dense one's).
+    """
+    routing: str = 'soft'
+    load_balance_weight: float = 0.0
+    shared_kv: bool = False
+
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +120,8 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: str = 'bfloat16'
     param_dtype: str = 'float32'
+    moe: MoEConfig | None = None  # routed FFN experts instead of the dense FFN
+    moa: MoAConfig | None = None  # attention experts instead of the dense attention
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -47,6 +136,9 @@ class ModelConfig:
                 jnp.dtype(getattr(self, name))
             except TypeError:
                 raise BamJaxError(f'ModelConfig.{name}={getattr(self, name)!r} is not a dtype') from None
+        if self.moe and self.d_ff % self.moe.expert_split:
+            raise BamJaxError(f'd_ff ({self.d_ff}) is not divisible by MoEConfig.expert_split '
+                              f'({self.moe.expert_split})')
 
     @property
     def resolved_head_dim(self) -> int:
@@ -69,4 +161,8 @@ class ModelConfig:
         unknown = set(values) - known
         if unknown:
             raise BamJaxError(f'unknown model config fields {sorted(unknown)}')
+        values = dict(values)
+        for name, kind in (('moe', MoEConfig), ('moa', MoAConfig)):
+            if values.get(name) is not None:
+                values[name] = kind(**values[name])
         return cls(**values)

@@ -88,8 +88,8 @@ class Attention(nnx.Module):
         out_init = nnx.initializers.normal(config.init_std / (2 * config.num_layers) ** 0.5)
         self.wo = param(rngs, out_init, (h, dh, d), wd, ('q_heads', 'head_dim', 'embed'))
 
-    def __call__(self, x, positions, mask):
-        """x: [B, T, D] -> [B, T, D]."""
+    def __call__(self, x, positions, mask, *, train: bool = False, rng=None):
+        """x: [B, T, D] -> [B, T, D]. train, rng: the routed layers' interface; unused here."""
         dt = self.config.compute_dtype
         x = x.astype(dt)
         q = jnp.einsum('btd,dhk->bthk', x, self.wq[...].astype(dt))
@@ -113,8 +113,8 @@ class SwiGLU(nnx.Module):
         self.wi_up = param(rngs, init, (d, f), wd, ('embed', 'mlp'))
         self.wo = param(rngs, out_init, (f, d), wd, ('mlp', 'embed'))
 
-    def __call__(self, x):
-        """x: [B, T, D] -> [B, T, D]."""
+    def __call__(self, x, *, train: bool = False, rng=None):
+        """x: [B, T, D] -> [B, T, D]. train, rng: the routed layers' interface; unused here."""
         dt = self.dtype
         x = x.astype(dt)
         hidden = jax.nn.silu(x @ self.wi_gate[...].astype(dt)) * (x @ self.wi_up[...].astype(dt))

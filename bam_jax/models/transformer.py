@@ -2,6 +2,8 @@
 
 A block is either the parallel form used by BAM and PaLM, y = x + attn(norm(x)) + ffn(norm(x)),
 or the sequential pre-norm form, y = x + attn(norm1(x)); y = y + ffn(norm2(y)).
+Its attention is dense or attention experts (ModelConfig.moa), its FFN dense or routed experts
+(ModelConfig.moe): dense = both dense, BTX = dense attention + MoE, BAM = MoA + MoE.
 """
 
 from __future__ import annotations
@@ -14,7 +16,14 @@ from flax import nnx
 
 from bam_jax.models.config import ModelConfig
 from bam_jax.models.layers import Attention, Embed, RMSNorm, SwiGLU, Unembed, attention_mask
+from bam_jax.models.moa import MoAttention
+from bam_jax.models.moe import MoEFeedForward
 from bam_jax.models.params import split_params
+
+
+def _fold(rng, i: int):
+    """An independent key per layer and sub-layer (None stays None: deterministic routing)."""
+    return None if rng is None else jax.random.fold_in(rng, i)
 
 
 class Block(nnx.Module):
@@ -27,16 +36,18 @@ class Block(nnx.Module):
         else:
             self.attn_norm = RMSNorm(config.d_model, config, rngs=rngs)
             self.ffn_norm = RMSNorm(config.d_model, config, rngs=rngs)
-        self.attn = Attention(config, rngs=rngs)
-        self.ffn = SwiGLU(config, rngs=rngs)
+        self.attn = MoAttention(config, rngs=rngs) if config.moa else Attention(config, rngs=rngs)
+        self.ffn = MoEFeedForward(config, rngs=rngs) if config.moe else SwiGLU(config, rngs=rngs)
 
-    def __call__(self, x, positions, mask):
-        """x: [B, T, D] -> [B, T, D]."""
+    def __call__(self, x, positions, mask, *, train: bool = False, rng=None):
+        """x: [B, T, D] -> [B, T, D]. train and rng reach the routers (capacity, sampling)."""
+        attn = dict(train=train, rng=_fold(rng, 0))
+        ffn = dict(train=train, rng=_fold(rng, 1))
         if self.parallel:
             h = self.norm(x)
-            return x + self.attn(h, positions, mask) + self.ffn(h)
-        x = x + self.attn(self.attn_norm(x), positions, mask)
-        return x + self.ffn(self.ffn_norm(x))
+            return x + self.attn(h, positions, mask, **attn) + self.ffn(h, **ffn)
+        x = x + self.attn(self.attn_norm(x), positions, mask, **attn)
+        return x + self.ffn(self.ffn_norm(x), **ffn)
 
 
 class DecoderLM(nnx.Module):
@@ -50,11 +61,13 @@ class DecoderLM(nnx.Module):
         if not config.tie_embeddings:
             self.unembed = Unembed(config, rngs=rngs)
 
-    def __call__(self, tokens, segment_ids=None, positions=None):
+    def __call__(self, tokens, segment_ids=None, positions=None, *, train: bool = False, rng=None):
         """tokens: [B, T] int -> float32 logits [B, T, V].
 
         segment_ids ([B, T], packed documents; default one document) keep documents from
-        attending to each other; positions ([B, T]; default 0..T-1) feed RoPE.
+        attending to each other; positions ([B, T]; default 0..T-1) feed RoPE. train selects
+        the routers' training behaviour; rng (a key) drives sampled routing.
+        Routed layers sow their losses and metrics (see bam_jax.models.routing.collect_aux).
         """
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
@@ -62,8 +75,8 @@ class DecoderLM(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
         mask = attention_mask(segment_ids)
         x = self.embed(tokens)
-        for block in self.layers:
-            x = block(x, positions, mask)
+        for i, block in enumerate(self.layers):
+            x = block(x, positions, mask, train=train, rng=_fold(rng, i))
         x = self.final_norm(x)
         if self.config.tie_embeddings:
             return self.embed.attend(x)

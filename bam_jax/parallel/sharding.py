@@ -27,6 +27,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, tuple[str, ...] | None], ...] = (
     ('head_dim', None),
     ('norm', None),
     ('experts', ('expert',)),
+    ('route', None),             # a router's expert dimension: small, replicated
 )
 
 
