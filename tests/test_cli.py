@@ -152,3 +152,31 @@ def test_sigterm_saves_and_exits(tmp_path):
     assert len(steps) == 1 and 0 < steps[0] < 100000
     state = json.loads(next((workdir / 'checkpoints' / str(steps[0]) / 'train_state').glob('metadata')).read_text())
     assert state['step'] == steps[0] == state['data_position']
+
+
+@pytest.mark.parametrize('arch, extra', [
+    ('btx', []),
+    ('bam', ['--gin.ModelConfig.parallel_block=False']),
+    ('bam_shared_kv', ['--gin.MeshConfig.data=1', '--gin.MeshConfig.expert=2']),
+])
+def test_expert_architectures_train_from_scratch(tmp_path, arch, extra):
+    bam_jax('--gin_file=gin/models/tiny.gin', f'--gin_file=gin/arch/{arch}.gin', '--gin_file=gin/seed.gin',
+            *SMALL, *extra, f'--workdir={tmp_path}')
+    step_dir = tmp_path / 'checkpoints' / '2'
+    shapes = {k: v.shape for k, v in flatten(params(step_dir)).items()}
+    # tiny: D 128, H 4, K 2, Dh 32, F 512; 4 experts of each kind
+    assert shapes['layers/1/ffn/experts/wi_gate'] == (4, 128, 512)
+    assert shapes['layers/1/ffn/router/kernel'] == (128, 4)
+    assert 'layers/1/ffn/wi_gate' not in shapes
+    if arch == 'btx':
+        assert shapes['layers/1/attn/wq'] == (128, 4, 32)
+    else:
+        assert shapes['layers/1/attn/experts/wq'] == (4, 128, 4, 32)
+        kv = 'attn/wk' if arch == 'bam_shared_kv' else 'attn/experts/wk'
+        assert shapes[f'layers/1/{kv}'] == ((128, 2, 32) if arch == 'bam_shared_kv' else (4, 128, 2, 32))
+    model = json.loads((step_dir / 'model' / 'metadata').read_text())
+    assert model['moe']['num_experts'] == 4 and (model['moa'] is None) == (arch == 'btx')
+    record = json.loads((tmp_path / 'metrics.json').read_text())['train'][-1]
+    assert record['aux_loss'] > 0 and 0 <= record['router/layers/0/ffn/dropped_fraction'] < 1
+    loads = [record[f'router/layers/0/ffn/load/{e}'] for e in range(4)]
+    assert np.isclose(sum(loads), 1.0)

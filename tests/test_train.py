@@ -12,6 +12,7 @@ import pytest
 from bam_jax.data import DataConfig
 from bam_jax.errors import BamJaxError
 from bam_jax.models import ModelConfig, build_model, split_params
+from bam_jax.models.config import MoAConfig, MoEConfig
 from bam_jax.parallel import MeshConfig
 from bam_jax.train import TrainConfig, train
 from bam_jax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -23,6 +24,9 @@ DATA = DataConfig(source='seed', eval_domains=('code', 'math'), eval_batches=1, 
 RUN = TrainConfig(train_steps=6, batch_size=8, seq_len=64, warmup_steps=2, checkpoint_every=2,
                   eval_every=3, log_every=1, learning_rate=3e-3)
 MESH = MeshConfig(data=2, fsdp=2, tensor=2)
+# BAM with sampled FFN routing: resuming must also restore the routing samples.
+BAM_SAMPLED = dataclasses.replace(MODEL, moe=MoEConfig(num_experts=4, routing='sample_top1'),
+                                  moa=MoAConfig(num_experts=2, shared_kv=True))
 
 
 def restore(path):
@@ -56,7 +60,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     results = []
     for accum in (1, 4):
         step = jax.jit(make_train_step(graphdef, optimizer, accum))
-        results.append(step(params, optimizer.init(params), batch))
+        results.append(step(params, optimizer.init(params), batch, jax.random.key(0)))
     (p1, _, m1), (p4, _, m4) = results
     assert float(m1['loss']) == pytest.approx(float(m4['loss']), rel=1e-6)
     assert float(m1['grad_norm']) == pytest.approx(float(m4['grad_norm']), rel=1e-5)
@@ -64,11 +68,13 @@ def test_gradient_accumulation_equals_one_big_batch():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_stop_and_resume_equals_straight_run_bit_for_bit(tmp_path):
-    straight = train(tmp_path / 'straight', RUN, MODEL, DATA, MESH)
-    stopped = train(tmp_path / 'resumed', dataclasses.replace(RUN, stop_at_step=3), MODEL, DATA, MESH)
+@pytest.mark.parametrize('model, mesh', [(MODEL, MESH), (BAM_SAMPLED, MeshConfig(data=2, expert=2, tensor=2))],
+                         ids=['dense', 'bam_sampled'])
+def test_stop_and_resume_equals_straight_run_bit_for_bit(tmp_path, model, mesh):
+    straight = train(tmp_path / 'straight', RUN, model, DATA, mesh)
+    stopped = train(tmp_path / 'resumed', dataclasses.replace(RUN, stop_at_step=3), model, DATA, mesh)
     assert stopped['step'] == 3 and stopped['stopped'] == 'stop_at_step'
-    resumed = train(tmp_path / 'resumed', RUN, MODEL, DATA, MESH)
+    resumed = train(tmp_path / 'resumed', RUN, model, DATA, mesh)
     assert resumed['step'] == straight['step'] == 6
 
     for item in ('params', 'opt_state'):
@@ -82,6 +88,11 @@ def test_stop_and_resume_equals_straight_run_bit_for_bit(tmp_path):
     assert [r['loss'] for r in logs[0]['train']] == [r['loss'] for r in logs[1]['train']]
     assert [r['step'] for r in logs[1]['train']] == list(range(1, 7))
     assert {'code/perplexity', 'math/loss', 'average/perplexity'} <= set(logs[0]['eval'][0])
+    if model.moe:  # every routed layer's metrics are logged
+        record = logs[0]['train'][0]
+        assert record['aux_loss'] > 0
+        assert {'router/layers/0/ffn/entropy', 'router/layers/1/ffn/dropped_fraction',
+                'router/layers/1/attn/load/1', 'router/layers/0/attn/z_loss'} <= set(record)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

@@ -1,21 +1,44 @@
-"""`make bench`: speed of the train step, printed as a table and saved as JSON.
+"""`make bench`: speed of the train step for dense, BTX and BAM models, as a table and JSON.
 
-  python -m bam_jax.benchmarks [--model gin/models/X.gin] [--batch N] [--seq_len T] [--steps S]
+  python -m bam_jax.benchmarks [--model gin/models/X.gin] [--archs dense,btx,bam,bam_shared_kv]
+                               [--batch N] [--seq_len T] [--steps S]
+
+Every architecture is timed in the same run on the same model size. BTX has 4 FFN experts
+with top-1 routing, so its active parameters are the dense model's (plus a router); BAM adds
+4 soft-routed attention experts (expert KV or shared KV).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
+ARCHS = ('dense', 'btx', 'bam', 'bam_shared_kv')
+
+
+def arch_config(dense, arch: str):
+    """The bench's variant `arch` of the dense ModelConfig."""
+    from bam_jax.models.config import MoAConfig, MoEConfig
+
+    top1 = MoEConfig(num_experts=4, routing='top_k', top_k=1, gate='softmax')
+    return {
+        'dense': dense,
+        'btx': dataclasses.replace(dense, moe=top1),
+        'bam': dataclasses.replace(dense, moe=top1, moa=MoAConfig(num_experts=4, shared_kv=False)),
+        'bam_shared_kv': dataclasses.replace(dense, moe=top1, moa=MoAConfig(num_experts=4, shared_kv=True)),
+    }[arch]
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog='python -m bam_jax.benchmarks')
     parser.add_argument('--model', default=None, help='model gin file (default: the bench shape below)')
+    parser.add_argument('--archs', default=','.join(ARCHS),
+                        help=f'comma list of {ARCHS}; dense always runs, as the baseline')
     parser.add_argument('--batch', type=int, default=8)
     parser.add_argument('--seq_len', type=int, default=256)
     parser.add_argument('--steps', type=int, default=5)
@@ -23,6 +46,10 @@ def main() -> None:
                         help='compute dtype (default: bfloat16 on accelerators, float32 on CPU)')
     parser.add_argument('--out', default='runs/bench/results.json')
     args = parser.parse_args()
+    archs = ['dense'] + [a for a in args.archs.split(',') if a and a != 'dense']
+    unknown = sorted(set(archs) - set(ARCHS))
+    if unknown:
+        parser.error(f'unknown --archs {unknown}; choose from {ARCHS}')
 
     import gin
     import jax
@@ -36,32 +63,40 @@ def main() -> None:
     dtype = args.dtype or ('float32' if on_cpu else 'bfloat16')
     if args.model:
         parse_gin([args.model], [f"ModelConfig.dtype = '{dtype}'"])
-        model = ModelConfig()
+        dense = ModelConfig()
         gin.clear_config()
         name = pathlib.Path(args.model).stem
     else:
-        # ~13M parameters: big enough for matmuls to dominate on a CPU, small enough to run in seconds.
-        model = ModelConfig(vocab_size=384, d_model=512, num_layers=4, num_heads=8, num_kv_heads=8,
+        # ~14M parameters: big enough for matmuls to dominate on a CPU, small enough to run in seconds.
+        dense = ModelConfig(vocab_size=384, d_model=512, num_layers=4, num_heads=8, num_kv_heads=8,
                             d_ff=1536, dtype=dtype)
-        name = 'bench_13m'
+        name = 'bench_14m'
 
     peak, peak_source = peak_flops(jax.numpy.dtype(dtype))
-    row = time_train_step(model, args.batch, args.seq_len, args.steps)
-    row.update(name=f'dense {name}', dtype=dtype, batch=args.batch, seq_len=args.seq_len,
-               devices=f'{jax.device_count()} x {jax.devices()[0].device_kind}',
-               peak_flops=peak, peak_source=peak_source, mfu=row['achieved_flops'] / peak)
-    rows = [row]
+    devices = f'{jax.device_count()} x {jax.devices()[0].device_kind}'
+    rows = []
+    for arch in archs:
+        print(f'timing {arch} ...', flush=True)
+        row = time_train_step(arch_config(dense, arch), args.batch, args.seq_len, args.steps)
+        row.update(name=f'{arch} {name}', arch=arch, dtype=dtype, batch=args.batch, seq_len=args.seq_len,
+                   devices=devices, peak_flops=peak, peak_source=peak_source,
+                   mfu=row['achieved_flops'] / peak)
+        rows.append(row)
+    for r in rows:
+        r['step_time_vs_dense'] = r['step_time_s'] / rows[0]['step_time_s']
+        r['flop_rate_vs_dense'] = r['achieved_flops'] / rows[0]['achieved_flops']
 
-    header = (f'{"model":<20} {"params":>10} {"dtype":>9} {"step ms":>9} {"tokens/s":>10} '
-              f'{"GFLOP/tok":>10} {"TFLOP/s":>8} {"MFU":>6}')
+    header = (f'{"model":<24} {"params":>9} {"step ms":>9} {"vs dense":>8} {"tokens/s":>10} '
+              f'{"GFLOP/tok":>10} {"TFLOP/s":>8} {"rate/dense":>10} {"MFU":>6}')
     print(header)
     print('-' * len(header))
     for r in rows:
-        print(f'{r["name"]:<20} {r["params"] / 1e6:>9.1f}M {r["dtype"]:>9} {r["step_time_s"] * 1e3:>9.1f} '
-              f'{r["tokens_per_s"]:>10,.0f} {r["flops_per_token"] / 1e9:>10.3f} '
-              f'{r["achieved_flops"] / 1e12:>8.3f} {r["mfu"]:>6.1%}')
-    print(f'config: batch {args.batch} x seq_len {args.seq_len}, {args.steps} timed steps (median), '
-          f'{rows[0]["devices"]}')
+        print(f'{r["name"]:<24} {r["params"] / 1e6:>8.1f}M {r["step_time_s"] * 1e3:>9.1f} '
+              f'{r["step_time_vs_dense"]:>7.2f}x {r["tokens_per_s"]:>10,.0f} '
+              f'{r["flops_per_token"] / 1e9:>10.3f} {r["achieved_flops"] / 1e12:>8.3f} '
+              f'{r["flop_rate_vs_dense"]:>10.2f} {r["mfu"]:>6.1%}')
+    print(f'config: {dtype}, batch {args.batch} x seq_len {args.seq_len}, {args.steps} timed steps (median), '
+          f'{devices}; experts: 4 FFN top-1 (capacity factor 1.25), 4 soft attention')
     print(f'MFU peak: {peak / 1e12:.3f} TFLOP/s ({peak_source})')
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -43,12 +43,13 @@ def time_train_step(model_config: ModelConfig, batch_size: int, seq_len: int, st
     batch = {k: jax.device_put(v, data)
              for k, v in synthetic_batch(batch_size, seq_len, model_config.vocab_size).items()}
     times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        params, opt_state, metrics = step(params, opt_state, batch)
-        jax.block_until_ready(metrics['loss'])
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+    with jax.set_mesh(mesh):  # the expert layers dispatch over it
+        for i in range(warmup + steps):
+            start = time.perf_counter()
+            params, opt_state, metrics = step(params, opt_state, batch, jax.random.key(i))
+            jax.block_until_ready(metrics['loss'])
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
     step_time = float(np.median(times))
     tokens = batch_size * seq_len
     flops_per_token = train_flops_per_token(model_config, seq_len)

@@ -1,23 +1,46 @@
-"""Model FLOPs per token (the MFU convention: matmuls only, no rematerialisation)."""
+"""Model FLOPs per token (the MFU convention: matmuls only, no rematerialisation).
+
+Expert layers count what runs for a token: a routed FFN its k chosen experts (all E for soft
+routing) plus the router; attention experts all N experts, since the wide attention computes
+every expert's heads and top-k only zeroes gates. Dispatch (gathers, all_to_all) and the slots
+a capacity leaves empty are overhead, not model FLOPs.
+"""
 
 from __future__ import annotations
 
 from bam_jax.models.config import ModelConfig
 
 
+def attention_matmul_params(config: ModelConfig) -> int:
+    """Per layer: wq, wo for every query head; wk, wv for every K/V head; the router."""
+    d, h, k, dh = config.d_model, config.num_heads, config.num_kv_heads, config.resolved_head_dim
+    if config.moa is None:
+        return 2 * d * h * dh + 2 * d * k * dh
+    n = config.moa.num_experts
+    kv_sets = 1 if config.moa.shared_kv else n
+    return n * 2 * d * h * dh + kv_sets * 2 * d * k * dh + d * n
+
+
+def ffn_matmul_params(config: ModelConfig) -> int:
+    """Per layer: wi_gate, wi_up, wo of every expert a token goes to; the router."""
+    d, f = config.d_model, config.d_ff
+    if config.moe is None:
+        return 3 * d * f
+    moe = config.moe
+    return moe.experts_per_token * 3 * d * (f // moe.expert_split) + d * moe.num_routed_experts
+
+
 def matmul_params(config: ModelConfig) -> int:
     """Weights that take part in a matmul per token (the embedding lookup does not; the unembedding does)."""
-    d, h, k, dh, f = (config.d_model, config.num_heads, config.num_kv_heads,
-                      config.resolved_head_dim, config.d_ff)
-    attention = d * h * dh * 2 + d * k * dh * 2   # wq, wo; wk, wv
-    ffn = 3 * d * f                               # wi_gate, wi_up, wo
-    return config.num_layers * (attention + ffn) + d * config.vocab_size
+    per_layer = attention_matmul_params(config) + ffn_matmul_params(config)
+    return config.num_layers * per_layer + config.d_model * config.vocab_size
 
 
 def forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """2 FLOPs per multiply-add of every matmul, plus attention scores and values over the
-    whole sequence (PaLM's convention: the causal half is not subtracted)."""
-    attention_scores = 2 * 2 * seq_len * config.num_heads * config.resolved_head_dim
+    whole sequence for every query head (PaLM's convention: the causal half is not subtracted)."""
+    query_heads = config.num_heads * (config.moa.num_experts if config.moa else 1)
+    attention_scores = 2 * 2 * seq_len * query_heads * config.resolved_head_dim
     return 2 * matmul_params(config) + config.num_layers * attention_scores
 
 

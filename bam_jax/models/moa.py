@@ -25,7 +25,7 @@ from flax import nnx
 
 from bam_jax.models.config import ModelConfig
 from bam_jax.models.layers import dot_product_attention, param, rope
-from bam_jax.models.routing import Router, combine_weights, route, router_aux
+from bam_jax.models.routing import Router, combine_weights, report, route, router_aux
 
 
 class AttentionExperts(nnx.Module):
@@ -48,7 +48,7 @@ class MoAttention(nnx.Module):
     """Routed attention experts in place of the dense attention. Parameters: router/*,
     experts/*, and wk, wv when K/V are shared.
 
-    Reports (nnx.sow, collection Intermediate, name 'router_aux') the routing losses and metrics.
+    Reports its routing losses and metrics (routing.router_aux) to routing.call_with_aux.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -71,7 +71,7 @@ class MoAttention(nnx.Module):
         q = jnp.einsum('btd,nd...->btn...', x, self._weight(self.experts.wq))  # [B, T, N, H, Dh]
         attend = self._shared_kv if self.moa.shared_kv else self._expert_kv
         y = attend(x, q, gates, positions, mask)
-        self.sow(nnx.Intermediate, 'router_aux', router_aux(logits, probs, index, self.moa))
+        report(self, router_aux(logits, probs, index, self.moa))
         return y
 
     def _weight(self, w):

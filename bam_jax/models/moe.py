@@ -25,7 +25,7 @@ from flax import nnx
 
 from bam_jax.models.config import ModelConfig
 from bam_jax.models.layers import param
-from bam_jax.models.routing import Router, combine_weights, route, router_aux
+from bam_jax.models.routing import Router, combine_weights, report, route, router_aux
 from bam_jax.parallel.sharding import logical_to_spec
 
 
@@ -134,8 +134,7 @@ def dispatch(x, expert_index, gate, weights, *, num_experts: int, capacity_facto
 class MoEFeedForward(nnx.Module):
     """Routed SwiGLU experts in place of the dense FFN. Parameters: router/*, experts/*.
 
-    Reports (nnx.sow, collection Intermediate, name 'router_aux') the routing losses and
-    metrics of bam_jax.models.routing.router_aux.
+    Reports its routing losses and metrics (routing.router_aux) to routing.call_with_aux.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -160,6 +159,6 @@ class MoEFeedForward(nnx.Module):
         else:
             factor = self.moe.capacity_factor_train if train else self.moe.capacity_factor_eval
             y, keep = dispatch(x, index, gate, weights, num_experts=self.num_experts, capacity_factor=factor)
-            dropped = 1.0 - jnp.mean(keep.astype(jnp.float32))
-        self.sow(nnx.Intermediate, 'router_aux', router_aux(logits, probs, index, self.moe, dropped))
+            dropped = jnp.mean(~keep, dtype=jnp.float32)  # exactly 0 when nothing is dropped
+        report(self, router_aux(logits, probs, index, self.moe, dropped))
         return y

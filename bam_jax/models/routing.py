@@ -114,15 +114,22 @@ def router_aux(logits, probs, expert_index, config: RoutedConfig, dropped_fracti
     }
 
 
-def collect_aux(model: nnx.Module) -> dict[str, dict]:
-    """Takes the losses and metrics the routed layers sowed during the last call.
+def report(layer: nnx.Module, aux: dict) -> None:
+    """Hands a routed layer's losses and metrics to call_with_aux; a plain call drops them."""
+    if hasattr(layer, '__captures__'):  # set by nnx.capture for the duration of the call
+        layer.sow(nnx.Intermediate, 'router_aux', aux)
 
-    Returns {'layers/0/ffn': router_aux(...), 'layers/0/attn': ..., ...}; empty for a dense model.
+
+def call_with_aux(module: nnx.Module, *args, **kwargs):
+    """module(*args, **kwargs) and what its routed layers reported during that call.
+
+    Returns (output, {'layers/0/ffn': router_aux(...), 'layers/0/attn': ..., ...}); the dict is
+    empty for a dense model. Keys are the layers' paths ('' when module is the routed layer).
     """
-    sown = nnx.pop(model, nnx.Intermediate)
+    out, sown = nnx.capture(module, nnx.Intermediate)(*args, **kwargs)
     collected = {}
     for path, value in nnx.to_flat_state(sown):
         *layer, _ = path
-        (aux,) = value.get_value()  # one call, one sown record
+        (aux,) = value.get_value()  # one call, one record
         collected['/'.join(map(str, layer))] = aux
-    return collected
+    return out, collected

@@ -67,7 +67,7 @@ class DecoderLM(nnx.Module):
         segment_ids ([B, T], packed documents; default one document) keep documents from
         attending to each other; positions ([B, T]; default 0..T-1) feed RoPE. train selects
         the routers' training behaviour; rng (a key) drives sampled routing.
-        Routed layers sow their losses and metrics (see bam_jax.models.routing.collect_aux).
+        Routed layers report their losses and metrics to bam_jax.models.routing.call_with_aux.
         """
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)

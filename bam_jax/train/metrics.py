@@ -8,6 +8,7 @@ import os
 import pathlib
 
 import jax
+import numpy as np
 
 METRICS_FILE = 'metrics.json'
 
@@ -64,6 +65,21 @@ class MetricsLog:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+def router_scalars(router: dict) -> dict[str, float]:
+    """{layer: router_aux} -> flat scalars 'router/<layer>/<name>', with 'load' per expert."""
+    flat = {}
+    for layer, values in router.items():
+        for name, value in values.items():
+            if name == 'loss':
+                continue
+            value = np.asarray(value)
+            if value.ndim:
+                flat.update({f'router/{layer}/{name}/{i}': float(v) for i, v in enumerate(value)})
+            else:
+                flat[f'router/{layer}/{name}'] = float(value)
+    return flat
 
 
 def format_eval_table(per_domain: dict[str, dict[str, float]]) -> str:

@@ -1,4 +1,8 @@
-"""The loss, the jit-compiled train step (with gradient accumulation) and the eval step."""
+"""The loss, the jit-compiled train step (with gradient accumulation) and the eval step.
+
+The training objective is the token-mean NLL plus the routed layers' weighted auxiliary
+losses (load balancing, z-loss), each a per-layer mean over the batch's tokens.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import optax
 from flax import nnx
 
 from bam_jax.models.params import Params, merge_params
+from bam_jax.models.routing import call_with_aux
 
 
 def cross_entropy(logits, targets, weights):
@@ -19,42 +24,70 @@ def cross_entropy(logits, targets, weights):
     return jnp.sum(nll * weights), jnp.sum(weights)
 
 
-def summed_loss(graphdef: nnx.GraphDef, params: Params, batch) -> tuple[jax.Array, jax.Array]:
+def forward(graphdef: nnx.GraphDef, params: Params, batch, *, train: bool = False, rng=None):
+    """(summed NLL, token count, {routed layer: router_aux dict}) of one batch."""
     model = merge_params(graphdef, params)
-    logits = model(batch['inputs'], batch['segment_ids'], batch['positions'])
-    return cross_entropy(logits, batch['targets'], batch['loss_weights'])
+    logits, aux = call_with_aux(model, batch['inputs'], batch['segment_ids'], batch['positions'],
+                                train=train, rng=rng)
+    nll, count = cross_entropy(logits, batch['targets'], batch['loss_weights'])
+    return nll, count, aux
+
+
+def summed_loss(graphdef: nnx.GraphDef, params: Params, batch) -> tuple[jax.Array, jax.Array]:
+    """Evaluation: summed NLL and token count, routers in evaluation mode."""
+    nll, count, _ = forward(graphdef, params, batch)
+    return nll, count
+
+
+def total_aux_loss(aux: dict) -> jax.Array:
+    """Sum of the routed layers' weighted losses (0 for a dense model)."""
+    return sum((layer['loss'] for layer in aux.values()), jnp.zeros((), jnp.float32))
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
                     accum_steps: int) -> Callable:
-    """train_step(params, opt_state, batch) -> (params, opt_state, metrics).
+    """train_step(params, opt_state, batch, rng) -> (params, opt_state, metrics).
 
     The batch is cut into `accum_steps` micro-batches, scanned in order; the gradient is that
     of the token-weighted mean loss over the whole batch, so accumulation changes memory, not
-    the result (up to float summation order).
+    the result (up to float summation order; the auxiliary losses are per micro-batch).
+    rng: a key for sampled routing. metrics: loss (the NLL), aux_loss, grad_norm, param_norm,
+    tokens, and router: {layer: router_aux} averaged over the micro-batches.
     """
-    grad_fn = jax.value_and_grad(lambda p, b: summed_loss(graphdef, p, b), has_aux=True)
+    def objective(params, batch, rng):
+        nll, count, aux = forward(graphdef, params, batch, train=True, rng=rng)
+        # Weighted by the tokens so that dividing by the batch's token count gives the mean.
+        return nll + count * total_aux_loss(aux), (nll, count, aux)
 
-    def train_step(params, opt_state, batch):
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+    def train_step(params, opt_state, batch, rng):
         micro = jax.tree.map(lambda x: x.reshape(accum_steps, -1, *x.shape[1:]), batch)
 
-        def accumulate(carry, micro_batch):
-            (nll, count), grads = grad_fn(params, micro_batch)
-            total_nll, total_count, total_grads = carry
-            return (total_nll + nll, total_count + count,
+        def accumulate(carry, inputs):
+            (_, (nll, count, aux)), grads = grad_fn(params, *inputs)
+            total_nll, total_count, total_aux, total_grads = carry
+            return (total_nll + nll, total_count + count, jax.tree.map(jnp.add, total_aux, aux),
                     jax.tree.map(jnp.add, total_grads, grads)), None
 
+        keys = jax.random.split(rng, accum_steps)
+        first = jax.tree.map(lambda x: x[0], micro)
+        aux_shapes = jax.eval_shape(lambda: objective(params, first, rng)[1][2])
+        aux_zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shapes)
         zeros = jax.tree.map(jnp.zeros_like, params)
-        (nll, count, grads), _ = jax.lax.scan(accumulate, (0.0, 0.0, zeros), micro)
+        (nll, count, aux, grads), _ = jax.lax.scan(accumulate, (0.0, 0.0, aux_zeros, zeros), (micro, keys))
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
+        aux = jax.tree.map(lambda x: x / accum_steps, aux)
         metrics = {
             'loss': nll / count,
+            'aux_loss': total_aux_loss(aux),
             'grad_norm': optax.tree.norm(grads),
             'param_norm': optax.tree.norm(params),
             'tokens': count,
+            'router': aux,
         }
         return params, opt_state, metrics
 

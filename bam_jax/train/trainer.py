@@ -20,7 +20,7 @@ from bam_jax.models import ModelConfig, abstract_model, flatten, init_params, pa
 from bam_jax.parallel import MeshConfig, batch_sharding, create_mesh, replicated
 from bam_jax.train import checkpoints as ckpt
 from bam_jax.train.config import TrainConfig
-from bam_jax.train.metrics import MetricsLog, format_eval_table, perplexity
+from bam_jax.train.metrics import MetricsLog, format_eval_table, perplexity, router_scalars
 from bam_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from bam_jax.train.step import make_eval_step, make_train_step
 
@@ -152,7 +152,7 @@ def train(workdir: str | pathlib.Path, config: TrainConfig | None = None,
 
     _write_config(workdir)
     train_step = jax.jit(make_train_step(graphdef, optimizer, config.grad_accum_steps),
-                         in_shardings=(shardings, opt_shardings, data_sharding),
+                         in_shardings=(shardings, opt_shardings, data_sharding, replicated(mesh)),
                          out_shardings=(shardings, opt_shardings, replicated(mesh)),
                          donate_argnums=(0, 1))
     eval_step = jax.jit(make_eval_step(graphdef), in_shardings=(shardings, data_sharding),
@@ -171,16 +171,20 @@ def train(workdir: str | pathlib.Path, config: TrainConfig | None = None,
                          {'step': step, 'data_position': data_position, 'seed': config.seed},
                          model_config)
 
+    # Derived from the step, so a resumed run draws the same routing samples as a straight one.
+    routing_key = jax.random.key(config.seed + 1)
     step = start
     try:
-        with _StopSignal() as stop, tqdm(total=end, initial=start, desc=workdir.name, unit='step',
+        # The mesh context lets the expert layers shard_map their dispatch over it.
+        with jax.set_mesh(mesh), _StopSignal() as stop, tqdm(total=end, initial=start, desc=workdir.name, unit='step',
                                          disable=jax.process_index() != 0, dynamic_ncols=True,
                                          # in a log file, a line every 30 s instead of every update
                                          mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
             window_start, window_tokens = time.perf_counter(), 0.0
             while step < end:
                 batch = _global_batch(next(batches), data_sharding)
-                params, opt_state, metrics = train_step(params, opt_state, batch)
+                params, opt_state, metrics = train_step(params, opt_state, batch,
+                                                        jax.random.fold_in(routing_key, step))
                 data_position += 1
                 step += 1
                 loss, grad_norm = float(metrics['loss']), float(metrics['grad_norm'])
@@ -197,7 +201,9 @@ def train(workdir: str | pathlib.Path, config: TrainConfig | None = None,
                     elapsed = time.perf_counter() - window_start
                     tokens_per_s = window_tokens / max(elapsed, 1e-9)
                     log.train(step, {'loss': loss, 'grad_norm': grad_norm,
-                                     'learning_rate': float(schedule(step - 1)), 'tokens_per_s': tokens_per_s})
+                                     'learning_rate': float(schedule(step - 1)), 'tokens_per_s': tokens_per_s,
+                                     **({'aux_loss': float(metrics['aux_loss'])} if metrics['router'] else {}),
+                                     **router_scalars(metrics['router'])})
                     bar.set_postfix(loss=f'{loss:.4f}', tok_s=f'{tokens_per_s:,.0f}')
                     window_start, window_tokens = time.perf_counter(), 0.0
                 bar.update(1)
