@@ -1,6 +1,7 @@
 """`bam-jax`: the command line.
 
   bam-jax train --gin_file=F [--gin_file=F2 ...] [--gin.NAME=VALUE ...] --workdir=DIR
+  bam-jax upcycle --method=M [--seed=DIR] --experts=DIR,DIR,... --out=DIR [--no_seed_expert] [--overwrite]
 
 Errors a user can fix print one line, `error: ...`, and exit with status 1.
 """
@@ -48,7 +49,40 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument('--workdir', required=True, help='run directory: checkpoints, metrics, config')
     train.add_argument('--distributed', action='store_true',
                        help='call jax.distributed.initialize() (automatic on a multi-host TPU pod)')
+    upcycle = commands.add_parser(
+        'upcycle', help='mix dense checkpoints into one MoE checkpoint (BTX, BAM, sparse upcycling)',
+        description='Builds the initial MoE of the mix stage from dense runs. Each DIR is a run workdir or a '
+                    'checkpoint directory (its latest step is used). Writes OUT/checkpoints/0 and OUT/model.gin; '
+                    'train it with: bam-jax train --gin_file=OUT/model.gin --gin_file=gin/mix_<method>.gin')
+    upcycle.add_argument('--method', required=True, help='btx, bam, bam_shared_kv or sparse_upcycle')
+    upcycle.add_argument('--seed', default=None, help='the seed run: the first expert (see --no_seed_expert)')
+    upcycle.add_argument('--experts', default='', help='comma-separated dense expert runs, in expert order')
+    upcycle.add_argument('--out', required=True, help='output directory (written atomically)')
+    upcycle.add_argument('--no_seed_expert', action='store_true',
+                         help='the seed joins the averaged parameters but is not an expert')
+    upcycle.add_argument('--overwrite', action='store_true', help='replace OUT if it exists')
+    upcycle.add_argument('--num_experts', type=int, default=4, help='sparse_upcycle: copies of the FFN (default 4)')
+    upcycle.add_argument('--expert_split', type=int, default=1,
+                         help='cut each FFN into this many experts of d_ff/split units (BTX ablation)')
+    upcycle.add_argument('--router_seed', type=int, default=0, help='random seed of the new routers')
     return parser
+
+
+def _upcycle(args, bindings) -> int:
+    if bindings:
+        raise BamJaxError('upcycle takes no --gin overrides; routing is set in the mix stage')
+    from bam_jax.upcycle import upcycle_checkpoints
+    summary = upcycle_checkpoints(
+        args.method, [d for d in args.experts.split(',') if d], args.out, seed=args.seed,
+        seed_expert=not args.no_seed_expert, overwrite=args.overwrite, num_experts=args.num_experts,
+        expert_split=args.expert_split, router_seed=args.router_seed)
+    moe = summary['model']['moe']
+    print(f'{args.method}: {len(summary["expert_models"])} experts ({", ".join(summary["expert_models"])}), '
+          f'{moe["num_experts"] * moe["expert_split"]} FFN experts per layer, top-{moe["top_k"]}; '
+          f'{summary["tensors"]} tensors, {summary["bytes_written"] / 2**20:.1f} MiB in {summary["seconds"]:.1f} s')
+    print(f'wrote {summary["out"]}; next: bam-jax train --gin_file={summary["out"]}/model.gin '
+          f'--gin_file=gin/mix_{"btx" if args.method == "sparse_upcycle" else args.method}.gin --workdir=DIR')
+    return 0
 
 
 def _train(args, bindings) -> int:
@@ -69,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rest, bindings = _split_gin_overrides(argv)
         args = _parser().parse_args(rest)
-        return {'train': _train}[args.command](args, bindings)
+        return {'train': _train, 'upcycle': _upcycle}[args.command](args, bindings)
     except BamJaxError as e:
         print(f'error: {str(e).strip().splitlines()[0]}', file=sys.stderr)
         # Everything worth keeping is already saved or was never written. Skip the interpreter's

@@ -1,0 +1,164 @@
+"""The Mix step as a pure function: dense parameter trees in, an MoE parameter tree out.
+
+Every output tensor has a recipe (`plan`) that names the input tensors it is made from:
+  average  the uniform mean over every input model (attention, embeddings, norms, unembedding,
+           and for shared K/V the K/V projections)
+  stack    one slice per expert, taken from that expert's model, on a new leading axis
+           (FFNs; for BAM also the attention projections); with expert_split C each dense FFN
+           gives C consecutive experts, chunk c holding hidden units c*F/C .. (c+1)*F/C - 1
+  router   fresh random weights, normal(0, init_std), from the router seed and the path
+`upcycle` runs the plan on trees in memory; bam_jax.upcycle.io runs the same plan one tensor
+at a time between checkpoints. Methods:
+  btx            FFN experts; everything else averaged
+  bam            FFN experts and attention experts with their own K/V (expert KV)
+  bam_shared_kv  FFN experts and attention experts with per-expert Wq, Wo; Wk, Wv averaged
+  sparse_upcycle one dense model's FFN copied into every expert
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import zlib
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from bam_jax.errors import BamJaxError
+from bam_jax.models.config import MoAConfig, ModelConfig, MoEConfig
+
+METHODS = ('btx', 'bam', 'bam_shared_kv', 'sparse_upcycle')
+
+_FFN = re.compile(r'^layers/(\d+)/ffn/(wi_gate|wi_up|wo)$')
+_ATTN = re.compile(r'^layers/(\d+)/attn/(wq|wk|wv|wo)$')
+# Hidden-unit axis of each dense FFN weight: wi_* [D, F], wo [F, D].
+_FFN_HIDDEN_AXIS = {'wi_gate': 1, 'wi_up': 1, 'wo': 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How one output tensor is made.
+
+    kind: 'average' | 'stack' | 'router'. source: the input path read (average, stack).
+    experts: for stack, the input model of each expert slot, in order. split, split_axis: for
+    stack, each source is cut into `split` chunks along `split_axis`. shape, std, seed: router.
+    """
+    kind: str
+    source: str | None = None
+    experts: tuple[int, ...] = ()
+    split: int = 1
+    split_axis: int = 0
+    shape: tuple[int, ...] = ()
+    std: float = 0.0
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class UpcycleSpec:
+    """What to build. expert_models: for each expert, the index of the input model it comes
+    from (sparse_upcycle repeats one model); every input model joins the averages."""
+    method: str
+    num_models: int
+    expert_models: tuple[int, ...]
+    expert_split: int = 1
+    router_seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise BamJaxError(f'unknown upcycle method {self.method!r}; choose from {", ".join(METHODS)}')
+        if self.expert_split < 1:
+            raise BamJaxError(f'expert_split must be >= 1, got {self.expert_split}')
+        if not self.expert_models or not all(0 <= i < self.num_models for i in self.expert_models):
+            raise BamJaxError(f'expert models {self.expert_models} do not index {self.num_models} input models')
+
+
+def model_config(dense: ModelConfig, spec: UpcycleSpec) -> ModelConfig:
+    """The MoE's config: the dense shape plus expert layers with the papers' routing.
+
+    Routing is a training choice: gin/mix_*.gin sets the same values, and overrides change them.
+    """
+    n = len(spec.expert_models)
+    if spec.method in ('btx', 'sparse_upcycle'):
+        # BTX: top-2, a softmax over the kept logits, load balancing (alpha 0.01), no z-loss.
+        moe = MoEConfig(num_experts=n, top_k=2, gate='renormalize', expert_split=spec.expert_split,
+                        load_balance_weight=0.01, z_loss_weight=0.0)
+        return dataclasses.replace(dense, moe=moe, moa=None)
+    # BAM: top-1 with the chosen expert's probability as gate; soft attention routing.
+    moe = MoEConfig(num_experts=n, top_k=1, gate='softmax', expert_split=spec.expert_split,
+                    load_balance_weight=0.01, z_loss_weight=0.001)
+    moa = MoAConfig(num_experts=n, routing='soft', shared_kv=spec.method == 'bam_shared_kv')
+    return dataclasses.replace(dense, moe=moe, moa=moa)
+
+
+def plan(spec: UpcycleSpec, dense: ModelConfig, dense_shapes: dict[str, tuple[int, ...]]) -> dict[str, Recipe]:
+    """{output path: Recipe} for every parameter of the MoE, in a stable order."""
+    if dense.moe is not None or dense.moa is not None:
+        raise BamJaxError('the input is already a mixture-of-experts model; upcycle dense models')
+    if dense.d_ff % spec.expert_split:
+        raise BamJaxError(f'd_ff ({dense.d_ff}) is not divisible by expert_split ({spec.expert_split})')
+    attention_experts = spec.method in ('bam', 'bam_shared_kv')
+    stacked_attention = ('wq', 'wk', 'wv', 'wo') if spec.method == 'bam' else ('wq', 'wo')
+    num_experts = len(spec.expert_models) * spec.expert_split
+    recipes: dict[str, Recipe] = {}
+    for path in dense_shapes:
+        ffn, attn = _FFN.match(path), _ATTN.match(path)
+        if ffn:
+            layer, name = ffn.groups()
+            recipes[f'layers/{layer}/ffn/experts/{name}'] = Recipe(
+                'stack', path, spec.expert_models, spec.expert_split, _FFN_HIDDEN_AXIS[name])
+            router = f'layers/{layer}/ffn/router/kernel'
+            recipes.setdefault(router, _router(spec, dense, router, num_experts))
+        elif attn and attention_experts and attn.group(2) in stacked_attention:
+            layer, name = attn.groups()
+            recipes[f'layers/{layer}/attn/experts/{name}'] = Recipe('stack', path, spec.expert_models)
+            router = f'layers/{layer}/attn/router/kernel'
+            recipes.setdefault(router, _router(spec, dense, router, len(spec.expert_models)))
+        else:
+            recipes[path] = Recipe('average', path)
+    return recipes
+
+
+def _router(spec: UpcycleSpec, dense: ModelConfig, path: str, num_experts: int) -> Recipe:
+    # A distinct, reproducible stream per router: the seed and a hash of the path.
+    return Recipe('router', shape=(dense.d_model, num_experts), std=dense.init_std,
+                  seed=zlib.crc32(f'{spec.router_seed}:{path}'.encode()))
+
+
+def build(recipe: Recipe, read: Callable[[int, str], np.ndarray], num_models: int) -> np.ndarray:
+    """One output tensor. read(model index, path) returns that input tensor (float32).
+
+    Holds at most the output and one input at a time.
+    """
+    if recipe.kind == 'router':
+        rng = np.random.default_rng(recipe.seed)
+        return (rng.standard_normal(recipe.shape) * recipe.std).astype(np.float32)
+    if recipe.kind == 'average':
+        total = None
+        for i in range(num_models):
+            x = np.asarray(read(i, recipe.source), np.float64)
+            total = x if total is None else total + x
+        return (total / num_models).astype(np.float32)
+    out, cache = None, {}
+    for slot, model in enumerate(recipe.experts):
+        # sparse upcycling repeats a model: read it once
+        source = cache.get(model)
+        if source is None:
+            cache = {model: np.asarray(read(model, recipe.source))}
+            source = cache[model]
+        chunks = np.split(source, recipe.split, axis=recipe.split_axis)
+        if out is None:
+            out = np.empty((len(recipe.experts) * recipe.split, *chunks[0].shape), source.dtype)
+        out[slot * recipe.split:(slot + 1) * recipe.split] = chunks
+    return out
+
+
+def upcycle(dense_params: Sequence[dict], dense: ModelConfig, spec: UpcycleSpec) -> tuple[dict, ModelConfig]:
+    """Pure: flat dense parameter dicts ({'layers/0/attn/wq': array, ...}, one per input model,
+    in spec order) -> (flat MoE parameter dict, MoE ModelConfig)."""
+    if len(dense_params) != spec.num_models:
+        raise BamJaxError(f'{len(dense_params)} parameter trees given, the spec has {spec.num_models}')
+    shapes = {k: tuple(np.shape(v)) for k, v in dense_params[0].items()}
+    recipes = plan(spec, dense, shapes)
+    read = lambda i, path: dense_params[i][path]  # noqa: E731
+    return ({path: build(recipe, read, spec.num_models) for path, recipe in recipes.items()},
+            model_config(dense, spec))

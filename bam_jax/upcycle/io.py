@@ -1,0 +1,167 @@
+"""Upcycling between checkpoints, one tensor at a time.
+
+Each output tensor is built from its recipe (bam_jax.upcycle.core) by reading just the input
+tensors it needs (Orbax partial restore: TensorStore reads that array only) and written at
+once with Orbax partial saving, so host memory stays near (inputs + 1) x the largest tensor
+whatever the model size. Everything is written under a hidden temporary directory next to
+the output and renamed into place at the end: an interrupted run leaves no output directory.
+
+Output (usable as INIT_CHECKPOINT, or as a gin file for `bam-jax train`):
+  OUT/checkpoints/0/params   the MoE parameters (Orbax PyTree, the run checkpoint layout)
+  OUT/checkpoints/0/model    the MoE ModelConfig (Orbax JSON)
+  OUT/model.gin              the model config as gin bindings, and INIT_CHECKPOINT = OUT
+  OUT/upcycle.json           what was built from what
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint.experimental.v1 import partial as partial_save
+from tqdm import tqdm
+
+from bam_jax.errors import BamJaxError
+from bam_jax.models.config import ModelConfig
+from bam_jax.train import checkpoints as ckpt
+from bam_jax.upcycle.core import UpcycleSpec, build, model_config, plan
+from bam_jax.upcycle.gin_file import model_gin
+
+STEP = 0
+
+
+def _nest(path: str, value) -> dict:
+    tree = value
+    for key in reversed(path.split('/')):
+        tree = {key: tree}
+    return tree
+
+
+class CheckpointReader:
+    """Reads single parameter tensors of one checkpoint step as numpy arrays."""
+
+    def __init__(self, step_dir: pathlib.Path):
+        self.step_dir = step_dir
+        self.bytes_read = 0
+        self._checkpointer = ocp.PyTreeCheckpointer()
+
+    def read(self, path: str) -> np.ndarray:
+        target = _nest(path, ocp.RestoreArgs(restore_type=np.ndarray))
+        try:
+            tree = self._checkpointer.restore(self.step_dir / 'params', args=ocp.args.PyTreeRestore(
+                item=_nest(path, 0), restore_args=target, partial_restore=True))
+        except Exception as e:  # noqa: BLE001 - a damaged checkpoint, whatever orbax calls it
+            raise BamJaxError(f'cannot read {path} from {self.step_dir}: {str(e).splitlines()[0]}') from None
+        for key in path.split('/'):
+            tree = tree[key]
+        self.bytes_read += tree.nbytes
+        return tree
+
+
+def _read_input(directory: str, what: str) -> tuple[pathlib.Path, ModelConfig, dict]:
+    step_dir = ckpt.resolve_checkpoint(directory, what)
+    config = ckpt.read_model_config(step_dir)
+    if config.moe is not None or config.moa is not None:
+        raise BamJaxError(f'{what} {step_dir} is already a mixture-of-experts model; upcycle dense models')
+    return step_dir, config, ckpt.read_param_shapes(step_dir)
+
+
+def _check_same_architecture(inputs: list[tuple[str, pathlib.Path, ModelConfig, dict]]) -> None:
+    """Raises naming the first difference between the first input and any other."""
+    first_name, _, first_config, first_shapes = inputs[0]
+    for name, _, config, shapes in inputs[1:]:
+        if config.vocab_size != first_config.vocab_size:
+            raise BamJaxError(f'different vocabularies: {first_name} has {first_config.vocab_size} tokens, '
+                              f'{name} has {config.vocab_size}')
+        for path in sorted(set(first_shapes) | set(shapes)):
+            a, b = first_shapes.get(path), shapes.get(path)
+            if a is None or b is None or a[0] != b[0]:
+                describe = lambda s: 'no such parameter' if s is None else f'shape {tuple(s[0])}'  # noqa: E731
+                raise BamJaxError(f'different architectures: {path} has {describe(a)} in {first_name} '
+                                  f'but {describe(b)} in {name}')
+        for field, value in first_config.to_dict().items():
+            if config.to_dict()[field] != value and field not in ('init_std', 'dtype'):
+                raise BamJaxError(f'different architectures: ModelConfig.{field} is {value!r} in {first_name} '
+                                  f'but {config.to_dict()[field]!r} in {name}')
+
+
+def upcycle_checkpoints(method: str, experts: list[str], out: str | pathlib.Path, *, seed: str | None = None,
+                        seed_expert: bool = True, overwrite: bool = False, num_experts: int = 4,
+                        expert_split: int = 1, router_seed: int = 0,
+                        progress: bool = True) -> dict:
+    """Builds OUT from the dense checkpoints; returns the summary also saved as OUT/upcycle.json.
+
+    seed: the seed run. It is an expert (the first) unless seed_expert is False, and always
+    joins the averaged parameters. experts: the dense expert runs, in expert order. For
+    sparse_upcycle give exactly one model (seed or expert); it is copied into num_experts experts.
+    """
+    start = time.perf_counter()
+    out = pathlib.Path(out).expanduser().absolute()
+    named = ([('seed', seed)] if seed else []) + [(d, d) for d in experts]
+    if method == 'sparse_upcycle':
+        if len(named) != 1:
+            raise BamJaxError(f'sparse_upcycle takes exactly one dense model, got {len(named)}')
+        expert_models = (0,) * num_experts
+    else:
+        expert_models = tuple(range(0 if seed_expert or not seed else 1, len(named)))
+        if len(expert_models) < 2:
+            raise BamJaxError(f'{method} needs at least two expert models, got {len(expert_models)}')
+    spec = UpcycleSpec(method, len(named), expert_models, expert_split, router_seed)
+    if out.exists() and not overwrite:
+        raise BamJaxError(f'{out} exists; pass --overwrite to replace it')
+    inputs = [(name, *_read_input(directory, name)) for name, directory in named]
+    _check_same_architecture(inputs)
+    dense = inputs[0][2]
+    recipes = plan(spec, dense, {k: v[0] for k, v in inputs[0][3].items()})
+    moe_config = model_config(dense, spec)
+
+    tmp = out.parent / f'.{out.name}.upcycle-tmp'
+    if tmp.exists():  # left by an interrupted run
+        shutil.rmtree(tmp)
+    step_dir = tmp / ckpt.CHECKPOINT_SUBDIR / str(STEP)
+    step_dir.mkdir(parents=True)
+    readers = [CheckpointReader(step_dir) for _, step_dir, _, _ in inputs]
+    staging = tmp / 'params'
+    written, largest = 0, 0
+    bar = tqdm(recipes.items(), desc=f'upcycle {method}', unit='tensor', disable=not progress,
+               mininterval=0.5 if sys.stderr.isatty() else 30)
+    for path, recipe in bar:
+        tensor = build(recipe, lambda i, p: readers[i].read(p), spec.num_models)
+        partial_save.save(staging, _nest(path, tensor))
+        written += tensor.nbytes
+        largest = max(largest, tensor.nbytes)
+        bar.set_postfix_str(path, refresh=False)
+    partial_save.finalize(staging)
+    (staging / 'state').rename(step_dir / 'params')
+    shutil.rmtree(staging)
+    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+        checkpointer.save(step_dir / 'model', args=ocp.args.JsonSave(moe_config.to_dict()))
+    (tmp / 'model.gin').write_text(model_gin(moe_config, out, f'bam-jax upcycle --method={method}'))
+    summary = {
+        'method': method, 'out': str(out),
+        'inputs': [{'name': name, 'step_dir': str(d)} for name, d, _, _ in inputs],
+        'expert_models': [inputs[i][0] for i in expert_models], 'expert_split': expert_split,
+        'router_seed': router_seed, 'model': moe_config.to_dict(),
+        'tensors': len(recipes), 'bytes_read': sum(r.bytes_read for r in readers), 'bytes_written': written,
+        'largest_tensor_bytes': largest, 'seconds': time.perf_counter() - start,
+    }
+    (tmp / 'upcycle.json').write_text(json.dumps(summary, indent=1))
+    _publish(tmp, out)
+    return summary
+
+
+def _publish(tmp: pathlib.Path, out: pathlib.Path) -> None:
+    """Renames tmp to out; an existing out is moved aside first and deleted only afterwards."""
+    old = out.parent / f'.{out.name}.upcycle-old'
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
