@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
 def _upcycle(args, bindings) -> int:
     if bindings:
         raise BamJaxError('upcycle takes no --gin overrides; routing is set in the mix stage')
+    # Pure host work: keep JAX (which Orbax loads) off any accelerator.
+    os.environ.setdefault('JAX_PLATFORMS', 'cpu')
     from bam_jax.upcycle import upcycle_checkpoints
     summary = upcycle_checkpoints(
         args.method, [d for d in args.experts.split(',') if d], args.out, seed=args.seed,

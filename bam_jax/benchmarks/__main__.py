@@ -1,11 +1,13 @@
-"""`make bench`: speed of the train step for dense, BTX and BAM models, as a table and JSON.
+"""`make bench`: speed of the train step for dense, BTX and BAM models, and of the upcycler, as
+two tables and JSON ({"train_step": [rows], "upcycle": {...} or null}).
 
   python -m bam_jax.benchmarks [--model gin/models/X.gin] [--archs dense,btx,bam,bam_shared_kv]
-                               [--batch N] [--seq_len T] [--steps S]
+                               [--batch N] [--seq_len T] [--steps S] [--skip_upcycle]
 
 Every architecture is timed in the same run on the same model size. BTX has 4 FFN experts
 with top-1 routing, so its active parameters are the dense model's (plus a router); BAM adds
-4 soft-routed attention experts (expert KV or shared KV).
+4 soft-routed attention experts (expert KV or shared KV). The upcycle table (upcycle.py) times
+a BAM upcycle of 4 dense checkpoints against a copy of their files and measures its peak memory.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def main() -> None:
     parser.add_argument('--steps', type=int, default=5)
     parser.add_argument('--dtype', default=None,
                         help='compute dtype (default: bfloat16 on accelerators, float32 on CPU)')
+    parser.add_argument('--skip_upcycle', action='store_true', help='time the train step only')
     parser.add_argument('--out', default='runs/bench/results.json')
     args = parser.parse_args()
     archs = ['dense'] + [a for a in args.archs.split(',') if a and a != 'dense']
@@ -98,9 +101,15 @@ def main() -> None:
     print(f'config: {dtype}, batch {args.batch} x seq_len {args.seq_len}, {args.steps} timed steps (median), '
           f'{devices}; experts: 4 FFN top-1 (capacity factor 1.25), 4 soft attention')
     print(f'MFU peak: {peak / 1e12:.3f} TFLOP/s ({peak_source})')
+    upcycle = None
+    if not args.skip_upcycle:
+        from bam_jax.benchmarks import upcycle as upcycle_bench
+        print('\ntiming upcycle (bam) and a copy of its inputs ...', flush=True)
+        upcycle = upcycle_bench.run()
+        upcycle_bench.print_table(upcycle)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1))
+    out.write_text(json.dumps({'train_step': rows, 'upcycle': upcycle}, indent=1))
     print(f'saved {out}')
 
 

@@ -34,6 +34,10 @@ class TrainConfig:
     eval_every: int = 500
     log_every: int = 10
     stop_at_step: int | None = None   # end this invocation early (checkpointed); resume later
+    # Length from a budget instead of train_steps (bam_jax/train/budget.py):
+    flops_budget: float | None = None   # total training FLOPs
+    match_run: str | None = None        # a run's workdir to match ...
+    match: str = 'tokens'               # ... in 'tokens' (data-matched) or 'flops' (compute-matched)
 
     def __post_init__(self):
         positive = ('train_steps', 'batch_size', 'seq_len', 'grad_accum_steps',
@@ -44,6 +48,8 @@ class TrainConfig:
         if self.batch_size % self.grad_accum_steps:
             raise BamJaxError(f'batch size {self.batch_size} is not divisible by '
                               f'grad_accum_steps {self.grad_accum_steps}')
+        if self.flops_budget is not None and self.flops_budget <= 0:
+            raise BamJaxError(f'TrainConfig.flops_budget must be positive, got {self.flops_budget}')
         if self.learning_rate <= 0:
             raise BamJaxError(f'learning rate must be positive, got {self.learning_rate}')
 

@@ -19,6 +19,7 @@ from bam_jax.errors import BamJaxError
 from bam_jax.models import ModelConfig, abstract_model, flatten, init_params, param_shardings, split_params
 from bam_jax.parallel import MeshConfig, batch_sharding, create_mesh, replicated
 from bam_jax.train import checkpoints as ckpt
+from bam_jax.train.budget import resolve_train_steps, write_budget
 from bam_jax.train.config import TrainConfig
 from bam_jax.train.metrics import MetricsLog, format_eval_table, perplexity, router_scalars
 from bam_jax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -99,8 +100,11 @@ def train(workdir: str | pathlib.Path, config: TrainConfig | None = None,
 
     Returns {'step': last step, 'loss': last train loss, 'eval': last eval results, 'stopped': why}.
     """
-    config = config or TrainConfig()
     model_config = model_config or ModelConfig()
+    config = resolve_train_steps(config or TrainConfig(), model_config)
+    if config.match_run or config.flops_budget:
+        basis = f'the {config.match} of {config.match_run}' if config.match_run else f'{config.flops_budget:.3g} FLOPs'
+        print(f'training {config.train_steps} steps: {basis}')
     data_config = data_config or data.DataConfig()
     mesh = create_mesh(mesh_config or MeshConfig())
     workdir = pathlib.Path(workdir).absolute()
@@ -225,6 +229,8 @@ def train(workdir: str | pathlib.Path, config: TrainConfig | None = None,
         checkpoints.close()
         log.close()
     result['step'] = step
+    if jax.process_index() == 0:
+        write_budget(workdir, config, model_config, step)
     return result
 
 

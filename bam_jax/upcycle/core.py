@@ -133,11 +133,12 @@ def build(recipe: Recipe, read: Callable[[int, str], np.ndarray], num_models: in
         rng = np.random.default_rng(recipe.seed)
         return (rng.standard_normal(recipe.shape) * recipe.std).astype(np.float32)
     if recipe.kind == 'average':
-        total = None
-        for i in range(num_models):
-            x = np.asarray(read(i, recipe.source), np.float64)
-            total = x if total is None else total + x
-        return (total / num_models).astype(np.float32)
+        # One float64 accumulator, summed in place: never a float64 copy of an input.
+        total = np.array(read(0, recipe.source), np.float64)
+        for i in range(1, num_models):
+            total += read(i, recipe.source)
+        total /= num_models
+        return total.astype(np.float32)
     out, cache = None, {}
     for slot, model in enumerate(recipe.experts):
         # sparse upcycling repeats a model: read it once

@@ -16,6 +16,7 @@ Output (usable as INIT_CHECKPOINT, or as a gin file for `bam-jax train`):
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import shutil
 import sys
@@ -39,6 +40,18 @@ def _nest(path: str, value) -> dict:
     tree = value
     for key in reversed(path.split('/')):
         tree = {key: tree}
+    return tree
+
+
+def _nest_all(flat: dict) -> dict:
+    """{'a/b': x, 'a/c': y} -> {'a': {'b': x, 'c': y}}."""
+    tree = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split('/')
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
     return tree
 
 
@@ -106,6 +119,10 @@ def upcycle_checkpoints(method: str, experts: list[str], out: str | pathlib.Path
     if method == 'sparse_upcycle':
         if len(named) != 1:
             raise BamJaxError(f'sparse_upcycle takes exactly one dense model, got {len(named)}')
+        if num_experts < 2:
+            raise BamJaxError(f'sparse_upcycle needs --num_experts >= 2, got {num_experts}')
+        if not seed_expert:
+            raise BamJaxError('--no_seed_expert does not apply to sparse_upcycle, which copies its one model')
         expert_models = (0,) * num_experts
     else:
         expert_models = tuple(range(0 if seed_expert or not seed else 1, len(named)))
@@ -123,45 +140,78 @@ def upcycle_checkpoints(method: str, experts: list[str], out: str | pathlib.Path
     tmp = out.parent / f'.{out.name}.upcycle-tmp'
     if tmp.exists():  # left by an interrupted run
         shutil.rmtree(tmp)
-    step_dir = tmp / ckpt.CHECKPOINT_SUBDIR / str(STEP)
-    step_dir.mkdir(parents=True)
-    readers = [CheckpointReader(step_dir) for _, step_dir, _, _ in inputs]
-    staging = tmp / 'params'
-    written, largest = 0, 0
-    bar = tqdm(recipes.items(), desc=f'upcycle {method}', unit='tensor', disable=not progress,
-               mininterval=0.5 if sys.stderr.isatty() else 30)
-    for path, recipe in bar:
-        tensor = build(recipe, lambda i, p: readers[i].read(p), spec.num_models)
-        partial_save.save(staging, _nest(path, tensor))
-        written += tensor.nbytes
-        largest = max(largest, tensor.nbytes)
-        bar.set_postfix_str(path, refresh=False)
-    partial_save.finalize(staging)
-    (staging / 'state').rename(step_dir / 'params')
-    shutil.rmtree(staging)
-    with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
-        checkpointer.save(step_dir / 'model', args=ocp.args.JsonSave(moe_config.to_dict()))
-    (tmp / 'model.gin').write_text(model_gin(moe_config, out, f'bam-jax upcycle --method={method}'))
-    summary = {
-        'method': method, 'out': str(out),
-        'inputs': [{'name': name, 'step_dir': str(d)} for name, d, _, _ in inputs],
-        'expert_models': [inputs[i][0] for i in expert_models], 'expert_split': expert_split,
-        'router_seed': router_seed, 'model': moe_config.to_dict(),
-        'tensors': len(recipes), 'bytes_read': sum(r.bytes_read for r in readers), 'bytes_written': written,
-        'largest_tensor_bytes': largest, 'seconds': time.perf_counter() - start,
-    }
-    (tmp / 'upcycle.json').write_text(json.dumps(summary, indent=1))
+    try:
+        readers = [CheckpointReader(step_dir) for _, step_dir, _, _ in inputs]
+        written, largest = _write_params(tmp, recipes, readers, spec.num_models,
+                                         budget=max(_nbytes(*v) for v in inputs[0][3].values()),
+                                         desc=f'upcycle {method}', progress=progress)
+        with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+            checkpointer.save(tmp / ckpt.CHECKPOINT_SUBDIR / str(STEP) / 'model',
+                              args=ocp.args.JsonSave(moe_config.to_dict()))
+        (tmp / 'model.gin').write_text(model_gin(moe_config, out, f'bam-jax upcycle --method={method}'))
+        summary = {
+            'method': method, 'out': str(out),
+            'inputs': [{'name': name, 'step_dir': str(d)} for name, d, _, _ in inputs],
+            'expert_models': [inputs[i][0] for i in expert_models], 'expert_split': expert_split,
+            'router_seed': router_seed, 'model': moe_config.to_dict(),
+            'tensors': len(recipes), 'bytes_read': sum(r.bytes_read for r in readers), 'bytes_written': written,
+            'largest_tensor_bytes': largest, 'seconds': time.perf_counter() - start,
+        }
+        (tmp / 'upcycle.json').write_text(json.dumps(summary, indent=1))
+    except BaseException:  # a damaged input, an interrupt: leave nothing behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _publish(tmp, out)
     return summary
+
+
+def _nbytes(shape, dtype) -> int:
+    return math.prod(shape) * np.dtype(dtype).itemsize
+
+
+def _write_params(tmp: pathlib.Path, recipes: dict, readers: list[CheckpointReader], num_models: int, *,
+                  budget: int, desc: str, progress: bool) -> tuple[int, int]:
+    """Builds every tensor and writes them as tmp/checkpoints/0/params; returns (bytes, largest).
+
+    Tensors are saved in groups of at most `budget` bytes (the largest input tensor): each
+    partial save has a fixed cost, and the group never outgrows the memory bound.
+    """
+    staging = tmp / 'params'
+    written, largest, group, group_bytes = 0, 0, {}, 0
+    bar = tqdm(recipes.items(), desc=desc, unit='tensor', disable=not progress,
+               mininterval=0.5 if sys.stderr.isatty() else 30)
+    for path, recipe in bar:
+        tensor = build(recipe, lambda i, p: readers[i].read(p), num_models)
+        if group and group_bytes + tensor.nbytes > budget:
+            partial_save.save(staging, _nest_all(group))
+            group, group_bytes = {}, 0
+        group[path] = tensor
+        group_bytes += tensor.nbytes
+        written, largest = written + tensor.nbytes, max(largest, tensor.nbytes)
+        bar.set_postfix_str(path, refresh=False)
+    if group:
+        partial_save.save(staging, _nest_all(group))
+    partial_save.finalize(staging)
+    step_dir = tmp / ckpt.CHECKPOINT_SUBDIR / str(STEP)
+    step_dir.mkdir(parents=True)
+    (staging / 'state').rename(step_dir / 'params')
+    shutil.rmtree(staging)
+    return written, largest
 
 
 def _publish(tmp: pathlib.Path, out: pathlib.Path) -> None:
     """Renames tmp to out; an existing out is moved aside first and deleted only afterwards."""
     old = out.parent / f'.{out.name}.upcycle-old'
-    if old.exists():
-        shutil.rmtree(old)
-    if out.exists():
+    _remove(old)
+    if out.exists() or out.is_symlink():
         out.rename(old)
     tmp.rename(out)
-    if old.exists():
-        shutil.rmtree(old)
+    _remove(old)
+
+
+def _remove(path: pathlib.Path) -> None:
+    """Deletes a directory tree, or a file or link (OUT may have been one)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

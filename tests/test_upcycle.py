@@ -1,0 +1,574 @@
+"""The upcycler (`bam-jax upcycle`) between real Orbax checkpoints: identity, exact expert
+slices and averages, routers, the written model config, every user error, atomic output, and
+the mix stage starting from the result."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+from bam_jax import cli
+from bam_jax.errors import BamJaxError
+from bam_jax.gin_config import parse_gin
+from bam_jax.models import ModelConfig, abstract_model, flatten, merge_params, split_params
+from bam_jax.models.routing import call_with_aux
+from bam_jax.train import checkpoints as ckpt
+from bam_jax.upcycle import io as upcycle_io
+from bam_jax.upcycle import upcycle_checkpoints
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+MODEL = ModelConfig(vocab_size=384, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64,
+                    dtype='float32')
+D, F = MODEL.d_model, MODEL.d_ff
+# name: (model, seed of its random weights). The first four share MODEL's architecture.
+DENSE = {
+    'seed': (MODEL, 0), 'code': (MODEL, 1), 'law': (MODEL, 2), 'math': (MODEL, 3),
+    'wide': (dataclasses.replace(MODEL, d_ff=128), 4),
+    'vocab512': (dataclasses.replace(MODEL, vocab_size=512), 5),
+    'rope': (dataclasses.replace(MODEL, rope_theta=500.0), 6),
+    'sequential': (dataclasses.replace(MODEL, parallel_block=False, tie_embeddings=True), 7),
+}
+FFN = ('wi_gate', 'wi_up', 'wo')
+ATTN = ('wq', 'wk', 'wv', 'wo')
+
+
+def nest(flat: dict) -> dict:
+    tree = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split('/')
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return tree
+
+
+def random_params(config: ModelConfig, seed: int) -> dict:
+    """Flat float32 weights of the model's exact tree; norm scales around 1, so averages matter."""
+    rng = np.random.default_rng(seed)
+    shapes = {k: v.shape for k, v in flatten(split_params(abstract_model(config))[1]).items()}
+    return {k: (rng.standard_normal(s) * (0.1 if k.endswith('/scale') else 0.2)
+                + (1.0 if k.endswith('/scale') else 0.0)).astype(np.float32) for k, s in shapes.items()}
+
+
+def read_params(step_dir: pathlib.Path) -> dict:
+    """Every stored array of a step's params, as numpy, through the trainer's restore."""
+    meta = ckpt.read_param_shapes(step_dir)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = nest({k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in meta.items()})
+    shardings = jax.tree.map(lambda _: device, abstract)
+    return {k: np.asarray(v) for k, v in flatten(ckpt.restore_params(step_dir, abstract, shardings)).items()}
+
+
+def step_dir(out: pathlib.Path) -> pathlib.Path:
+    return out / 'checkpoints' / '0'
+
+
+def tmp_dir(out: pathlib.Path) -> pathlib.Path:
+    return out.parent / f'.{out.name}.upcycle-tmp'
+
+
+def tree_bytes(directory: pathlib.Path) -> dict:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob('*')) if p.is_file()}
+
+
+def mean(arrays) -> np.ndarray:
+    """numpy's mean in float64, rounded once to float32."""
+    return np.mean(np.stack(arrays).astype(np.float64), axis=0).astype(np.float32)
+
+
+@pytest.fixture(scope='module')
+def dense(tmp_path_factory):
+    """Real run checkpoints (params, opt_state, train_state, model) of the DENSE models, saved at
+    step 1 of a workdir each; returns {name: (workdir, flat params)}."""
+    root = tmp_path_factory.mktemp('dense')
+    runs = {}
+    for name, (config, seed) in DENSE.items():
+        params = random_params(config, seed)
+        checkpoints = ckpt.RunCheckpoints(root / name, keep=1)
+        checkpoints.save(1, nest(params), {'count': np.zeros((), np.int32)},
+                         {'step': 1, 'data_position': 1, 'seed': seed}, config)
+        checkpoints.wait()
+        checkpoints.close()
+        runs[name] = (root / name, params)
+    return runs
+
+
+@pytest.fixture(scope='module')
+def upcycled(tmp_path_factory, dense):
+    """upcycled(method, experts, seed=None, **kwargs) -> (OUT, flat output params), built once."""
+    root = tmp_path_factory.mktemp('upcycled')
+    cache = {}
+
+    def get(method, experts, seed=None, **kwargs):
+        key = (method, tuple(experts), seed, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            out = root / f'out{len(cache)}'
+            upcycle_checkpoints(method, [str(dense[e][0]) for e in experts], out,
+                                seed=str(dense[seed][0]) if seed else None, progress=False, **kwargs)
+            cache[key] = (out, read_params(step_dir(out)))
+        return cache[key]
+
+    return get
+
+
+# --- 8. the mix stage starts from the upcycled checkpoint -------------------------------------
+# First in the file: it is the longest test, and with -n 2 the other worker runs the rest meanwhile.
+
+def test_mix_stage_trains_from_the_upcycled_checkpoint_with_a_fresh_optimizer(upcycled, tmp_path):
+    out, upcycled_params = upcycled('bam', ['code', 'law'], seed='seed')
+    workdir = tmp_path / 'bam'
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+    proc = subprocess.run(
+        [sys.executable, '-m', 'bam_jax.cli', 'train', f'--gin_file={out / "model.gin"}',
+         '--gin_file=gin/mix_bam.gin', '--gin.TRAIN_STEPS=1', '--gin.BATCH_SIZE=8', '--gin.SEQ_LEN=64',
+         '--gin.TrainConfig.warmup_steps=1', '--gin.DataConfig.eval_domains=()',
+         '--gin.DataConfig.math_documents=500',
+         f'--workdir={workdir}'],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f'initialising parameters from {step_dir(out)}' in proc.stdout
+    # The warmup's first learning rate is 0: one step leaves the upcycled weights exactly as
+    # they were, which a restored optimizer state (or a random init) would not.
+    trained = read_params(workdir / 'checkpoints' / '1')
+    assert trained.keys() == upcycled_params.keys()
+    for path, value in upcycled_params.items():
+        np.testing.assert_array_equal(trained[path], value, err_msg=path)
+    record = json.loads((workdir / 'metrics.json').read_text())['train'][0]
+    assert record['learning_rate'] == 0.0 and np.isfinite(record['loss']) and record['aux_loss'] > 0
+    config = (workdir / 'config.gin').read_text().splitlines()
+    assert f'INIT_CHECKPOINT = {str(out)!r}' in config
+    assert "DataConfig.source = 'mix'" in config and 'MoAConfig.routing = \'soft\'' in config
+
+
+# --- 1. copies of one dense model compute the dense model's function -------------------------
+
+TEXT = (b'def add(a, b):\n    return a + b\n'
+        b'The court held that the contract was void for want of consideration. '
+        b'Q: What is 12 * 7? A: 84.\n')
+
+
+def packed_batch(length: int = 48):
+    """Two rows of byte tokens, packed: several documents per row, positions restart per document."""
+    tokens = (np.frombuffer(TEXT, np.uint8)[:2 * length].astype(np.int32) + 3).reshape(2, length)
+    docs = [(17, 13, 18), (30, 18)]
+    segment_ids = np.stack([np.repeat(np.arange(1, len(d) + 1), d) for d in docs]).astype(np.int32)
+    positions = np.stack([np.concatenate([np.arange(n) for n in d]) for d in docs]).astype(np.int32)
+    return tokens, segment_ids, positions
+
+
+def logits_of(config: ModelConfig, params: dict, batch):
+    graphdef, _ = split_params(abstract_model(config))
+    model = merge_params(graphdef, nest({k: jax.numpy.asarray(v) for k, v in params.items()}))
+    logits, aux = call_with_aux(model, *batch)
+    return np.asarray(logits), aux
+
+
+@pytest.mark.parametrize('method, base', [('btx', 'seed'), ('bam', 'seed'), ('bam_shared_kv', 'seed'),
+                                          ('sparse_upcycle', 'seed'), ('bam', 'sequential')])
+def test_copies_of_one_dense_model_compute_the_dense_logits(dense, upcycled, method, base):
+    config, _ = DENSE[base]
+    if method == 'sparse_upcycle':
+        out, params = upcycled(method, [], seed=base, num_experts=3)
+    else:  # the same checkpoint three times: as seed and as two experts
+        out, params = upcycled(method, [base, base], seed=base)
+    batch = packed_batch()
+    expected, aux = logits_of(config, dense[base][1], batch)
+    assert aux == {}
+    assert np.abs(expected).max() > 1.0  # the check below is not about near-zero logits
+
+    written = ckpt.read_model_config(step_dir(out))
+    assert written.moe.num_experts == 3
+    capacity = written.moe.num_routed_experts  # capacity = every token for every expert: no drops
+    for ffn in (dict(routing='soft'), dict(routing='top_k', top_k=2, gate='renormalize')):
+        moe = dataclasses.replace(written.moe, capacity_factor_eval=float(capacity), **ffn)
+        moa = written.moa and dataclasses.replace(written.moa, routing='soft')
+        routed = dataclasses.replace(written, moe=moe, moa=moa)
+        got, aux = logits_of(routed, params, batch)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max(),
+                                   err_msg=f'{method} {ffn}')
+        assert {f'layers/{i}/ffn' for i in range(2)} <= set(aux)
+        assert ({f'layers/{i}/attn' for i in range(2)} <= set(aux)) == (written.moa is not None)
+        for i in range(2):
+            assert float(aux[f'layers/{i}/ffn']['dropped_fraction']) == 0.0
+
+
+# --- 2. expert slices are the source tensors, bit for bit ------------------------------------
+
+@pytest.mark.parametrize('method', ['btx', 'bam', 'bam_shared_kv'])
+def test_expert_slices_are_the_source_tensors(dense, upcycled, method):
+    out, params = upcycled(method, ['code', 'law'], seed='seed')
+    sources = [dense[name][1] for name in ('seed', 'code', 'law')]  # seed first, then in the order given
+    for layer in range(MODEL.num_layers):
+        for name in FFN:
+            stacked = params[f'layers/{layer}/ffn/experts/{name}']
+            assert stacked.shape == (3, *sources[0][f'layers/{layer}/ffn/{name}'].shape)
+            for i, source in enumerate(sources):
+                np.testing.assert_array_equal(stacked[i], source[f'layers/{layer}/ffn/{name}'])
+            assert f'layers/{layer}/ffn/{name}' not in params
+        stacked_attn = {'btx': (), 'bam': ATTN, 'bam_shared_kv': ('wq', 'wo')}[method]
+        for name in ATTN:
+            if name in stacked_attn:
+                for i, source in enumerate(sources):
+                    np.testing.assert_array_equal(params[f'layers/{layer}/attn/experts/{name}'][i],
+                                                  source[f'layers/{layer}/attn/{name}'])
+                assert f'layers/{layer}/attn/{name}' not in params
+            else:  # btx attention, shared K/V: the mean of every input
+                np.testing.assert_array_equal(params[f'layers/{layer}/attn/{name}'],
+                                              mean([s[f'layers/{layer}/attn/{name}'] for s in sources]))
+                assert f'layers/{layer}/attn/experts/{name}' not in params
+    summary = json.loads((out / 'upcycle.json').read_text())
+    assert summary['expert_models'] == ['seed', str(dense['code'][0]), str(dense['law'][0])]
+    assert summary['method'] == method and summary['tensors'] == len(params)
+
+
+def test_no_seed_expert_keeps_the_seed_in_the_averages_only(dense, upcycled):
+    out, params = upcycled('bam_shared_kv', ['law', 'code'], seed='seed', seed_expert=False)
+    experts = [dense['law'][1], dense['code'][1]]  # the order given, without the seed
+    everyone = [dense[name][1] for name in ('seed', 'law', 'code')]
+    for layer in range(MODEL.num_layers):
+        for path in [f'ffn/experts/{n}' for n in FFN] + ['attn/experts/wq', 'attn/experts/wo']:
+            stacked = params[f'layers/{layer}/{path}']
+            assert stacked.shape[0] == 2
+            for i, source in enumerate(experts):
+                np.testing.assert_array_equal(stacked[i], source[f'layers/{layer}/{path.replace("experts/", "")}'])
+        for name in ('wk', 'wv'):
+            np.testing.assert_array_equal(params[f'layers/{layer}/attn/{name}'],
+                                          mean([s[f'layers/{layer}/attn/{name}'] for s in everyone]))
+        assert params[f'layers/{layer}/ffn/router/kernel'].shape == (D, 2)
+        assert params[f'layers/{layer}/attn/router/kernel'].shape == (D, 2)
+    for path in ('embed/embedding', 'unembed/kernel', 'final_norm/scale', 'layers/1/norm/scale'):
+        np.testing.assert_array_equal(params[path], mean([s[path] for s in everyone]))
+    config = ckpt.read_model_config(step_dir(out))
+    assert config.moe.num_experts == config.moa.num_experts == 2
+    assert json.loads((out / 'upcycle.json').read_text())['expert_models'] == [
+        str(dense['law'][0]), str(dense['code'][0])]
+
+
+def test_sparse_upcycle_copies_one_ffn_into_every_expert(dense, upcycled):
+    out, params = upcycled('sparse_upcycle', ['code'], num_experts=4)
+    source = dense['code'][1]
+    for layer in range(MODEL.num_layers):
+        for name in FFN:
+            stacked = params[f'layers/{layer}/ffn/experts/{name}']
+            assert stacked.shape[0] == 4
+            for i in range(4):
+                np.testing.assert_array_equal(stacked[i], source[f'layers/{layer}/ffn/{name}'])
+        assert params[f'layers/{layer}/ffn/router/kernel'].shape == (D, 4)
+    for path, value in source.items():  # everything else is the model's own tensor
+        if '/ffn/' not in path:
+            np.testing.assert_array_equal(params[path], value)
+    config = ckpt.read_model_config(step_dir(out))
+    assert (config.moe.num_experts, config.moe.top_k, config.moa) == (4, 2, None)
+
+
+def test_expert_split_cuts_each_ffn_into_consecutive_chunks(dense, upcycled):
+    out, params = upcycled('btx', ['code'], seed='seed', expert_split=2)
+    sources = [dense['seed'][1], dense['code'][1]]
+    half = F // 2
+    for layer in range(MODEL.num_layers):
+        gate, up, wo = (params[f'layers/{layer}/ffn/experts/{n}'] for n in FFN)
+        assert gate.shape == up.shape == (4, D, half) and wo.shape == (4, half, D)
+        for i, source in enumerate(sources):
+            for c in range(2):
+                units = slice(c * half, (c + 1) * half)
+                np.testing.assert_array_equal(gate[i * 2 + c], source[f'layers/{layer}/ffn/wi_gate'][:, units])
+                np.testing.assert_array_equal(up[i * 2 + c], source[f'layers/{layer}/ffn/wi_up'][:, units])
+                np.testing.assert_array_equal(wo[i * 2 + c], source[f'layers/{layer}/ffn/wo'][units, :])
+        assert params[f'layers/{layer}/ffn/router/kernel'].shape == (D, 4)
+    config = ckpt.read_model_config(step_dir(out))
+    assert (config.moe.num_experts, config.moe.expert_split, config.moe.num_routed_experts) == (2, 2, 4)
+
+
+# --- 3. averaged tensors are the numpy means -------------------------------------------------
+
+@pytest.mark.parametrize('method', ['btx', 'bam', 'bam_shared_kv'])
+def test_shared_tensors_are_the_means_of_the_inputs(dense, upcycled, method):
+    _, params = upcycled(method, ['code', 'law'], seed='seed')
+    sources = [dense[name][1] for name in ('seed', 'code', 'law')]
+    averaged = [p for p in sources[0] if p in params]  # kept under its dense name
+    attention = {'btx': ATTN, 'bam': (), 'bam_shared_kv': ('wk', 'wv')}[method]
+    assert sorted(averaged) == sorted(['embed/embedding', 'unembed/kernel', 'final_norm/scale'] + [
+        f'layers/{i}/{name}' for i in range(MODEL.num_layers)
+        for name in ['norm/scale', *(f'attn/{a}' for a in attention)]])
+    for path in averaged:
+        expected = mean([s[path] for s in sources])
+        assert params[path].dtype == np.float32
+        np.testing.assert_array_equal(params[path], expected, err_msg=path)
+        assert not np.array_equal(params[path], sources[0][path])  # the inputs really differ
+
+
+# --- 4. routers ------------------------------------------------------------------------------
+
+def test_routers_are_fresh_reproducible_and_distinct(dense, upcycled, tmp_path):
+    _, params = upcycled('bam', ['code', 'law'], seed='seed')
+    routers = {p: v for p, v in params.items() if p.endswith('router/kernel')}
+    assert sorted(routers) == [f'layers/{i}/{kind}/router/kernel' for i in range(2) for kind in ('attn', 'ffn')]
+    for path, kernel in routers.items():
+        assert kernel.shape == (D, 3) and kernel.dtype == np.float32
+        assert np.all(np.isfinite(kernel))
+        assert 0.5 * MODEL.init_std < kernel.std() < 2 * MODEL.init_std, path
+        assert len(np.unique(kernel)) == kernel.size  # random, not a constant or a copy
+    values = list(routers.values())
+    for i in range(len(values)):
+        for j in range(i):
+            assert not np.array_equal(values[i], values[j])
+
+    # A router depends on the router seed (default 0) and its path only: another run, here
+    # BTX, draws the same FFN routers.
+    _, same = upcycled('btx', ['code', 'law'], seed='seed')
+    for path in routers:
+        if '/ffn/' in path:
+            np.testing.assert_array_equal(same[path], routers[path])
+    other = tmp_path / 'other'
+    upcycle_checkpoints('bam', [str(dense['code'][0]), str(dense['law'][0])], other, seed=str(dense['seed'][0]),
+                        router_seed=1, progress=False)
+    other = read_params(step_dir(other))
+    assert other.keys() == params.keys()
+    for path, value in params.items():
+        if path in routers:
+            assert not np.array_equal(other[path], value), path
+        else:
+            np.testing.assert_array_equal(other[path], value)
+
+
+# --- 5. the written tree and config ----------------------------------------------------------
+
+@pytest.mark.parametrize('method, experts, kwargs', [
+    ('btx', ['code', 'law'], {}), ('bam', ['code', 'law'], {}), ('bam_shared_kv', ['code', 'law'], {}),
+    ('sparse_upcycle', ['code'], dict(num_experts=4)), ('btx', ['code'], dict(expert_split=2)),
+    ('bam', ['sequential', 'sequential'], {}),
+])
+def test_output_is_the_moe_of_the_written_config_and_its_gin_rebuilds_it(dense, upcycled, method, experts, kwargs):
+    base = 'sequential' if 'sequential' in experts else 'seed'
+    seed = None if method == 'sparse_upcycle' else base
+    out, params = upcycled(method, experts, seed=seed, **kwargs)
+    config = ckpt.read_model_config(step_dir(out))
+    assert dataclasses.replace(config, moe=None, moa=None) == DENSE[base][0]
+    assert (config.moa is None) == (method in ('btx', 'sparse_upcycle'))
+    if config.moa:
+        assert config.moa.shared_kv == (method == 'bam_shared_kv')
+    expected = {k: v.shape for k, v in flatten(split_params(abstract_model(config))[1]).items()}
+    stored = ckpt.read_param_shapes(step_dir(out))
+    assert {k: tuple(v[0]) for k, v in stored.items()} == expected
+    assert {k: v.shape for k, v in params.items()} == expected
+    assert all(v.dtype == np.float32 for v in params.values())
+    assert ckpt.resolve_checkpoint(out) == step_dir(out)
+    assert sorted(p.name for p in step_dir(out).iterdir() if not p.name.startswith('_')) == ['model', 'params']
+    assert sorted(p.name for p in out.iterdir()) == ['checkpoints', 'model.gin', 'upcycle.json']
+
+    try:
+        parse_gin([str(out / 'model.gin')], [])
+        assert ModelConfig() == config
+        assert gin.query_parameter('%INIT_CHECKPOINT') == str(out)
+    finally:
+        gin.clear_config()
+    summary = json.loads((out / 'upcycle.json').read_text())
+    assert ModelConfig.from_dict(summary['model']) == config
+    assert summary['out'] == str(out) and summary['expert_split'] == kwargs.get('expert_split', 1)
+
+
+# --- 6. user errors: one line, nothing written -----------------------------------------------
+
+def cli_upcycle(*args):
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+    return subprocess.run([sys.executable, '-m', 'bam_jax.cli', 'upcycle', *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def assert_one_line_error(proc, *patterns):
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr
+    for pattern in patterns:
+        assert pattern in errors[0], errors[0]
+
+
+def assert_nothing_written(out: pathlib.Path):
+    assert not out.exists()
+    assert not tmp_dir(out).exists()
+    assert not (out.parent / f'.{out.name}.upcycle-old').exists()
+
+
+def test_cli_different_architectures(dense, tmp_path):
+    out = tmp_path / 'out'
+    proc = cli_upcycle('--method=btx', f'--seed={dense["seed"][0]}',
+                       f'--experts={dense["code"][0]},{dense["wide"][0]}', f'--out={out}')
+    assert_one_line_error(proc, 'different architectures: layers/0/ffn/wi_gate has shape (32, 64) in seed '
+                                f'but shape (32, 128) in {dense["wide"][0]}')
+    assert_nothing_written(out)
+
+
+def test_cli_existing_output_is_kept_without_overwrite_and_replaced_with_it(dense, tmp_path, capsys):
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'notes.txt').write_text('keep me')
+    args = ['--method=bam', f'--seed={dense["seed"][0]}', f'--experts={dense["code"][0]},{dense["law"][0]}',
+            f'--out={out}']
+    assert_one_line_error(cli_upcycle(*args), f'{out} exists; pass --overwrite to replace it')
+    assert tree_bytes(out) == {'notes.txt': b'keep me'}
+    assert not tmp_dir(out).exists()
+
+    # Success returns from main (an error would end this process: run those in a subprocess).
+    assert cli.main(['upcycle', *args, '--overwrite', '--router_seed=3']) == 0
+    stdout = capsys.readouterr().out
+    assert 'bam: 3 experts (seed, ' in stdout and '3 FFN experts per layer, top-1' in stdout
+    assert f'wrote {out}; next: bam-jax train --gin_file={out}/model.gin --gin_file=gin/mix_bam.gin' in stdout
+    assert not (out / 'notes.txt').exists() and not tmp_dir(out).exists()
+    summary = json.loads((out / 'upcycle.json').read_text())
+    assert summary['router_seed'] == 3 and summary['model']['moa']['num_experts'] == 3
+
+
+def _error_cases(dense, tmp_path):
+    junk = tmp_path / 'junk'
+    junk.mkdir()
+    (junk / 'notes.txt').write_text('not a checkpoint')
+    run = lambda name: str(dense[name][0])  # noqa: E731
+    return {
+        'architecture': (dict(method='bam', experts=[run('code'), run('wide')], seed=run('seed')),
+                         r'different architectures: layers/0/ffn/wi_gate has shape \(32, 64\) in seed '
+                         r'but shape \(32, 128\) in .*wide'),
+        'missing_parameter': (dict(method='btx', experts=[run('seed'), run('sequential')]),
+                              r'different architectures: layers/0/attn_norm/scale has no such parameter in '
+                              r'.*seed but shape \(32,\) in .*sequential'),
+        'config_field': (dict(method='btx', experts=[run('code'), run('rope')], seed=run('seed')),
+                         r'different architectures: ModelConfig.rope_theta is 10000.0 in seed but 500.0 in '),
+        'vocabulary': (dict(method='btx', experts=[run('code'), run('vocab512')], seed=run('seed')),
+                       r'different vocabularies: seed has 384 tokens, .*vocab512 has 512'),
+        'nonexistent': (dict(method='btx', experts=[run('code'), str(tmp_path / 'nope')], seed=run('seed')),
+                        r'nope does not exist'),
+        'not_a_checkpoint': (dict(method='btx', experts=[run('code'), str(junk)], seed=run('seed')),
+                             r'junk is not a bam_jax checkpoint'),
+        'one_model': (dict(method='btx', experts=[], seed=run('seed')),
+                      r'btx needs at least two expert models, got 1'),
+        'one_expert_without_seed': (dict(method='bam', experts=[run('code')], seed=run('seed'), seed_expert=False),
+                                    r'bam needs at least two expert models, got 1'),
+        'sparse_two_models': (dict(method='sparse_upcycle', experts=[run('code')], seed=run('seed')),
+                              r'sparse_upcycle takes exactly one dense model, got 2'),
+        'unknown_method': (dict(method='lory', experts=[run('code'), run('law')], seed=run('seed')),
+                           r"unknown upcycle method 'lory'; choose from btx, bam, bam_shared_kv, sparse_upcycle"),
+        'split_zero': (dict(method='btx', experts=[run('code')], seed=run('seed'), expert_split=0),
+                       r'expert_split must be >= 1, got 0'),
+        'split_not_dividing': (dict(method='btx', experts=[run('code')], seed=run('seed'), expert_split=3),
+                               r'd_ff \(64\) is not divisible by expert_split \(3\)'),
+    }
+
+
+ERRORS = ['architecture', 'missing_parameter', 'config_field', 'vocabulary', 'nonexistent', 'not_a_checkpoint',
+          'one_model', 'one_expert_without_seed', 'sparse_two_models', 'unknown_method', 'split_zero',
+          'split_not_dividing', 'already_moe', 'damaged']
+
+
+def damaged_copy(run: pathlib.Path, to: pathlib.Path) -> pathlib.Path:
+    """A copy of the run whose tensor data is zeroed: its metadata reads, its arrays do not."""
+    shutil.copytree(run, to)
+    data = [f for f in (to / 'checkpoints' / '1' / 'params').glob('ocdbt.process_*/d/*') if f.is_file()]
+    assert data
+    for f in data:
+        f.write_bytes(b'\0' * 16)
+    return to
+
+
+@pytest.mark.parametrize('case', ERRORS)
+def test_user_errors_raise_one_line_and_write_nothing(dense, upcycled, tmp_path, case):
+    if case == 'already_moe':
+        previous, _ = upcycled('btx', ['code', 'law'], seed='seed')
+        kwargs = dict(method='bam', experts=[str(dense['code'][0]), str(previous)], seed=str(dense['seed'][0]))
+        pattern = rf'{previous}/checkpoints/0 is already a mixture-of-experts model; upcycle dense models'
+    elif case == 'damaged':  # found only while streaming: the temporary output must go too
+        damaged = damaged_copy(dense['law'][0], tmp_path / 'damaged')
+        kwargs = dict(method='btx', experts=[str(dense['code'][0]), str(damaged)], seed=str(dense['seed'][0]))
+        pattern = rf'cannot read embed/embedding from {damaged}/checkpoints/1: '
+    else:
+        kwargs, pattern = _error_cases(dense, tmp_path)[case]
+    out = tmp_path / 'out'
+    with pytest.raises(BamJaxError, match=pattern) as raised:
+        upcycle_checkpoints(out=out, progress=False, **kwargs)
+    assert '\n' not in str(raised.value)
+    assert_nothing_written(out)
+
+
+# --- 7. atomic output ------------------------------------------------------------------------
+
+def interrupt_after(monkeypatch, tensors: int):
+    """Makes the upcycler's tensor builder raise KeyboardInterrupt (Ctrl-C) after `tensors`
+    tensors, some of them already saved."""
+    real, built = upcycle_io.build, []
+
+    def build(*args, **kwargs):
+        if len(built) == tensors:
+            raise KeyboardInterrupt
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(upcycle_io, 'build', build)
+    return built
+
+
+def test_interrupted_upcycle_leaves_no_output_and_a_rerun_succeeds(dense, upcycled, tmp_path, monkeypatch):
+    args = ('btx', [str(dense['code'][0]), str(dense['law'][0])])
+    out = tmp_path / 'out'
+    built = interrupt_after(monkeypatch, 5)
+    with pytest.raises(KeyboardInterrupt):
+        upcycle_checkpoints(*args, out, seed=str(dense['seed'][0]), progress=False)
+    assert len(built) == 5
+    assert_nothing_written(out)
+    with pytest.raises(BamJaxError, match='does not exist'):
+        ckpt.resolve_checkpoint(out)
+    monkeypatch.undo()
+
+    # A killed run cannot clean up: its half-written temporary directory is replaced.
+    stale = tmp_dir(out) / 'checkpoints' / '0' / 'params'
+    stale.mkdir(parents=True)
+    (stale / 'half_written').write_text('stale')
+    with pytest.raises(BamJaxError, match='is not a bam_jax checkpoint'):
+        ckpt.resolve_checkpoint(tmp_dir(out))
+
+    upcycle_checkpoints(*args, out, seed=str(dense['seed'][0]), progress=False)
+    assert not tmp_dir(out).exists() and not (out / 'checkpoints' / '0' / 'params' / 'half_written').exists()
+    _, reference = upcycled('btx', ['code', 'law'], seed='seed')
+    params = read_params(step_dir(out))
+    assert params.keys() == reference.keys()
+    for path, value in reference.items():
+        np.testing.assert_array_equal(params[path], value)
+
+
+def test_overwrite_replaces_the_output_and_a_failed_overwrite_keeps_it(dense, tmp_path, monkeypatch):
+    out = tmp_path / 'out'
+    seed = str(dense['seed'][0])
+    upcycle_checkpoints('btx', [str(dense['code'][0]), str(dense['law'][0])], out, seed=seed, progress=False)
+    first = tree_bytes(out)
+    upcycle_checkpoints('btx', [str(dense['math'][0]), str(dense['law'][0])], out, seed=seed, overwrite=True,
+                        progress=False)
+    assert json.loads((out / 'upcycle.json').read_text())['expert_models'][1] == str(dense['math'][0])
+    np.testing.assert_array_equal(read_params(step_dir(out))['layers/0/ffn/experts/wo'][1],
+                                  dense['math'][1]['layers/0/ffn/wo'])
+    assert not tmp_dir(out).exists() and not (tmp_path / '.out.upcycle-old').exists()
+    second = tree_bytes(out)
+    assert second != first
+
+    interrupt_after(monkeypatch, 7)
+    with pytest.raises(KeyboardInterrupt):
+        upcycle_checkpoints('bam', [str(dense['code'][0]), str(dense['law'][0])], out, seed=seed, overwrite=True,
+                            progress=False)
+    monkeypatch.undo()
+    assert tree_bytes(out) == second
+    assert ckpt.read_model_config(step_dir(out)).moa is None  # still the btx output
+    assert not tmp_dir(out).exists() and not (tmp_path / '.out.upcycle-old').exists()
+
+    # An existing file is replaced as well (when asked to).
+    file = tmp_path / 'file'
+    file.write_text('old')
+    upcycle_checkpoints('btx', [str(dense['code'][0]), str(dense['law'][0])], file, seed=seed, overwrite=True,
+                        progress=False)
+    assert ckpt.resolve_checkpoint(file) == step_dir(file)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['file', 'out']
