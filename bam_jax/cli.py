@@ -2,6 +2,7 @@
 
   bam-jax train --gin_file=F [--gin_file=F2 ...] [--gin.NAME=VALUE ...] --workdir=DIR
   bam-jax upcycle --method=M [--seed=DIR] --experts=DIR,DIR,... --out=DIR [--no_seed_expert] [--overwrite]
+  bam-jax eval --workdir=DIR [--gin.NAME=VALUE ...] [--json]
 
 Errors a user can fix print one line, `error: ...`, and exit with status 1.
 """
@@ -65,7 +66,20 @@ def _parser() -> argparse.ArgumentParser:
     upcycle.add_argument('--expert_split', type=int, default=1,
                          help='cut each FFN into this many experts of d_ff/split units (BTX ablation)')
     upcycle.add_argument('--router_seed', type=int, default=0, help='random seed of the new routers')
+    evaluate = commands.add_parser(
+        'eval', help='held-out perplexity per domain, and the routing map of an MoE run',
+        description="Evaluates a run's latest checkpoint under its own config.gin plus any --gin overrides "
+                    "(e.g. --gin.MoEConfig.routing=\"'soft'\"). Prints a table (or JSON with --json) and writes "
+                    'DIR/eval.json and, for expert models, DIR/routing_map.png.')
+    evaluate.add_argument('--workdir', required=True, help='the run directory')
+    evaluate.add_argument('--json', action='store_true', help='print the results as JSON on stdout')
     return parser
+
+
+def _eval(args, bindings) -> int:
+    from bam_jax.evaluate.evaluator import eval_command
+    eval_command(args.workdir, bindings, as_json=args.json)
+    return 0
 
 
 def _upcycle(args, bindings) -> int:
@@ -105,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rest, bindings = _split_gin_overrides(argv)
         args = _parser().parse_args(rest)
-        return {'train': _train, 'upcycle': _upcycle}[args.command](args, bindings)
+        return {'train': _train, 'upcycle': _upcycle, 'eval': _eval}[args.command](args, bindings)
     except BamJaxError as e:
         print(f'error: {str(e).strip().splitlines()[0]}', file=sys.stderr)
         # Everything worth keeping is already saved or was never written. Skip the interpreter's

@@ -2,6 +2,7 @@
 # Runs one bam-jax command locally, or on every worker of a TPU pod slice.
 #
 #   launch/run.sh [--dry-run] train --gin_file=gin/models/tiny.gin --gin_file=gin/seed.gin --workdir=runs/seed
+#   launch/run.sh [--dry-run] pipeline [STAGE ...]     the whole experiment (launch/pipeline.sh)
 #
 # On a pod, set TPU_NAME (and TPU_ZONE, TPU_PROJECT; REMOTE_DIR, the checkout on the workers,
 # default ~/bam_jax). The command then runs on all workers through
@@ -17,6 +18,10 @@ if [[ $# -lt 1 ]]; then
 fi
 
 here="$(cd "$(dirname "$0")/.." && pwd)"
+if [[ "$1" == pipeline ]]; then
+  shift
+  exec "$here/launch/pipeline.sh" $([[ $dry_run == 1 ]] && echo --dry-run) "$@"
+fi
 quoted="$(printf '%q ' "$@")"
 
 if [[ -n "${TPU_NAME:-}" ]]; then

@@ -7,18 +7,21 @@ the same checkpoint can be evaluated with another routing mode or capacity facto
 
 from __future__ import annotations
 
+import json
 import pathlib
+import sys
 
 import jax
 import numpy as np
 
 from bam_jax import data
 from bam_jax.errors import BamJaxError
+from bam_jax.evaluate.routing_map import PNG_FILE, save_routing_map
 from bam_jax.models import ModelConfig, abstract_model, flatten, param_shardings, split_params
 from bam_jax.parallel import MeshConfig, batch_sharding, create_mesh, replicated
 from bam_jax.train import checkpoints as ckpt
 from bam_jax.train.config import TrainConfig
-from bam_jax.train.metrics import perplexity
+from bam_jax.train.metrics import perplexity, write_json_atomic
 from bam_jax.train.step import forward
 
 RESULTS_FILE = 'eval.json'
@@ -100,3 +103,22 @@ def format_routing(result: dict) -> str:
                 fractions = ' '.join(f'{v:>6.3f}' for v in by_layer[layer])
                 lines.append(f'{layer.split("/")[1]:<8} {domain:<10} {fractions}')
     return '\n'.join(lines)
+
+
+def eval_command(workdir: str | pathlib.Path, bindings: list[str], as_json: bool = False) -> dict:
+    """`bam-jax eval`: evaluate, print (a table, or JSON on stdout), save eval.json and the PNG."""
+    workdir = pathlib.Path(workdir).absolute()
+    load_run_config(workdir, bindings)
+    log = (lambda line: print(line, file=sys.stderr)) if as_json else print  # noqa: E731
+    result = evaluate_run(workdir, progress=log)
+    result['overrides'] = list(bindings)
+    write_json_atomic(workdir / RESULTS_FILE, result)
+    png = save_routing_map(result['routing'], workdir / PNG_FILE, title=f'{workdir.name}, step {result["step"]}')
+    if as_json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(format_perplexity(result))
+        if result['routing']:
+            print(format_routing(result))
+    log(f'wrote {workdir / RESULTS_FILE}' + (f' and {png}' if png else ''))
+    return result
