@@ -1,32 +1,18 @@
 #!/usr/bin/env bash
-# `make demo`: a tiny Branch-Train stage on the built-in corpora, on the CPU, in minutes.
-# Seed on all domains, then one branch per domain from the seed, then a perplexity table
-# that shows whether each expert became best on its own domain.
+# `make demo`: the whole Branch-Train-Mix pipeline at tiny scale on the built-in corpora, on the
+# CPU: seed -> code/law/math experts -> BTX, BAM and BAM shared-KV (data- and compute-matched)
+# -> held-out perplexity per domain, and whether the BAM paper's ordering held.
 #
-# Sizes can be overridden: SEED_STEPS, BRANCH_STEPS, BATCH_SIZE, SEQ_LEN, OUT.
+# Sizes can be overridden: SEED_STEPS, BRANCH_STEPS, MIX_STEPS, BATCH_SIZE, SEQ_LEN, OUT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-OUT="${OUT:-runs/demo}"
-SEED_STEPS="${SEED_STEPS:-300}"
-BRANCH_STEPS="${BRANCH_STEPS:-150}"
-BATCH_SIZE="${BATCH_SIZE:-16}"
-SEQ_LEN="${SEQ_LEN:-128}"
-DOMAINS=(code law math)
-common=(--gin_file=gin/models/tiny.gin --gin.BATCH_SIZE="$BATCH_SIZE" --gin.SEQ_LEN="$SEQ_LEN"
-        --gin.TrainConfig.warmup_steps=20 --gin.TrainConfig.eval_every=100000)
-
-echo "== seed: $SEED_STEPS steps on every domain -> $OUT/seed"
-launch/run.sh train "${common[@]}" --gin_file=gin/seed.gin --gin.TRAIN_STEPS="$SEED_STEPS" \
-  --workdir="$OUT/seed"
-
-runs=(--run "seed=$OUT/seed")
-for domain in "${DOMAINS[@]}"; do
-  echo "== branch $domain: $BRANCH_STEPS steps from the seed -> $OUT/$domain"
-  launch/run.sh train "${common[@]}" --gin_file=gin/branch.gin --gin.TRAIN_STEPS="$BRANCH_STEPS" \
-    --gin.DOMAIN="'$domain'" --gin.INIT_CHECKPOINT="'$OUT/seed'" --workdir="$OUT/$domain"
-  runs+=(--run "$domain=$OUT/$domain")
-done
-
-echo "== held-out perplexity (bold: best per domain)"
-.venv/bin/python -m bam_jax.evaluate.compare "${runs[@]}" --out "$OUT"
+export OUT="${OUT:-runs/demo}"
+export SEED_STEPS="${SEED_STEPS:-300}"
+export BRANCH_STEPS="${BRANCH_STEPS:-150}"
+export MIX_STEPS="${MIX_STEPS:-150}"
+export BATCH_SIZE="${BATCH_SIZE:-16}"
+export SEQ_LEN="${SEQ_LEN:-128}"
+export MODEL=gin/models/tiny.gin
+export EXTRA="--gin.TrainConfig.warmup_steps=20 --gin.TrainConfig.eval_every=100000"
+exec launch/pipeline.sh "$@"

@@ -1,0 +1,242 @@
+"""`bam-jax eval`: per-domain perplexity, the routing map, overrides, and errors as one line.
+
+One tiny BAM run (2 layers, trained 1 step) and its `eval --json` are made once per session and
+shared by the xdist workers (a file lock); tests that evaluate again work on a copy of it. The two
+tests that use it come first: xdist's load scheduler hands the first two tests to one worker, so
+the other one trains and evaluates the dense run meanwhile instead of waiting for the lock.
+"""
+
+import fcntl
+import json
+import math
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import gin
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from bam_jax import cli, data
+from bam_jax.gin_config import parse_gin
+from bam_jax.models import ModelConfig, abstract_model, merge_params, split_params
+from bam_jax.train import TrainConfig, train
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+DOMAINS = ('general', 'code', 'law', 'math')
+# tests/test_cli.py's SMALL, as gin bindings. TRAIN_STEPS=2 with stop_at_step=1: one step, and no
+# validation pass during training (it runs at train_steps). Training reads one domain (quicker to
+# set up than the seed mixture); evaluation covers all four.
+SMALL = ["DataConfig.source = 'law'", 'TRAIN_STEPS = 2', 'TrainConfig.stop_at_step = 1', 'BATCH_SIZE = 8',
+         'SEQ_LEN = 64', 'TrainConfig.checkpoint_every = 1', 'TrainConfig.warmup_steps = 1',
+         'TrainConfig.log_every = 1', 'DataConfig.eval_batches = 1', 'DataConfig.math_documents = 500',
+         'ModelConfig.num_layers = 2', "ModelConfig.dtype = 'float32'"]
+BAM = ['gin/models/tiny.gin', 'gin/arch/bam.gin', 'gin/seed.gin']
+DENSE = ['gin/models/tiny.gin', 'gin/seed.gin']
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+EVAL_DEVICES = 2  # the eval subprocess's CPU devices: the MoE dispatch groups are its batch shards
+
+
+@pytest.fixture(autouse=True)
+def no_gin_bindings():
+    gin.clear_config()
+    yield
+    gin.clear_config()
+
+
+def train_run(files, workdir, *bindings):
+    """Trains as `bam-jax train --gin_file=... --gin.X=Y ... --workdir=W` does, in this process."""
+    parse_gin(files, [*SMALL, *bindings])
+    try:
+        result = train(workdir)
+    finally:
+        gin.clear_config()
+    assert result['step'] == 1
+
+
+def bam_jax_eval(*args):
+    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={EVAL_DEVICES}')
+    return subprocess.run([sys.executable, '-m', 'bam_jax.cli', 'eval', *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def cli_in_process(monkeypatch, capsys, *args):
+    """(exit status, stdout, stderr) of `bam-jax ARGS` run here; the CLI's os._exit becomes SystemExit."""
+    def leave(status):
+        raise SystemExit(status)
+    monkeypatch.setattr(os, '_exit', leave)
+    try:
+        status = cli.main(list(args))
+    except SystemExit as e:
+        status = e.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_one_line_error(status, stderr, pattern):
+    assert status == 1, stderr[-2000:]
+    errors = [line for line in stderr.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1, stderr[-2000:]
+    assert 'Traceback' not in stderr
+    assert pattern in errors[0], errors[0]
+
+
+def shared(tmp_path_factory, name, make):
+    """DIR, made by make(DIR) once for all the xdist workers of this session."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get('PYTEST_XDIST_WORKER'):
+        root = root.parent  # the session's directory, above each worker's own
+    directory = root / name
+    with open(root / f'{name}.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (directory / 'done').exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            make(directory)
+            (directory / 'done').touch()
+    return directory
+
+
+def make_bam(directory):
+    train_run(BAM, directory / 'run')
+    proc = bam_jax_eval(f'--workdir={directory / "run"}', '--json')
+    (directory / 'status').write_text(str(proc.returncode))
+    (directory / 'stdout').write_text(proc.stdout)
+    (directory / 'stderr').write_text(proc.stderr)
+
+
+@pytest.fixture(scope='module')
+def bam(tmp_path_factory):
+    """{'run': workdir, 'status', 'stdout', 'stderr', 'result'} of `eval --json` on a BAM run."""
+    directory = shared(tmp_path_factory, 'eval_bam', make_bam)
+    out = {'run': directory / 'run', 'status': int((directory / 'status').read_text()),
+           'stdout': (directory / 'stdout').read_text(), 'stderr': (directory / 'stderr').read_text()}
+    assert out['status'] == 0, out['stderr'][-3000:]
+    out['result'] = json.loads(out['stdout'])  # stdout holds the JSON and nothing else
+    return out
+
+
+def independent_losses(run: pathlib.Path, step: int, domains) -> dict[str, tuple[float, float]]:
+    """{domain: (mean NLL, tokens)} of the eval batches, from the restored weights, in plain JAX."""
+    step_dir = run / 'checkpoints' / str(step)
+    parse_gin([str(run / 'config.gin')], [])
+    model_config, data_config, train_config = ModelConfig(), data.DataConfig(), TrainConfig()
+    gin.clear_config()
+    assert model_config.moe is not None and model_config.moa is not None
+    with ocp.StandardCheckpointer() as checkpointer:
+        params = jax.tree.map(np.asarray, checkpointer.restore(step_dir / 'params'))
+    graphdef, _ = split_params(abstract_model(model_config))
+    logits_fn = jax.jit(lambda p, tokens, segments, positions: merge_params(graphdef, p)(tokens, segments, positions))
+
+    # The eval ran on EVAL_DEVICES devices: each one's rows were a dispatch group with its own
+    # expert capacity. Without a mesh, the model treats its whole input as one group.
+    group = train_config.batch_size // EVAL_DEVICES
+    losses = {}
+    for domain in domains:
+        total, count = 0.0, 0.0
+        for batch in data.eval_batches(data_config, domain, train_config.batch_size, train_config.seq_len):
+            for rows in range(0, train_config.batch_size, group):
+                part = {k: v[rows:rows + group] for k, v in batch.items()}
+                logits = logits_fn(params, part['inputs'], part['segment_ids'], part['positions'])
+                logits = np.asarray(logits, np.float64)
+                log_probs = logits - logits.max(-1, keepdims=True)
+                log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+                nll = -np.take_along_axis(log_probs, part['targets'][..., None], -1)[..., 0]
+                total += float((nll * part['loss_weights']).sum())
+                count += float(part['loss_weights'].sum())
+        losses[domain] = (total / count, count)
+    return losses
+
+
+def test_eval_json(bam):
+    """`eval --json`: the schema, eval.json, the routing map, and perplexities checked independently."""
+    result = bam['result']
+    perplexity = result['perplexity']
+    assert list(perplexity) == [*DOMAINS, 'average']
+    for name, value in perplexity.items():
+        assert math.isfinite(value) and value > 0, name
+    assert perplexity['average'] == pytest.approx(np.mean([perplexity[d] for d in DOMAINS]), rel=1e-12)
+    for domain in DOMAINS:
+        assert perplexity[domain] == pytest.approx(math.exp(result['loss'][domain]), rel=1e-12)
+        assert result['tokens'][domain] > 0
+    assert result['step'] == 1
+    assert pathlib.Path(result['checkpoint']) == bam['run'] / 'checkpoints' / '1'
+    assert result['overrides'] == []
+
+    layers = {f'layers/{i}/{kind}' for i in range(2) for kind in ('ffn', 'attn')}
+    assert list(result['routing']) == list(DOMAINS)
+    for domain, by_layer in result['routing'].items():
+        assert set(by_layer) == layers, domain
+        for layer, fractions in by_layer.items():
+            assert len(fractions) == 4, (domain, layer)
+            assert all(0 <= f <= 1 for f in fractions), (domain, layer)
+            assert sum(fractions) == pytest.approx(1.0, abs=1e-5), (domain, layer)
+    # Progress went to stderr.
+    for domain in DOMAINS:
+        assert f'{domain}: perplexity' in bam['stderr']
+    assert 'wrote' in bam['stderr']
+
+    assert json.loads((bam['run'] / 'eval.json').read_text()) == result
+    png = bam['run'] / 'routing_map.png'
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    import matplotlib.image
+    image = matplotlib.image.imread(png)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+    for domain, (loss, tokens) in independent_losses(bam['run'], 1, ('law', 'math')).items():
+        assert tokens == result['tokens'][domain]
+        assert result['loss'][domain] == pytest.approx(loss, rel=1e-4)
+        assert perplexity[domain] == pytest.approx(math.exp(loss), rel=1e-4)
+
+
+def test_gin_overrides(bam, tmp_path, monkeypatch, capsys):
+    run = tmp_path / 'run'
+    shutil.copytree(bam['run'], run)
+    status, out, err = cli_in_process(monkeypatch, capsys, 'eval', f'--workdir={run}',
+                                      "--gin.MoEConfig.routing='soft'")
+    assert status == 0, err[-3000:]
+    result = json.loads((run / 'eval.json').read_text())
+    assert result['overrides'] == ["MoEConfig.routing = 'soft'"]
+    before, after = bam['result']['perplexity'], result['perplexity']
+    assert any(abs(after[d] - before[d]) > 1e-3 * before[d] for d in DOMAINS), (before, after)
+    # The table: the perplexity row, then the routing sections.
+    assert out.index('| step | general | code | law | math | average |') < out.index('ffn experts')
+    assert f'| 1 | {after["general"]:.3f} |' in out
+    assert 'ffn experts: fraction of tokens per expert' in out
+    assert 'attn experts: fraction of tokens per expert' in out
+    assert (run / 'routing_map.png').read_bytes()[:8] == PNG_MAGIC
+
+    # An override that changes parameter shapes cannot restore the checkpoint: one line, no output.
+    proc = bam_jax_eval(f'--workdir={bam["run"]}', '--gin.MoEConfig.num_experts=3')
+    assert_one_line_error(proc.returncode, proc.stderr, 'parameter layers/0/ffn/experts/')
+    assert proc.stdout == ''
+
+
+def test_dense_run_has_no_routing(tmp_path, monkeypatch, capsys):
+    run = tmp_path / 'dense'
+    train_run(DENSE, run, 'ModelConfig.num_layers = 1')
+    status, out, err = cli_in_process(monkeypatch, capsys, 'eval', f'--workdir={run}', '--json')
+    assert status == 0, err[-3000:]
+    result = json.loads(out)
+    assert result['routing'] == {}
+    assert set(result['perplexity']) == {*DOMAINS, 'average'}
+    assert json.loads((run / 'eval.json').read_text()) == result
+    assert not (run / 'routing_map.png').exists()
+    assert 'wrote' in err and 'routing_map.png' not in err
+
+
+def test_directory_without_config_gin(tmp_path, monkeypatch, capsys):
+    (tmp_path / 'checkpoints').mkdir()
+    status, out, err = cli_in_process(monkeypatch, capsys, 'eval', f'--workdir={tmp_path}')
+    assert_one_line_error(status, err, 'has no config.gin')
+    assert out == ''
+
+
+def test_nonexistent_workdir(tmp_path, monkeypatch, capsys):
+    status, out, err = cli_in_process(monkeypatch, capsys, 'eval', f'--workdir={tmp_path / "nope"}', '--json')
+    assert_one_line_error(status, err, str(tmp_path / 'nope'))
+    assert out == ''
