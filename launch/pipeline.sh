@@ -62,12 +62,12 @@ if wants branch; then
     cmd=(run "branch_$domain" launch/run.sh "${dry_run[@]}" train "${common[@]}" --gin_file=gin/branch.gin
          --gin.TRAIN_STEPS="$BRANCH_STEPS" --gin.DOMAIN="'$domain'" --gin.INIT_CHECKPOINT="'$OUT/seed'"
          --workdir="$OUT/$domain")
-    if [[ ${#BRANCH_TPUS[@]} -gt 0 ]]; then
-      TPU_NAME="${BRANCH_TPUS[$((i % ${#BRANCH_TPUS[@]}))]}" "${cmd[@]}" & pids+=($!)
-    elif [[ "${PARALLEL_BRANCHES:-0}" == 1 && ${#dry_run[@]} -eq 0 ]]; then
-      "${cmd[@]}" & pids+=($!)
+    slice="${TPU_NAME:-}"
+    [[ ${#BRANCH_TPUS[@]} -gt 0 ]] && slice="${BRANCH_TPUS[$((i % ${#BRANCH_TPUS[@]}))]}"
+    if [[ (${#BRANCH_TPUS[@]} -gt 0 || "${PARALLEL_BRANCHES:-0}" == 1) && ${#dry_run[@]} -eq 0 ]]; then
+      TPU_NAME="$slice" "${cmd[@]}" & pids+=($!)  # concurrent
     else
-      "${cmd[@]}"
+      TPU_NAME="$slice" "${cmd[@]}"  # one after another (a dry run always: its lines stay in order)
     fi
   done
   for pid in "${pids[@]}"; do wait "$pid"; done
