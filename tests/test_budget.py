@@ -71,7 +71,7 @@ def test_tiny_flops_budget_trains_at_least_one_step():
 
 
 def test_match_tokens_reads_budget_json(tmp_path):
-    write_budget(tmp_path, config(), MODEL, 30)
+    write_budget(tmp_path, config(train_steps=30), MODEL, 30)
     assert read_budget(tmp_path)['tokens'] == 30 * 512
     # Same tokens per step: the same length; twice the batch: half; half the batch: twice.
     assert resolve_train_steps(config(match_run=str(tmp_path)), MODEL).train_steps == 30
@@ -90,7 +90,7 @@ def test_match_tokens_of_a_hand_written_budget(tmp_path):
 def test_match_flops_of_btx_gives_bam_fewer_steps(tmp_path):
     btx_run = tmp_path / 'btx'
     btx_run.mkdir()
-    write_budget(btx_run, config(), BTX, 100)
+    write_budget(btx_run, config(train_steps=100), BTX, 100)
     btx_flops = 100 * 512 * BTX_TRAIN_FLOPS_PER_TOKEN
     assert read_budget(btx_run)['flops'] == btx_flops
     bam = resolve_train_steps(config(match_run=str(btx_run), match='flops'), BAM)
@@ -100,6 +100,12 @@ def test_match_flops_of_btx_gives_bam_fewer_steps(tmp_path):
     assert resolve_train_steps(config(match_run=str(btx_run), match='tokens'), BAM).train_steps == 100
     # Compute-matched at twice the batch: half the steps (62.42 / 2 = 31.21).
     assert resolve_train_steps(config(match_run=str(btx_run), match='flops', batch_size=16), BAM).train_steps == 31
+
+
+def test_match_run_that_has_not_finished(tmp_path):
+    write_budget(tmp_path, config(train_steps=100), MODEL, 40)  # stopped at step 40 of 100
+    with pytest.raises(BamJaxError, match='has not finished training'):
+        resolve_train_steps(config(match_run=str(tmp_path)), MODEL)
 
 
 def test_flops_budget_and_match_run_together(tmp_path):

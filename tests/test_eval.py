@@ -58,10 +58,11 @@ def train_run(files, workdir, *bindings):
     assert result['step'] == 1
 
 
-def bam_jax_eval(*args):
+def start_eval(*args) -> subprocess.Popen:
+    """`bam-jax eval ARGS`, started in a subprocess."""
     env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={EVAL_DEVICES}')
-    return subprocess.run([sys.executable, '-m', 'bam_jax.cli', 'eval', *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.Popen([sys.executable, '-m', 'bam_jax.cli', 'eval', *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def cli_in_process(monkeypatch, capsys, *args):
@@ -101,22 +102,24 @@ def shared(tmp_path_factory, name, make):
     return directory
 
 
+def finish(proc: subprocess.Popen) -> dict:
+    stdout, stderr = proc.communicate(timeout=300)
+    return {'status': proc.returncode, 'stdout': stdout, 'stderr': stderr}
+
+
 def make_bam(directory):
     train_run(BAM, directory / 'run')
-    proc = bam_jax_eval(f'--workdir={directory / "run"}', '--json')
-    (directory / 'status').write_text(str(proc.returncode))
-    (directory / 'stdout').write_text(proc.stdout)
-    (directory / 'stderr').write_text(proc.stderr)
+    (directory / 'cli.json').write_text(json.dumps(finish(start_eval(f'--workdir={directory / "run"}', '--json'))))
 
 
 @pytest.fixture(scope='module')
 def bam(tmp_path_factory):
-    """{'run': workdir, 'status', 'stdout', 'stderr', 'result'} of `eval --json` on a BAM run."""
+    """{'run': workdir, 'cli': {'status', 'stdout', 'stderr'} of `bam-jax eval --workdir=RUN --json`,
+    'result': its parsed output}."""
     directory = shared(tmp_path_factory, 'eval_bam', make_bam)
-    out = {'run': directory / 'run', 'status': int((directory / 'status').read_text()),
-           'stdout': (directory / 'stdout').read_text(), 'stderr': (directory / 'stderr').read_text()}
-    assert out['status'] == 0, out['stderr'][-3000:]
-    out['result'] = json.loads(out['stdout'])  # stdout holds the JSON and nothing else
+    out = {'run': directory / 'run', 'cli': json.loads((directory / 'cli.json').read_text())}
+    assert out['cli']['status'] == 0, out['cli']['stderr'][-3000:]
+    out['result'] = json.loads(out['cli']['stdout'])  # stdout holds the JSON and nothing else
     return out
 
 
@@ -177,8 +180,8 @@ def test_eval_json(bam):
             assert sum(fractions) == pytest.approx(1.0, abs=1e-5), (domain, layer)
     # Progress went to stderr.
     for domain in DOMAINS:
-        assert f'{domain}: perplexity' in bam['stderr']
-    assert 'wrote' in bam['stderr']
+        assert f'{domain}: perplexity' in bam['cli']['stderr']
+    assert 'wrote' in bam['cli']['stderr']
 
     assert json.loads((bam['run'] / 'eval.json').read_text()) == result
     png = bam['run'] / 'routing_map.png'
@@ -211,9 +214,9 @@ def test_gin_overrides(bam, tmp_path, monkeypatch, capsys):
     assert (run / 'routing_map.png').read_bytes()[:8] == PNG_MAGIC
 
     # An override that changes parameter shapes cannot restore the checkpoint: one line, no output.
-    proc = bam_jax_eval(f'--workdir={bam["run"]}', '--gin.MoEConfig.num_experts=3')
-    assert_one_line_error(proc.returncode, proc.stderr, 'parameter layers/0/ffn/experts/')
-    assert proc.stdout == ''
+    status, out, err = cli_in_process(monkeypatch, capsys, 'eval', f'--workdir={run}', '--gin.MoEConfig.num_experts=3')
+    assert_one_line_error(status, err, 'parameter layers/0/ffn/experts/')
+    assert out == ''
 
 
 def test_dense_run_has_no_routing(tmp_path, monkeypatch, capsys):
@@ -227,6 +230,12 @@ def test_dense_run_has_no_routing(tmp_path, monkeypatch, capsys):
     assert json.loads((run / 'eval.json').read_text()) == result
     assert not (run / 'routing_map.png').exists()
     assert 'wrote' in err and 'routing_map.png' not in err
+
+    # In a process of its own, the error that Orbax's metadata read leads to is still one line.
+    failed = finish(start_eval(f'--workdir={run}', '--gin.ModelConfig.d_ff=256', '--json'))
+    assert_one_line_error(failed['status'], failed['stderr'], 'parameter layers/0/ffn/')
+    assert '(128, 512), this model needs (128, 256)' in failed['stderr']
+    assert failed['stdout'] == ''
 
 
 def test_directory_without_config_gin(tmp_path, monkeypatch, capsys):

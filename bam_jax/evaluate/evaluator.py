@@ -32,6 +32,8 @@ def load_run_config(workdir: pathlib.Path, bindings: list[str]) -> None:
     from bam_jax.gin_config import parse_gin
 
     config = workdir / 'config.gin'
+    if not workdir.is_dir():
+        raise BamJaxError(f'workdir {workdir} does not exist')
     if not config.is_file():
         raise BamJaxError(f'{workdir} has no config.gin: is it a bam_jax run directory?')
     parse_gin([str(config)], bindings)

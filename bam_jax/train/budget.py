@@ -51,6 +51,9 @@ def resolve_train_steps(config: TrainConfig, model: ModelConfig) -> TrainConfig:
         if config.match not in ('tokens', 'flops'):
             raise BamJaxError(f"TrainConfig.match={config.match!r} must be 'tokens' or 'flops'")
         target = read_budget(config.match_run)
+        if config.match not in target or not target.get('finished', True):
+            raise BamJaxError(f'TrainConfig.match_run: {config.match_run} has not finished training '
+                              f'(its budget.json has no final {config.match})')
         steps = target[config.match] / own[config.match]
     else:
         steps = config.flops_budget / own['flops']
@@ -59,4 +62,6 @@ def resolve_train_steps(config: TrainConfig, model: ModelConfig) -> TrainConfig:
 
 
 def write_budget(workdir: pathlib.Path, config: TrainConfig, model: ModelConfig, steps: int) -> None:
-    write_json_atomic(workdir / BUDGET_FILE, run_budget(config, model, steps))
+    """Records what the run has trained; 'finished' once it reached its train_steps."""
+    write_json_atomic(workdir / BUDGET_FILE, {**run_budget(config, model, steps),
+                                              'finished': steps >= config.train_steps})

@@ -48,7 +48,7 @@ class TrainConfig:
         if self.batch_size % self.grad_accum_steps:
             raise BamJaxError(f'batch size {self.batch_size} is not divisible by '
                               f'grad_accum_steps {self.grad_accum_steps}')
-        if self.flops_budget is not None and self.flops_budget <= 0:
+        if self.flops_budget is not None and not 0 < self.flops_budget < float('inf'):
             raise BamJaxError(f'TrainConfig.flops_budget must be positive, got {self.flops_budget}')
         if self.learning_rate <= 0:
             raise BamJaxError(f'learning rate must be positive, got {self.learning_rate}')
