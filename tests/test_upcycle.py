@@ -19,6 +19,7 @@ from bam_jax import cli
 from bam_jax.errors import BamJaxError
 from bam_jax.gin_config import parse_gin
 from bam_jax.models import ModelConfig, abstract_model, flatten, merge_params, split_params
+from bam_jax.models.params import unflatten
 from bam_jax.models.routing import call_with_aux
 from bam_jax.train import checkpoints as ckpt
 from bam_jax.upcycle import io as upcycle_io
@@ -40,17 +41,6 @@ FFN = ('wi_gate', 'wi_up', 'wo')
 ATTN = ('wq', 'wk', 'wv', 'wo')
 
 
-def nest(flat: dict) -> dict:
-    tree = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split('/')
-        node = tree
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return tree
-
-
 def random_params(config: ModelConfig, seed: int) -> dict:
     """Flat float32 weights of the model's exact tree; norm scales around 1, so averages matter."""
     rng = np.random.default_rng(seed)
@@ -63,7 +53,7 @@ def read_params(step_dir: pathlib.Path) -> dict:
     """Every stored array of a step's params, as numpy, through the trainer's restore."""
     meta = ckpt.read_param_shapes(step_dir)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = nest({k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in meta.items()})
+    abstract = unflatten({k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in meta.items()})
     shardings = jax.tree.map(lambda _: device, abstract)
     return {k: np.asarray(v) for k, v in flatten(ckpt.restore_params(step_dir, abstract, shardings)).items()}
 
@@ -94,7 +84,7 @@ def dense(tmp_path_factory):
     for name, (config, seed) in DENSE.items():
         params = random_params(config, seed)
         checkpoints = ckpt.RunCheckpoints(root / name, keep=1)
-        checkpoints.save(1, nest(params), {'count': np.zeros((), np.int32)},
+        checkpoints.save(1, unflatten(params), {'count': np.zeros((), np.int32)},
                          {'step': 1, 'data_position': 1, 'seed': seed}, config)
         checkpoints.wait()
         checkpoints.close()
@@ -167,7 +157,7 @@ def packed_batch(length: int = 48):
 
 def logits_of(config: ModelConfig, params: dict, batch):
     graphdef, _ = split_params(abstract_model(config))
-    model = merge_params(graphdef, nest({k: jax.numpy.asarray(v) for k, v in params.items()}))
+    model = merge_params(graphdef, unflatten({k: jax.numpy.asarray(v) for k, v in params.items()}))
     logits, aux = call_with_aux(model, *batch)
     return np.asarray(logits), aux
 

@@ -67,3 +67,15 @@ def flatten(tree: Params, prefix: str = '') -> dict[str, Any]:
         else:
             flat[path] = value
     return flat
+
+
+def unflatten(flat: dict[str, Any]) -> Params:
+    """The inverse of flatten: {'a/b': x, 'a/c': y} -> {'a': {'b': x, 'c': y}}."""
+    tree: Params = {}
+    for path, value in flat.items():
+        *parents, leaf = path.split('/')
+        node = tree
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return tree

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from bam_jax.errors import BamJaxError
 from bam_jax.models.config import ModelConfig
+from bam_jax.models.params import unflatten
 from bam_jax.train import checkpoints as ckpt
 from bam_jax.upcycle.core import UpcycleSpec, build, model_config, plan
 from bam_jax.upcycle.gin_file import model_gin
@@ -40,18 +41,6 @@ def _nest(path: str, value) -> dict:
     tree = value
     for key in reversed(path.split('/')):
         tree = {key: tree}
-    return tree
-
-
-def _nest_all(flat: dict) -> dict:
-    """{'a/b': x, 'a/c': y} -> {'a': {'b': x, 'c': y}}."""
-    tree = {}
-    for path, value in flat.items():
-        *parents, leaf = path.split('/')
-        node = tree
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
     return tree
 
 
@@ -183,14 +172,14 @@ def _write_params(tmp: pathlib.Path, recipes: dict, readers: list[CheckpointRead
     for path, recipe in bar:
         tensor = build(recipe, lambda i, p: readers[i].read(p), num_models)
         if group and group_bytes + tensor.nbytes > budget:
-            partial_save.save(staging, _nest_all(group))
+            partial_save.save(staging, unflatten(group))
             group, group_bytes = {}, 0
         group[path] = tensor
         group_bytes += tensor.nbytes
         written, largest = written + tensor.nbytes, max(largest, tensor.nbytes)
         bar.set_postfix_str(path, refresh=False)
     if group:
-        partial_save.save(staging, _nest_all(group))
+        partial_save.save(staging, unflatten(group))
     partial_save.finalize(staging)
     step_dir = tmp / ckpt.CHECKPOINT_SUBDIR / str(STEP)
     step_dir.mkdir(parents=True)
