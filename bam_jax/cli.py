@@ -2,7 +2,7 @@
 
   bam-jax train --gin_file=F [--gin_file=F2 ...] [--gin.NAME=VALUE ...] --workdir=DIR
   bam-jax upcycle --method=M [--seed=DIR] --experts=DIR,DIR,... --out=DIR [--no_seed_expert] [--overwrite]
-  bam-jax eval --workdir=DIR [--gin.NAME=VALUE ...] [--json]
+  bam-jax eval --workdir=DIR [--workdir=DIR ...] [--gin.NAME=VALUE ...] [--json]
 
 Errors a user can fix print one line, `error: ...`, and exit with status 1.
 """
@@ -71,8 +71,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Evaluates a run's latest checkpoint under its own config.gin plus any --gin overrides "
                     "(e.g. --gin.MoEConfig.routing=\"'soft'\"). Prints a table (or JSON with --json) and writes "
                     'DIR/eval.json and, for expert models, DIR/routing_map.png.')
-    evaluate.add_argument('--workdir', required=True, help='the run directory')
-    evaluate.add_argument('--json', action='store_true', help='print the results as JSON on stdout')
+    evaluate.add_argument('--workdir', required=True, action='append',
+                          help='the run directory; repeat it to evaluate several runs in one process')
+    evaluate.add_argument('--json', action='store_true',
+                          help='print the results as JSON on stdout, one object per line and run')
     return parser
 
 

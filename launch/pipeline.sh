@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
 # The whole Branch-Train-Mix experiment, stage by stage:
-#   seed -> one branch per domain -> upcycle (btx, bam, bam_shared_kv) -> mix finetunes
-#   (BTX; BAM and BAM shared-KV data-matched and compute-matched to BTX) -> eval -> comparison.
+#   seed -> one branch per domain -> upcycle (btx, bam, bam_shared_kv) -> mix finetunes -> eval
+#   -> comparison (OUT/comparison.md and .json).
 #
 #   launch/pipeline.sh [--dry-run] [STAGE ...]     (STAGE: seed branch upcycle mix eval compare; default all)
+#
+# Mix runs: btx_top1 is the BAM paper's baseline (BAM's top-1 FFN routing, no attention experts)
+# and every other mix is matched to it; btx_top2 is BTX with its own top-2 routing, for
+# reference; bam and bam_shared_kv train on btx_top1's tokens (data-matched), bam_compute and
+# bam_shared_kv_compute spend its FLOPs (compute-matched). Each run named in RERUNS is trained a
+# second time with other seeds (router init, data order) as NAME_seed1: the differences give the
+# run-to-run noise that the comparison weighs every gap against.
 #
 # Every training command goes through launch/run.sh, so with TPU_NAME set it runs on every worker
 # of that pod slice. Branches are independent: BRANCH_TPUS="slice-a slice-b slice-c" runs them at
@@ -12,7 +19,8 @@
 # stopped in the middle resumes from its last checkpoint.
 #
 # Settings (environment): OUT, MODEL (a gin file), SEED_STEPS, BRANCH_STEPS, MIX_STEPS,
-# BATCH_SIZE, SEQ_LEN, DOMAINS, EXTRA (more train flags, e.g. '--gin.TrainConfig.warmup_steps=20').
+# BATCH_SIZE, SEQ_LEN, DOMAINS, RERUNS (e.g. "btx_top1 bam"), EXTRA (more train flags, e.g.
+# '--gin.TrainConfig.warmup_steps=20').
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,8 +39,22 @@ SEQ_LEN="${SEQ_LEN:-256}"
 read -r -a DOMAINS <<< "${DOMAINS:-code law math}"
 read -r -a EXTRA <<< "${EXTRA:-}"
 read -r -a BRANCH_TPUS <<< "${BRANCH_TPUS:-}"
+read -r -a RERUNS <<< "${RERUNS:-}"
+read -r -a MIXES <<< "${MIXES:-btx_top1 btx_top2 bam bam_compute bam_shared_kv bam_shared_kv_compute}"
 common=(--gin_file="$MODEL" --gin.BATCH_SIZE="$BATCH_SIZE" --gin.SEQ_LEN="$SEQ_LEN" "${EXTRA[@]}")
-MIXES=(btx bam bam_shared_kv)
+# Each mix run: the upcycle method of its initial checkpoint, its run gin file, and what it
+# matches of btx_top1's budget (tokens: data-matched, flops: compute-matched).
+declare -A INIT=([btx_top1]=btx [btx_top2]=btx [bam]=bam [bam_compute]=bam
+                 [bam_shared_kv]=bam_shared_kv [bam_shared_kv_compute]=bam_shared_kv)
+declare -A GIN=([btx_top1]=mix_btx_top1 [btx_top2]=mix_btx [bam]=mix_bam [bam_compute]=mix_bam
+                [bam_shared_kv]=mix_bam_shared_kv [bam_shared_kv_compute]=mix_bam_shared_kv)
+declare -A MATCH=([btx_top1]=none [btx_top2]=tokens [bam]=tokens [bam_compute]=flops
+                  [bam_shared_kv]=tokens [bam_shared_kv_compute]=flops)
+all_in() { local x; for x in $1; do [[ " $2 " == *" $x "* ]] || return 1; done; }  # all_in "A B" "LIST"
+all_in "${MIXES[*]}" "${!INIT[*]}" || { echo "error: MIXES='${MIXES[*]}': mix runs are ${!INIT[*]}" >&2; exit 2; }
+all_in "btx_top1" "${MIXES[*]}" || { echo "error: MIXES must hold btx_top1: the other mixes match it" >&2; exit 2; }
+all_in "${RERUNS[*]}" "${MIXES[*]}" || { echo "error: RERUNS='${RERUNS[*]}' must name runs in MIXES" >&2; exit 2; }
+mapfile -t METHODS < <(for name in "${MIXES[@]}"; do echo "${INIT[$name]}"; done | awk '!seen[$0]++')
 
 wants() { [[ " ${stages[*]} " == *" $1 "* ]]; }
 done_marker() { echo "$OUT/.done/$1"; }
@@ -75,37 +97,52 @@ fi
 
 experts=$(IFS=,; echo "${DOMAINS[*]/#/$OUT/}")
 if wants upcycle; then
-  for method in "${MIXES[@]}"; do
-    # Host work on the shared filesystem: it runs here, not on the pod's workers.
-    run "upcycle_$method" .venv/bin/bam-jax upcycle --method="$method" --seed="$OUT/seed" \
-      --experts="$experts" --out="$OUT/${method}_init" --overwrite
-  done
+  upcycle() {  # upcycle METHOD OUT_NAME [FLAGS...]; host work on the shared filesystem, run here
+    local method="$1" name="$2"; shift 2
+    run "upcycle_$name" .venv/bin/bam-jax upcycle --method="$method" --seed="$OUT/seed" \
+      --experts="$experts" --out="$OUT/${name}_init" --overwrite "$@"
+  }
+  for method in "${METHODS[@]}"; do upcycle "$method" "$method"; done
+  for name in "${RERUNS[@]}"; do upcycle "${INIT[$name]}" "${name}_seed1" --router_seed=1; done
 fi
 
 if wants mix; then
-  mix() {  # mix NAME METHOD [FLAGS...]
-    local name="$1" method="$2"; shift 2
-    run "mix_$name" launch/run.sh "${dry_run[@]}" train --gin_file="$OUT/${method}_init/model.gin" \
-      --gin_file="gin/mix_$method.gin" "${common[@]:1}" --gin.TRAIN_STEPS="$MIX_STEPS" "$@" --workdir="$OUT/$name"
+  mix() {  # mix NAME INIT_NAME [FLAGS...]
+    local name="$1" init="$2" budget=(); shift 2
+    local base="${name%_seed1}"
+    [[ "${MATCH[$base]}" == none ]] ||
+      budget=(--gin.TrainConfig.match_run="'$OUT/btx_top1'" --gin.TrainConfig.match="'${MATCH[$base]}'")
+    run "mix_$name" launch/run.sh "${dry_run[@]}" train --gin_file="$OUT/${init}_init/model.gin" \
+      --gin_file="gin/${GIN[$base]}.gin" "${common[@]:1}" --gin.TRAIN_STEPS="$MIX_STEPS" "${budget[@]}" "$@" \
+      --workdir="$OUT/$name"
   }
-  mix btx btx
-  for method in bam bam_shared_kv; do
-    # data-matched: the tokens BTX trained on; compute-matched: the FLOPs BTX spent.
-    mix "$method" "$method" --gin.TrainConfig.match_run="'$OUT/btx'" --gin.TrainConfig.match="'tokens'"
-    mix "${method}_compute" "$method" --gin.TrainConfig.match_run="'$OUT/btx'" --gin.TrainConfig.match="'flops'"
-  done
+  for name in "${MIXES[@]}"; do mix "$name" "${INIT[$name]}"; done
+  for name in "${RERUNS[@]}"; do mix "${name}_seed1" "${name}_seed1" --gin.TrainConfig.seed=1; done
 fi
 
-RUNS=(seed "${DOMAINS[@]}" btx bam bam_shared_kv bam_compute bam_shared_kv_compute)
-if wants eval; then
-  for name in "${RUNS[@]}"; do
-    run "eval_$name" .venv/bin/bam-jax eval --workdir="$OUT/$name"
+RUNS=(seed "${DOMAINS[@]}" "${MIXES[@]}")
+if wants eval; then  # one process for every run not evaluated yet: they share the validation batches
+  todo=()
+  for name in "${RUNS[@]}" "${RERUNS[@]/%/_seed1}"; do
+    if [[ -e "$(done_marker "eval_$name")" ]]; then echo "== eval_$name: finished before, skipped"; else todo+=("$name"); fi
   done
+  if [[ ${#todo[@]} -gt 0 ]]; then
+    echo "== eval ${todo[*]}"
+    cmd=(.venv/bin/bam-jax eval "${todo[@]/#/--workdir=$OUT/}")
+    if [[ ${#dry_run[@]} -gt 0 ]]; then printf '%q ' "${cmd[@]}"; echo; else
+      "${cmd[@]}"
+      mkdir -p "$OUT/.done" && for name in "${todo[@]}"; do touch "$(done_marker "eval_$name")"; done
+    fi
+  fi
 fi
 
 if wants compare; then  # cheap: never skipped
-  cmd=(.venv/bin/python -m bam_jax.evaluate.compare --out "$OUT" --order bam,bam_shared_kv,btx,seed)
+  cmd=(.venv/bin/python -m bam_jax.evaluate.compare --out "$OUT")
+  for order in bam,bam_shared_kv,btx_top1,seed bam_compute,bam_shared_kv_compute,btx_top1,seed; do
+    if all_in "${order//,/ }" "${RUNS[*]}"; then cmd+=(--order "$order"); fi  # when all its runs are there
+  done
   for name in "${RUNS[@]}"; do cmd+=(--run "$name=$OUT/$name"); done
+  for name in "${RERUNS[@]}"; do cmd+=(--rerun "$name=$OUT/${name}_seed1"); done
   echo "== compare"
   if [[ ${#dry_run[@]} -gt 0 ]]; then printf '%q ' "${cmd[@]}"; echo; else "${cmd[@]}"; fi
 fi

@@ -114,6 +114,19 @@ def test_eval_batches_come_from_validation():
             assert _as_bytes(tokens) in hay
 
 
+def test_capped_eval_spans_the_whole_validation_split():
+    """Under the eval_batches cap the rows are every k-th chunk of the split (reference: the
+    documents' bytes cut into seq_len chunks here), so they reach documents far past the first."""
+    config = data.DataConfig(eval_batches=2)
+    batches = data.eval_batches(config, 'law', batch_size=4, seq_len=64)
+    chunks = []
+    for doc in corpora.load_corpus('law').validation:
+        tokens = [b + 3 for b in doc.text.encode()] + [EOS]
+        chunks += [tokens[i:i + 64] for i in range(0, len(tokens), 64)]
+    expected = chunks[::len(chunks) // 8]
+    assert [s for batch in batches for s in _segments(batch)] == expected[:8]
+
+
 def test_law_is_deduplicated():
     paths = glob.glob('/usr/share/common-licenses/*')
     paths += glob.glob('/usr/share/doc/*/copyright')

@@ -31,21 +31,47 @@ def test_pod_runs_every_worker_with_distributed():
 
 
 def test_pipeline_dry_run_lists_every_stage_in_order():
-    lines = dry_run('pipeline', OUT='out', DOMAINS='code math', SEED_STEPS='7', MIX_STEPS='5')
+    lines = dry_run('pipeline', OUT='out', DOMAINS='code math', SEED_STEPS='7', MIX_STEPS='5', RERUNS='bam')
     stages = [line[3:] for line in lines if line.startswith('== ')]
+    mixes = ['btx_top1', 'btx_top2', 'bam', 'bam_compute', 'bam_shared_kv', 'bam_shared_kv_compute', 'bam_seed1']
     assert stages == ['seed', 'branch_code', 'branch_math', 'upcycle_btx', 'upcycle_bam', 'upcycle_bam_shared_kv',
-                      'mix_btx', 'mix_bam', 'mix_bam_compute', 'mix_bam_shared_kv', 'mix_bam_shared_kv_compute',
-                      'eval_seed', 'eval_code', 'eval_math', 'eval_btx', 'eval_bam', 'eval_bam_shared_kv',
-                      'eval_bam_compute', 'eval_bam_shared_kv_compute', 'compare']
-    cmds = commands(lines)
-    assert '--gin.TRAIN_STEPS=7' in cmds[0] and '--workdir=out/seed' in cmds[0]
-    assert "--gin.INIT_CHECKPOINT='out/seed'" in cmds[1]
-    assert '--experts=out/code,out/math' in cmds[3] and '--seed=out/seed' in cmds[3]
-    mix_bam_compute = cmds[8]
+                      'upcycle_bam_seed1', *[f'mix_{m}' for m in mixes],
+                      'eval ' + ' '.join(['seed', 'code', 'math', *mixes]), 'compare']
+    cmds = dict(zip(stages, commands(lines)))
+    assert '--gin.TRAIN_STEPS=7' in cmds['seed'] and '--workdir=out/seed' in cmds['seed']
+    assert "--gin.INIT_CHECKPOINT='out/seed'" in cmds['branch_code']
+    assert '--experts=out/code,out/math' in cmds['upcycle_btx'] and '--seed=out/seed' in cmds['upcycle_btx']
+    assert '--router_seed=1' in cmds['upcycle_bam_seed1'] and '--out=out/bam_seed1_init' in cmds['upcycle_bam_seed1']
+    assert '--gin_file=gin/mix_btx_top1.gin' in cmds['mix_btx_top1']
+    assert not any('match' in arg for arg in cmds['mix_btx_top1'])  # the baseline the others match
+    mix_bam_compute = cmds['mix_bam_compute']
     assert '--gin_file=out/bam_init/model.gin' in mix_bam_compute and '--gin_file=gin/mix_bam.gin' in mix_bam_compute
-    assert "--gin.TrainConfig.match_run='out/btx'" in mix_bam_compute
+    assert "--gin.TrainConfig.match_run='out/btx_top1'" in mix_bam_compute
     assert "--gin.TrainConfig.match='flops'" in mix_bam_compute
+    rerun = cmds['mix_bam_seed1']
+    assert '--gin_file=out/bam_seed1_init/model.gin' in rerun and '--gin.TrainConfig.seed=1' in rerun
+    assert "--gin.TrainConfig.match='tokens'" in rerun and '--workdir=out/bam_seed1' in rerun
+    assert cmds['eval ' + stages[-2][5:]] == ['.venv/bin/bam-jax', 'eval', *[
+        f'--workdir=out/{r}' for r in ['seed', 'code', 'math', *mixes]]]  # one process: shared validation batches
+    compare = cmds['compare']
+    assert '--rerun' in compare and 'bam=out/bam_seed1' in compare
+    orders = [compare[i + 1] for i, arg in enumerate(compare) if arg == '--order']
+    assert orders == ['bam,bam_shared_kv,btx_top1,seed', 'bam_compute,bam_shared_kv_compute,btx_top1,seed']
     assert not (REPO / 'out').exists()  # a dry run writes nothing
+
+
+def test_pipeline_runs_only_the_chosen_mixes():
+    lines = dry_run('pipeline', 'upcycle', 'mix', 'compare', OUT='out', MIXES='btx_top1 bam_shared_kv_compute')
+    stages = [line[3:] for line in lines if line.startswith('== ')]
+    assert stages == ['upcycle_btx', 'upcycle_bam_shared_kv', 'mix_btx_top1', 'mix_bam_shared_kv_compute', 'compare']
+    assert '--order' not in commands(lines)[-1]  # no ordering has all its runs
+
+
+def test_pipeline_refuses_unknown_mixes():
+    for env in ({'MIXES': 'btx_top1 moe'}, {'MIXES': 'bam'}, {'RERUNS': 'lory'}):
+        proc = subprocess.run(['bash', 'launch/pipeline.sh', '--dry-run'], cwd=REPO, capture_output=True, text=True,
+                              env={**os.environ, 'OUT': 'out', **env}, timeout=60)
+        assert proc.returncode == 2 and proc.stderr.startswith('error: ') and proc.stdout == '', env
 
 
 def test_pipeline_on_pods_spreads_branches_over_slices():

@@ -177,17 +177,28 @@ def train_batches(config, batch_size, seq_len, seed, start_batch=0,
 
 def eval_batches(config, domain, batch_size, seq_len):
     """The validation split of `domain`, packed, in a fixed order: at most
-    `config.eval_batches` batches, the last padded with all-zero rows."""
+    `config.eval_batches` batches, the last padded with all-zero rows.
+
+    Under the cap, the rows are every k-th chunk of the whole split rather
+    than its first chunks: a capped evaluation still spans every validation
+    document instead of the one or two that come first.
+    """
     names = _task_names(config)
     if domain not in names:
         raise BamJaxError(f'unknown eval domain {domain!r}; domains are '
                           f"{', '.join(names)}")
-    source = seqio.TaskRegistry.get(names[domain]).source
-    if not source.num_input_examples('validation'):
+    task = seqio.TaskRegistry.get(names[domain])
+    if not task.source.num_input_examples('validation'):
         raise BamJaxError(f"domain '{domain}' has no validation documents "
                           '(too few distinct documents)')
-    ds = _packed(names[domain], 'validation', seq_len, shuffle=False,
-                 seed=None, num_epochs=1, shard_info=None)
+    lengths = {'targets': int(seq_len)}
+    chunks = task.get_dataset(lengths, split='validation', shuffle=False,
+                              num_epochs=1, use_cached=False)
+    if config.eval_batches:
+        count = int(chunks.reduce(np.int64(0), lambda n, _: n + 1))
+        stride = max(1, count // (config.eval_batches * batch_size))
+        chunks = chunks.shard(stride, 0)  # chunks 0, k, 2k, ...
+    ds = seqio.DecoderFeatureConverter(pack=True)(chunks, lengths)
     ds = ds.batch(batch_size).map(_model_features)
     if config.eval_batches:
         ds = ds.take(config.eval_batches)

@@ -2,11 +2,15 @@
 (`bam-jax eval`), or else the last validation in its metrics.json.
 
   python -m bam_jax.evaluate.compare --run seed=runs/seed --run code=runs/code ... --out runs/report
-      [--order bam,bam_shared_kv,btx,seed]
+      [--order bam,bam_shared_kv,btx_top1,seed ...] [--rerun btx_top1=runs/btx_top1_seed1 ...]
 
-Prints a markdown table and writes it with a JSON copy to --out. --order names runs whose
-average perplexity should increase in that order (BAM's claim: BAM expert-KV < BAM shared-KV
-< BTX < seed); the result says whether it held.
+Prints a markdown table and writes it with a JSON copy to --out. Each --order names runs whose
+average perplexity should increase in that order (BAM's claim: BAM expert-KV < BAM shared-KV <
+BTX < seed); the result says whether it held. Each --rerun is run NAME trained again with other
+seeds (router init, data order). It gives the run-to-run noise of each gap in an order: when
+both runs of a gap were rerun, how much the gap changed between the two seeds (runs sharing a
+data order move together, so the paired gap is steadier than either run); when only one was,
+how much that run moved. An order counts as clear only when every gap exceeds its noise.
 """
 
 from __future__ import annotations
@@ -36,14 +40,37 @@ def final_perplexities(workdir: pathlib.Path) -> dict[str, float]:
     return {key[:-len('/perplexity')]: value for key, value in last.items() if key.endswith('/perplexity')}
 
 
-def comparison(runs: dict[str, pathlib.Path], order: list[str] = ()) -> dict:
-    """Per-run perplexities, for each run named like a domain whether it is best there, and
-    whether the average perplexity increases along `order`."""
-    table = {name: final_perplexities(path) for name, path in runs.items()}
-    missing = [name for name in order if name not in table]
+def order_check(table: dict, rerun_table: dict, order: list[str]) -> dict:
+    """Whether the average perplexity increases along `order`; each step's gap and its noise."""
+    steps = []
+    for a, b in zip(order, order[1:]):
+        step = {'runs': [a, b], 'gap': table[b]['average'] - table[a]['average'], 'rerun_gap': None, 'noise': None}
+        if a in rerun_table and b in rerun_table:
+            step['rerun_gap'] = rerun_table[b]['average'] - rerun_table[a]['average']
+            step['noise'] = abs(step['gap'] - step['rerun_gap'])
+        elif a in rerun_table or b in rerun_table:
+            moved = [abs(table[n]['average'] - rerun_table[n]['average']) for n in (a, b) if n in rerun_table]
+            step['noise'] = max(moved)
+        steps.append(step)
+    known = [step for step in steps if step['noise'] is not None]
+    return {
+        'order': list(order),
+        'held': all(step['gap'] > 0 for step in steps),
+        'steps': steps,
+        'gaps_above_noise': all(step['gap'] > step['noise'] for step in known) if known else None,
+    }
+
+
+def comparison(runs: dict[str, pathlib.Path], orders: list[list[str]] = (),
+               reruns: dict[str, pathlib.Path] | None = None) -> dict:
+    """Per-run perplexities, for each run named like a domain whether it is best there, how much
+    each rerun ({run name: workdir of its rerun}) moved, and each order's check."""
+    reruns = reruns or {}
+    missing = sorted(({name for order in orders for name in order} | set(reruns)) - set(runs))
     if missing:
-        raise BamJaxError(f'--order names runs that are not given: {missing}')
-    averages = [table[name]['average'] for name in order]
+        raise BamJaxError(f'--order or --rerun names runs that are not given with --run: {missing}')
+    table = {name: final_perplexities(path) for name, path in runs.items()}
+    rerun_table = {name: final_perplexities(path) for name, path in reruns.items()}
     domains = [d for d in next(iter(table.values())) if d != 'average']
     best = {d: min(table, key=lambda run: table[run].get(d, float('inf'))) for d in domains}
     experts = [name for name in runs if name in domains]
@@ -51,8 +78,9 @@ def comparison(runs: dict[str, pathlib.Path], order: list[str] = ()) -> dict:
         'perplexity': table,
         'best_run_per_domain': best,
         'experts_best_on_own_domain': {e: best[e] == e for e in experts},
-        'order': list(order),
-        'order_held': all(a < b for a, b in zip(averages, averages[1:])) if order else None,
+        'reruns': {name: {'perplexity': values, 'difference': {d: values[d] - table[name][d] for d in values}}
+                   for name, values in rerun_table.items()},
+        'orders': [order_check(table, rerun_table, order) for order in orders],
     }
 
 
@@ -69,33 +97,57 @@ def markdown(result: dict) -> str:
     return '\n'.join(lines)
 
 
+def verdicts(result: dict) -> list[str]:
+    """One line per claim checked: experts on their domains, the reruns, each order."""
+    lines = [f'{expert} expert best on {expert}: {"yes" if ok else "no"}'
+             for expert, ok in result['experts_best_on_own_domain'].items()]
+    for name, rerun in result['reruns'].items():
+        lines.append(f'{name} rerun with other seeds: average perplexity {rerun["perplexity"]["average"]:.3f} '
+                     f'({rerun["difference"]["average"]:+.3f})')
+    for check in result['orders']:
+        gaps = ', '.join(f'{step["gap"]:+.3f}' + ('' if step['noise'] is None else f' (noise {step["noise"]:.3f})')
+                         for step in check['steps'])
+        verdict = 'held' if check['held'] else 'did NOT hold'
+        if check['held'] and check['gaps_above_noise'] is not None:
+            verdict += ', every gap above its noise' if check['gaps_above_noise'] else ', but not every gap above noise'
+        lines.append(f'average perplexity {" < ".join(check["order"])}: {verdict}; gaps {gaps}')
+    return lines
+
+
+def _named_paths(specs: list[str], flag: str) -> dict[str, pathlib.Path]:
+    named = {}
+    for spec in specs:
+        name, eq, path = spec.partition('=')
+        if not eq or not name:
+            raise BamJaxError(f'{flag} takes NAME=WORKDIR, got {spec!r}')
+        named[name] = pathlib.Path(path)
+    return named
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog='python -m bam_jax.evaluate.compare')
     parser.add_argument('--run', action='append', required=True, help='NAME=WORKDIR, repeatable')
     parser.add_argument('--out', required=True, help='directory for comparison.md and comparison.json')
-    parser.add_argument('--order', default='', help='comma list of runs expected in increasing average perplexity')
+    parser.add_argument('--order', action='append', default=[],
+                        help='comma list of runs expected in increasing average perplexity, repeatable')
+    parser.add_argument('--rerun', action='append', default=[],
+                        help='NAME=WORKDIR: run NAME again with other seeds, for the noise; repeatable')
     args = parser.parse_args(argv)
     try:
-        runs = {}
-        for spec in args.run:
-            name, eq, path = spec.partition('=')
-            if not eq:
-                raise BamJaxError(f'--run takes NAME=WORKDIR, got {spec!r}')
-            runs[name] = pathlib.Path(path)
-        result = comparison(runs, [name for name in args.order.split(',') if name])
+        runs = _named_paths(args.run, '--run')
+        reruns = _named_paths(args.rerun, '--rerun')
+        orders = [[name for name in order.split(',') if name] for order in args.order]
+        result = comparison(runs, orders, reruns)
     except BamJaxError as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(result)
-    (out / 'comparison.md').write_text(text + '\n')
+    (out / 'comparison.md').write_text(text + '\n\n' + '\n'.join(f'- {line}' for line in verdicts(result)) + '\n')
     write_json_atomic(out / 'comparison.json', result)
     print(text)
-    for expert, ok in result['experts_best_on_own_domain'].items():
-        print(f'{expert} expert best on {expert}: {"yes" if ok else "no"}')
-    if result['order']:
-        print(f'average perplexity {" < ".join(result["order"])}: {"held" if result["order_held"] else "did NOT hold"}')
+    print('\n'.join(verdicts(result)))
     print(f'saved {out / "comparison.md"} and {out / "comparison.json"}')
     return 0
 

@@ -2,7 +2,8 @@
 
 The run is rebuilt from its own operative config (WORKDIR/config.gin) plus any overrides, so
 the same checkpoint can be evaluated with another routing mode or capacity factor
-(--gin.MoEConfig.routing="'soft'"), and restored from its latest checkpoint.
+(--gin.MoEConfig.routing="'soft'"), and restored from its latest checkpoint. Several runs can be
+evaluated in one call; runs with the same data settings share their validation batches.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import pathlib
 import sys
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -25,6 +27,15 @@ from bam_jax.train.metrics import perplexity, write_json_atomic
 from bam_jax.train.step import forward
 
 RESULTS_FILE = 'eval.json'
+
+_eval_batches_cache: dict = {}
+
+
+def _cached_eval_batches(data_config, domain, batch_size, seq_len):
+    key = (repr(data_config), domain, batch_size, seq_len)
+    if key not in _eval_batches_cache:
+        _eval_batches_cache[key] = data.eval_batches(data_config, domain, batch_size, seq_len)
+    return _eval_batches_cache[key]
 
 
 def load_run_config(workdir: pathlib.Path, bindings: list[str]) -> None:
@@ -65,7 +76,7 @@ def evaluate_run(workdir: str | pathlib.Path, progress=print) -> dict:
     with jax.set_mesh(mesh):
         for domain in data.eval_domain_names(data_config):
             total, count, loads = 0.0, 0.0, {}
-            for batch in data.eval_batches(data_config, domain, train_config.batch_size, train_config.seq_len):
+            for batch in _cached_eval_batches(data_config, domain, train_config.batch_size, train_config.seq_len):
                 batch = {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
                          for k, v in batch.items()}
                 nll, n, aux = step(params, batch)
@@ -107,20 +118,28 @@ def format_routing(result: dict) -> str:
     return '\n'.join(lines)
 
 
-def eval_command(workdir: str | pathlib.Path, bindings: list[str], as_json: bool = False) -> dict:
-    """`bam-jax eval`: evaluate, print (a table, or JSON on stdout), save eval.json and the PNG."""
-    workdir = pathlib.Path(workdir).absolute()
-    load_run_config(workdir, bindings)
+def eval_command(workdirs: Sequence[str | pathlib.Path], bindings: list[str], as_json: bool = False) -> list[dict]:
+    """`bam-jax eval`: evaluate each run, print (tables, or one JSON object per line on stdout),
+    save its eval.json and routing map. Every workdir is checked before any is evaluated."""
+    workdirs = [pathlib.Path(w).absolute() for w in workdirs]
+    for workdir in workdirs:
+        load_run_config(workdir, bindings)
     log = (lambda line: print(line, file=sys.stderr)) if as_json else print  # noqa: E731
-    result = evaluate_run(workdir, progress=log)
-    result['overrides'] = list(bindings)
-    write_json_atomic(workdir / RESULTS_FILE, result)
-    png = save_routing_map(result['routing'], workdir / PNG_FILE, title=f'{workdir.name}, step {result["step"]}')
-    if as_json:
-        print(json.dumps(result, indent=1))
-    else:
-        print(format_perplexity(result))
-        if result['routing']:
-            print(format_routing(result))
-    log(f'wrote {workdir / RESULTS_FILE}' + (f' and {png}' if png else ''))
-    return result
+    results = []
+    for workdir in workdirs:
+        if len(workdirs) > 1:
+            log(f'== {workdir}')
+        load_run_config(workdir, bindings)
+        result = evaluate_run(workdir, progress=log)
+        result['overrides'] = list(bindings)
+        write_json_atomic(workdir / RESULTS_FILE, result)
+        png = save_routing_map(result['routing'], workdir / PNG_FILE, title=f'{workdir.name}, step {result["step"]}')
+        if as_json:
+            print(json.dumps(result), flush=True)
+        else:
+            print(format_perplexity(result))
+            if result['routing']:
+                print(format_routing(result))
+        log(f'wrote {workdir / RESULTS_FILE}' + (f' and {png}' if png else ''))
+        results.append(result)
+    return results

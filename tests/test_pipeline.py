@@ -1,0 +1,85 @@
+"""A micro run of the whole pipeline (launch/pipeline.sh): every stage's outputs exist and agree
+with each other, and a second run skips every finished stage."""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+MIXES = ['btx_top1', 'bam_shared_kv_compute']
+DOMAINS = ['general', 'code', 'math']
+
+
+def _pipeline(out):
+    env = {**os.environ, 'OUT': str(out), 'DOMAINS': 'code', 'MIXES': ' '.join(MIXES),
+           'SEED_STEPS': '2', 'BRANCH_STEPS': '2', 'MIX_STEPS': '4', 'BATCH_SIZE': '8', 'SEQ_LEN': '32',
+           'EXTRA': "--gin.TrainConfig.warmup_steps=1 --gin.DataConfig.eval_batches=1 "
+                    "--gin.DataConfig.eval_domains=['general','code','math']"}
+    env = {k: v for k, v in env.items() if not k.startswith('TPU_')}
+    proc = subprocess.run(['bash', 'launch/pipeline.sh'], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope='module')
+def pipeline(tmp_path_factory):
+    out = tmp_path_factory.mktemp('pipeline')
+    return out, _pipeline(out)
+
+
+def _json(path):
+    return json.loads(path.read_text())
+
+
+def test_every_stage_leaves_its_outputs(pipeline):
+    out, _ = pipeline
+    runs = ['seed', 'code', *MIXES]
+    for name in runs:
+        assert (out / name / 'checkpoints').is_dir() and (out / name / 'config.gin').is_file(), name
+        perplexity = _json(out / name / 'eval.json')['perplexity']
+        assert set(perplexity) == {*DOMAINS, 'average'} and all(math.isfinite(v) for v in perplexity.values())
+    for method in ('btx', 'bam_shared_kv'):
+        assert (out / f'{method}_init' / 'model.gin').is_file() and (out / f'{method}_init' / 'upcycle.json').is_file()
+    for name in MIXES:  # MoE runs have a routing map
+        assert (out / name / 'routing_map.png').stat().st_size > 0
+    comparison = _json(out / 'comparison.json')
+    assert sorted(comparison['perplexity']) == sorted(runs)
+    assert comparison['perplexity']['btx_top1'] == _json(out / 'btx_top1' / 'eval.json')['perplexity']
+    assert (out / 'comparison.md').read_text().startswith('| run |')
+    assert sorted(p.name for p in (out / '.done').iterdir()) == sorted(
+        ['seed', 'branch_code', 'upcycle_btx', 'upcycle_bam_shared_kv', *[f'mix_{m}' for m in MIXES],
+         *[f'eval_{r}' for r in runs]])
+
+
+def test_budgets_are_matched(pipeline):
+    out, _ = pipeline
+    btx = _json(out / 'btx_top1' / 'budget.json')
+    bam = _json(out / 'bam_shared_kv_compute' / 'budget.json')
+    assert btx['steps'] == 4 and btx['finished']
+    # compute-matched: BAM costs more per token, so it gets fewer steps and no more FLOPs
+    assert bam['flops_per_token'] > btx['flops_per_token']
+    assert bam['steps'] == int(btx['flops'] // (bam['flops_per_token'] * bam['tokens_per_step']))
+    assert bam['flops'] <= btx['flops'] and bam['finished']
+
+
+def test_upcycled_experts_come_from_the_runs(pipeline):
+    out, _ = pipeline
+    meta = _json(out / 'bam_shared_kv_init' / 'upcycle.json')
+    assert meta['method'] == 'bam_shared_kv'
+    assert [pathlib.Path(p).name for p in meta['expert_models']] == ['seed', 'code']
+    assert [pathlib.Path(i['step_dir']).parts[-3:] for i in meta['inputs']] == [
+        (run, 'checkpoints', '2') for run in ('seed', 'code')]
+
+
+def test_a_second_run_skips_every_finished_stage(pipeline):
+    out, _ = pipeline
+    stdout = _pipeline(out)
+    stages = [line for line in stdout.splitlines() if line.startswith('== ')]
+    assert len(stages) == 1 + 1 + 2 + len(MIXES) + 4 + 1  # seed, branch, upcycles, mixes, evals, compare
+    assert all(line.endswith(': finished before, skipped') for line in stages[:-1])
+    assert stages[-1] == '== compare'
