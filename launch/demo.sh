@@ -15,7 +15,6 @@ export BRANCH_STEPS="${BRANCH_STEPS:-150}"
 export MIX_STEPS="${MIX_STEPS:-150}"
 export BATCH_SIZE="${BATCH_SIZE:-16}"
 export SEQ_LEN="${SEQ_LEN:-128}"
-export MIXES="${MIXES:-btx_top1 bam bam_compute bam_shared_kv bam_shared_kv_compute}"
 export RERUNS="${RERUNS-btx_top1 bam bam_shared_kv}"
 export PARALLEL_BRANCHES=1  # the branches' single-threaded phases (start-up, compiling) overlap
 export MODEL=gin/models/tiny.gin
