@@ -51,11 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument('--distributed', action='store_true',
                        help='call jax.distributed.initialize() (automatic on a multi-host TPU pod)')
     upcycle = commands.add_parser(
-        'upcycle', help='mix dense checkpoints into one MoE checkpoint (BTX, BAM, sparse upcycling)',
+        'upcycle', help='mix dense checkpoints into one MoE checkpoint (BTX, BAM, sparse upcycling, Lory)',
         description='Builds the initial MoE of the mix stage from dense runs. Each DIR is a run workdir or a '
                     'checkpoint directory (its latest step is used). Writes OUT/checkpoints/0 and OUT/model.gin; '
                     'train it with: bam-jax train --gin_file=OUT/model.gin --gin_file=gin/mix_<method>.gin')
-    upcycle.add_argument('--method', required=True, help='btx, bam, bam_shared_kv or sparse_upcycle')
+    upcycle.add_argument('--method', required=True, help='btx, bam, bam_shared_kv, sparse_upcycle or lory')
     upcycle.add_argument('--seed', default=None, help='the seed run: the first expert (see --no_seed_expert)')
     upcycle.add_argument('--experts', default='', help='comma-separated dense expert runs, in expert order')
     upcycle.add_argument('--out', required=True, help='output directory (written atomically)')
@@ -94,10 +94,12 @@ def _upcycle(args, bindings) -> int:
         args.method, [d for d in args.experts.split(',') if d], args.out, seed=args.seed,
         seed_expert=not args.no_seed_expert, overwrite=args.overwrite, num_experts=args.num_experts,
         expert_split=args.expert_split, router_seed=args.router_seed)
-    moe = summary['model']['moe']
+    moe, lory = summary['model']['moe'], summary['model']['lory']
+    ffn = (f'{lory["num_experts"]} merged FFN experts per layer, segments of {lory["segment_len"]}' if lory else
+           f'{moe["num_experts"] * moe["expert_split"]} FFN experts per layer, top-{moe["top_k"]}')
     print(f'{args.method}: {len(summary["expert_models"])} experts ({", ".join(summary["expert_models"])}), '
-          f'{moe["num_experts"] * moe["expert_split"]} FFN experts per layer, top-{moe["top_k"]}; '
-          f'{summary["tensors"]} tensors, {summary["bytes_written"] / 2**20:.1f} MiB in {summary["seconds"]:.1f} s')
+          f'{ffn}; {summary["tensors"]} tensors, {summary["bytes_written"] / 2**20:.1f} MiB '
+          f'in {summary["seconds"]:.1f} s')
     print(f'wrote {summary["out"]}; next: bam-jax train --gin_file={summary["out"]}/model.gin '
           f'--gin_file=gin/mix_{"btx" if args.method == "sparse_upcycle" else args.method}.gin --workdir=DIR')
     return 0
@@ -123,11 +125,18 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(rest)
         return {'train': _train, 'upcycle': _upcycle, 'eval': _eval}[args.command](args, bindings)
     except BamJaxError as e:
-        print(f'error: {str(e).strip().splitlines()[0]}', file=sys.stderr)
         # Everything worth keeping is already saved or was never written. Skip the interpreter's
-        # teardown, where Orbax's I/O threads can report their closed event loops as tracebacks.
+        # teardown, and silence stderr before printing: Orbax's I/O threads can report their
+        # closed event loops as tracebacks at this moment, burying the one line that matters.
+        message = f'error: {str(e).strip().splitlines()[0]}\n'
         sys.stdout.flush()
         sys.stderr.flush()
+        if sys.stderr is sys.__stderr__:
+            stderr = os.dup(2)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+            os.write(stderr, message.encode())
+        else:  # stderr is captured (called in process)
+            sys.stderr.write(message)
         os._exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)

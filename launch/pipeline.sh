@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole Branch-Train-Mix experiment, stage by stage:
-#   seed -> one branch per domain -> upcycle (btx, bam, bam_shared_kv) -> mix finetunes -> eval
+#   seed -> one branch per domain -> upcycle (btx, bam, bam_shared_kv, lory) -> mix finetunes -> eval
 #   -> comparison (OUT/comparison.md and .json).
 #
 #   launch/pipeline.sh [--dry-run] [STAGE ...]     (STAGE: seed branch upcycle mix eval compare; default all)
@@ -8,7 +8,8 @@
 # Mix runs: btx_top1 is the BAM paper's baseline (BAM's top-1 FFN routing, no attention experts)
 # and every other mix is matched to it; btx_top2 is BTX with its own top-2 routing, for
 # reference; bam and bam_shared_kv train on btx_top1's tokens (data-matched), bam_compute and
-# bam_shared_kv_compute spend its FLOPs (compute-matched). Each run named in RERUNS is trained a
+# bam_shared_kv_compute spend its FLOPs (compute-matched); lory (the FFNs as Lory's merged experts,
+# no attention experts) trains on btx_top1's tokens as well. Each run named in RERUNS is trained a
 # second time with other seeds (router init, data order) as NAME_seed1: the differences give the
 # run-to-run noise that the comparison weighs every gap against.
 #
@@ -19,7 +20,8 @@
 # stopped in the middle resumes from its last checkpoint.
 #
 # Settings (environment): OUT, MODEL (a gin file), SEED_STEPS, BRANCH_STEPS, MIX_STEPS,
-# BATCH_SIZE, SEQ_LEN, DOMAINS, RERUNS (e.g. "btx_top1 bam"), EXTRA (more train flags, e.g.
+# BATCH_SIZE, SEQ_LEN, DOMAINS, MIXES (the mix runs, default all; btx_top1 is required), RERUNS
+# (e.g. "btx_top1 bam"), EXTRA (more train flags, e.g.
 # '--gin.TrainConfig.warmup_steps=20').
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,16 +42,16 @@ read -r -a DOMAINS <<< "${DOMAINS:-code law math}"
 read -r -a EXTRA <<< "${EXTRA:-}"
 read -r -a BRANCH_TPUS <<< "${BRANCH_TPUS:-}"
 read -r -a RERUNS <<< "${RERUNS:-}"
-read -r -a MIXES <<< "${MIXES:-btx_top1 btx_top2 bam bam_compute bam_shared_kv bam_shared_kv_compute}"
+read -r -a MIXES <<< "${MIXES:-btx_top1 btx_top2 bam bam_compute bam_shared_kv bam_shared_kv_compute lory}"
 common=(--gin_file="$MODEL" --gin.BATCH_SIZE="$BATCH_SIZE" --gin.SEQ_LEN="$SEQ_LEN" "${EXTRA[@]}")
 # Each mix run: the upcycle method of its initial checkpoint, its run gin file, and what it
 # matches of btx_top1's budget (tokens: data-matched, flops: compute-matched).
 declare -A INIT=([btx_top1]=btx [btx_top2]=btx [bam]=bam [bam_compute]=bam
-                 [bam_shared_kv]=bam_shared_kv [bam_shared_kv_compute]=bam_shared_kv)
+                 [bam_shared_kv]=bam_shared_kv [bam_shared_kv_compute]=bam_shared_kv [lory]=lory)
 declare -A GIN=([btx_top1]=mix_btx_top1 [btx_top2]=mix_btx [bam]=mix_bam [bam_compute]=mix_bam
-                [bam_shared_kv]=mix_bam_shared_kv [bam_shared_kv_compute]=mix_bam_shared_kv)
+                [bam_shared_kv]=mix_bam_shared_kv [bam_shared_kv_compute]=mix_bam_shared_kv [lory]=mix_lory)
 declare -A MATCH=([btx_top1]=none [btx_top2]=tokens [bam]=tokens [bam_compute]=flops
-                  [bam_shared_kv]=tokens [bam_shared_kv_compute]=flops)
+                  [bam_shared_kv]=tokens [bam_shared_kv_compute]=flops [lory]=tokens)
 all_in() { local x; for x in $1; do [[ " $2 " == *" $x "* ]] || return 1; done; }  # all_in "A B" "LIST"
 all_in "${MIXES[*]}" "${!INIT[*]}" || { echo "error: MIXES='${MIXES[*]}': mix runs are ${!INIT[*]}" >&2; exit 2; }
 all_in "btx_top1" "${MIXES[*]}" || { echo "error: MIXES must hold btx_top1: the other mixes match it" >&2; exit 2; }

@@ -33,14 +33,16 @@ def test_pod_runs_every_worker_with_distributed():
 def test_pipeline_dry_run_lists_every_stage_in_order():
     lines = dry_run('pipeline', OUT='out', DOMAINS='code math', SEED_STEPS='7', MIX_STEPS='5', RERUNS='bam')
     stages = [line[3:] for line in lines if line.startswith('== ')]
-    mixes = ['btx_top1', 'btx_top2', 'bam', 'bam_compute', 'bam_shared_kv', 'bam_shared_kv_compute', 'bam_seed1']
+    mixes = ['btx_top1', 'btx_top2', 'bam', 'bam_compute', 'bam_shared_kv', 'bam_shared_kv_compute', 'lory',
+             'bam_seed1']
     assert stages == ['seed', 'branch_code', 'branch_math', 'upcycle_btx', 'upcycle_bam', 'upcycle_bam_shared_kv',
-                      'upcycle_bam_seed1', *[f'mix_{m}' for m in mixes],
+                      'upcycle_lory', 'upcycle_bam_seed1', *[f'mix_{m}' for m in mixes],
                       'eval ' + ' '.join(['seed', 'code', 'math', *mixes]), 'compare']
     cmds = dict(zip(stages, commands(lines)))
     assert '--gin.TRAIN_STEPS=7' in cmds['seed'] and '--workdir=out/seed' in cmds['seed']
     assert "--gin.INIT_CHECKPOINT='out/seed'" in cmds['branch_code']
     assert '--experts=out/code,out/math' in cmds['upcycle_btx'] and '--seed=out/seed' in cmds['upcycle_btx']
+    assert '--method=lory' in cmds['upcycle_lory'] and '--out=out/lory_init' in cmds['upcycle_lory']
     assert '--router_seed=1' in cmds['upcycle_bam_seed1'] and '--out=out/bam_seed1_init' in cmds['upcycle_bam_seed1']
     assert '--gin_file=gin/mix_btx_top1.gin' in cmds['mix_btx_top1']
     assert not any('match' in arg for arg in cmds['mix_btx_top1'])  # the baseline the others match
@@ -48,6 +50,9 @@ def test_pipeline_dry_run_lists_every_stage_in_order():
     assert '--gin_file=out/bam_init/model.gin' in mix_bam_compute and '--gin_file=gin/mix_bam.gin' in mix_bam_compute
     assert "--gin.TrainConfig.match_run='out/btx_top1'" in mix_bam_compute
     assert "--gin.TrainConfig.match='flops'" in mix_bam_compute
+    mix_lory = cmds['mix_lory']
+    assert '--gin_file=out/lory_init/model.gin' in mix_lory and '--gin_file=gin/mix_lory.gin' in mix_lory
+    assert "--gin.TrainConfig.match='tokens'" in mix_lory and '--workdir=out/lory' in mix_lory
     rerun = cmds['mix_bam_seed1']
     assert '--gin_file=out/bam_seed1_init/model.gin' in rerun and '--gin.TrainConfig.seed=1' in rerun
     assert "--gin.TrainConfig.match='tokens'" in rerun and '--workdir=out/bam_seed1' in rerun
@@ -66,9 +71,16 @@ def test_pipeline_runs_only_the_chosen_mixes():
     assert stages == ['upcycle_btx', 'upcycle_bam_shared_kv', 'mix_btx_top1', 'mix_bam_shared_kv_compute', 'compare']
     assert '--order' not in commands(lines)[-1]  # no ordering has all its runs
 
+    lines = dry_run('pipeline', 'upcycle', 'mix', OUT='out', MIXES='btx_top1 lory', RERUNS='lory')
+    stages = [line[3:] for line in lines if line.startswith('== ')]
+    assert stages == ['upcycle_btx', 'upcycle_lory', 'upcycle_lory_seed1', 'mix_btx_top1', 'mix_lory',
+                      'mix_lory_seed1']
+    cmds = dict(zip(stages, commands(lines)))
+    assert '--method=lory' in cmds['upcycle_lory_seed1'] and '--gin_file=gin/mix_lory.gin' in cmds['mix_lory_seed1']
+
 
 def test_pipeline_refuses_unknown_mixes():
-    for env in ({'MIXES': 'btx_top1 moe'}, {'MIXES': 'bam'}, {'RERUNS': 'lory'}):
+    for env in ({'MIXES': 'btx_top1 moe'}, {'MIXES': 'bam'}, {'MIXES': 'btx_top1', 'RERUNS': 'lory'}):
         proc = subprocess.run(['bash', 'launch/pipeline.sh', '--dry-run'], cwd=REPO, capture_output=True, text=True,
                               env={**os.environ, 'OUT': 'out', **env}, timeout=60)
         assert proc.returncode == 2 and proc.stderr.startswith('error: ') and proc.stdout == '', env

@@ -335,15 +335,16 @@ def test_routers_are_fresh_reproducible_and_distinct(dense, upcycled, tmp_path):
 @pytest.mark.parametrize('method, experts, kwargs', [
     ('btx', ['code', 'law'], {}), ('bam', ['code', 'law'], {}), ('bam_shared_kv', ['code', 'law'], {}),
     ('sparse_upcycle', ['code'], dict(num_experts=4)), ('btx', ['code'], dict(expert_split=2)),
-    ('bam', ['sequential', 'sequential'], {}),
+    ('bam', ['sequential', 'sequential'], {}), ('lory', ['code', 'law'], {}),
 ])
 def test_output_is_the_moe_of_the_written_config_and_its_gin_rebuilds_it(dense, upcycled, method, experts, kwargs):
     base = 'sequential' if 'sequential' in experts else 'seed'
     seed = None if method == 'sparse_upcycle' else base
     out, params = upcycled(method, experts, seed=seed, **kwargs)
     config = ckpt.read_model_config(step_dir(out))
-    assert dataclasses.replace(config, moe=None, moa=None) == DENSE[base][0]
-    assert (config.moa is None) == (method in ('btx', 'sparse_upcycle'))
+    assert dataclasses.replace(config, moe=None, moa=None, lory=None) == DENSE[base][0]
+    assert (config.moa is None) == (method in ('btx', 'sparse_upcycle', 'lory'))
+    assert (config.moe is None) == (config.lory is not None) == (method == 'lory')
     if config.moa:
         assert config.moa.shared_kv == (method == 'bam_shared_kv')
     expected = {k: v.shape for k, v in flatten(split_params(abstract_model(config))[1]).items()}
@@ -364,6 +365,55 @@ def test_output_is_the_moe_of_the_written_config_and_its_gin_rebuilds_it(dense, 
     summary = json.loads((out / 'upcycle.json').read_text())
     assert ModelConfig.from_dict(summary['model']) == config
     assert summary['out'] == str(out) and summary['expert_split'] == kwargs.get('expert_split', 1)
+
+
+# --- 5b. Lory: the btx tensors under Lory's model ---------------------------------------------
+
+def test_lory_stacks_the_ffns_in_order_and_averages_the_rest(dense, upcycled):
+    out, params = upcycled('lory', ['code', 'law'], seed='seed')
+    sources = [dense[name][1] for name in ('seed', 'code', 'law')]
+    reference = {}  # numpy only: expert i is model i's FFN, every other tensor the plain mean
+    for path in sources[0]:
+        layer, _, name = path.partition('/ffn/')
+        if name:
+            reference[f'{layer}/ffn/experts/{name}'] = np.stack([s[path] for s in sources])
+        else:
+            reference[path] = mean([s[path] for s in sources])
+    routers = [f'layers/{i}/ffn/router/kernel' for i in range(MODEL.num_layers)]
+    assert sorted(params) == sorted([*reference, *routers])
+    for path, expected in reference.items():
+        np.testing.assert_array_equal(params[path], expected, err_msg=path)
+    _, btx = upcycled('btx', ['code', 'law'], seed='seed')  # the same router seed and paths: the same routers
+    for path in routers:
+        assert params[path].shape == (D, 3)
+        np.testing.assert_array_equal(params[path], btx[path])
+
+    config = ckpt.read_model_config(step_dir(out))
+    assert config.moe is None and config.moa is None
+    assert (config.lory.num_experts, config.lory.segment_len, config.lory.z_loss_weight) == (3, 32, 0.0)
+    text = (out / 'model.gin').read_text().splitlines()
+    assert {'ModelConfig.lory = @LoryConfig()', 'ModelConfig.moe = None', 'LoryConfig.segment_len = 32'} <= set(text)
+    try:  # the mix stage's files on top: Lory's settings, the upcycled model, similarity batching
+        parse_gin([str(out / 'model.gin'), 'gin/mix_lory.gin'], [])
+        assert ModelConfig() == config
+        assert gin.query_parameter('DataConfig.similarity_batching') is True
+        assert gin.query_parameter('%INIT_CHECKPOINT') == str(out)
+    finally:
+        gin.clear_config()
+
+
+@pytest.mark.parametrize('segment_len', [32, 5])
+def test_lory_of_copies_of_one_dense_model_computes_the_dense_logits(dense, upcycled, segment_len):
+    out, params = upcycled('lory', ['seed', 'seed'], seed='seed')
+    batch = packed_batch()
+    expected, _ = logits_of(MODEL, dense['seed'][1], batch)
+    assert np.abs(expected).max() > 1.0
+    config = ckpt.read_model_config(step_dir(out))
+    lory = dataclasses.replace(config, lory=dataclasses.replace(config.lory, segment_len=segment_len))
+    got, aux = logits_of(lory, params, batch)  # any merge of identical experts is that expert
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    for i in range(MODEL.num_layers):
+        assert float(aux[f'layers/{i}/ffn']['dropped_fraction']) == 0.0
 
 
 # --- 6. user errors: one line, nothing written -----------------------------------------------
@@ -444,8 +494,10 @@ def _error_cases(dense, tmp_path):
                                     r'bam needs at least two expert models, got 1'),
         'sparse_two_models': (dict(method='sparse_upcycle', experts=[run('code')], seed=run('seed')),
                               r'sparse_upcycle takes exactly one dense model, got 2'),
-        'unknown_method': (dict(method='lory', experts=[run('code'), run('law')], seed=run('seed')),
-                           r"unknown upcycle method 'lory'; choose from btx, bam, bam_shared_kv, sparse_upcycle"),
+        'unknown_method': (dict(method='moe', experts=[run('code'), run('law')], seed=run('seed')),
+                           r"unknown upcycle method 'moe'; choose from btx, bam, bam_shared_kv, sparse_upcycle, lory"),
+        'lory_split': (dict(method='lory', experts=[run('code')], seed=run('seed'), expert_split=2),
+                       r'lory merges whole FFNs: expert_split must be 1'),
         'split_zero': (dict(method='btx', experts=[run('code')], seed=run('seed'), expert_split=0),
                        r'expert_split must be >= 1, got 0'),
         'split_not_dividing': (dict(method='btx', experts=[run('code')], seed=run('seed'), expert_split=3),
@@ -454,8 +506,8 @@ def _error_cases(dense, tmp_path):
 
 
 ERRORS = ['architecture', 'missing_parameter', 'config_field', 'vocabulary', 'nonexistent', 'not_a_checkpoint',
-          'one_model', 'one_expert_without_seed', 'sparse_two_models', 'unknown_method', 'split_zero',
-          'split_not_dividing', 'already_moe', 'damaged']
+          'one_model', 'one_expert_without_seed', 'sparse_two_models', 'unknown_method', 'lory_split', 'split_zero',
+          'split_not_dividing', 'already_moe', 'already_lory', 'damaged']
 
 
 def damaged_copy(run: pathlib.Path, to: pathlib.Path) -> pathlib.Path:
@@ -473,6 +525,10 @@ def test_user_errors_raise_one_line_and_write_nothing(dense, upcycled, tmp_path,
     if case == 'already_moe':
         previous, _ = upcycled('btx', ['code', 'law'], seed='seed')
         kwargs = dict(method='bam', experts=[str(dense['code'][0]), str(previous)], seed=str(dense['seed'][0]))
+        pattern = rf'{previous}/checkpoints/0 is already a mixture-of-experts model; upcycle dense models'
+    elif case == 'already_lory':
+        previous, _ = upcycled('lory', ['code', 'law'], seed='seed')
+        kwargs = dict(method='btx', experts=[str(dense['code'][0]), str(previous)], seed=str(dense['seed'][0]))
         pattern = rf'{previous}/checkpoints/0 is already a mixture-of-experts model; upcycle dense models'
     elif case == 'damaged':  # found only while streaming: the temporary output must go too
         damaged = damaged_copy(dense['law'][0], tmp_path / 'damaged')

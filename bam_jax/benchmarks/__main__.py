@@ -1,12 +1,14 @@
 """`make bench`: speed of the train step for dense, BTX and BAM models, and of the upcycler, as
 two tables and JSON ({"train_step": [rows], "upcycle": {...} or null}).
 
-  python -m bam_jax.benchmarks [--model gin/models/X.gin] [--archs dense,btx,bam,bam_shared_kv]
+  python -m bam_jax.benchmarks [--model gin/models/X.gin] [--archs dense,btx,bam,bam_shared_kv,lory4,lory8]
                                [--batch N] [--seq_len T] [--steps S] [--skip_upcycle]
 
 Every architecture is timed in the same run on the same model size. BTX has 4 FFN experts
 with top-1 routing, so its active parameters are the dense model's (plus a router); BAM adds
-4 soft-routed attention experts (expert KV or shared KV). The upcycle table (upcycle.py) times
+4 soft-routed attention experts (expert KV or shared KV). lory4 and lory8 merge 4 or 8 FFN experts
+per segment of --lory_segment_len tokens (the dense model's active size plus the merge, E/T of an
+FFN, shown as "merge"). The upcycle table (upcycle.py) times
 a BAM upcycle of 4 dense checkpoints against a copy of their files and measures its peak memory.
 """
 
@@ -20,12 +22,15 @@ import pathlib
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
-ARCHS = ('dense', 'btx', 'bam', 'bam_shared_kv')
+ARCHS = ('dense', 'btx', 'bam', 'bam_shared_kv', 'lory4', 'lory8')
 
 
-def arch_config(dense, arch: str):
+def arch_config(dense, arch: str, lory_segment_len: int = 64):
     """The bench's variant `arch` of the dense ModelConfig."""
-    from bam_jax.models.config import MoAConfig, MoEConfig
+    from bam_jax.models.config import LoryConfig, MoAConfig, MoEConfig
+
+    if arch.startswith('lory'):
+        return dataclasses.replace(dense, lory=LoryConfig(num_experts=int(arch[4:]), segment_len=lory_segment_len))
 
     top1 = MoEConfig(num_experts=4, routing='top_k', top_k=1, gate='softmax')
     return {
@@ -44,6 +49,8 @@ def main() -> None:
     parser.add_argument('--batch', type=int, default=8)
     parser.add_argument('--seq_len', type=int, default=256)
     parser.add_argument('--steps', type=int, default=5)
+    parser.add_argument('--lory_segment_len', type=int, default=64,
+                        help='Lory segment length; must divide --seq_len so no segment is padded')
     parser.add_argument('--dtype', default=None,
                         help='compute dtype (default: bfloat16 on accelerators, float32 on CPU)')
     parser.add_argument('--skip_upcycle', action='store_true', help='time the train step only')
@@ -53,6 +60,8 @@ def main() -> None:
     unknown = sorted(set(archs) - set(ARCHS))
     if unknown:
         parser.error(f'unknown --archs {unknown}; choose from {ARCHS}')
+    if any(a.startswith('lory') for a in archs) and args.seq_len % args.lory_segment_len:
+        parser.error(f'--lory_segment_len {args.lory_segment_len} does not divide --seq_len {args.seq_len}')
 
     import gin
     import jax
@@ -61,6 +70,7 @@ def main() -> None:
     from bam_jax.benchmarks.train_step import time_train_step
     from bam_jax.gin_config import parse_gin
     from bam_jax.models import ModelConfig
+    from bam_jax.models.flops import lory_merge_overhead
 
     on_cpu = jax.devices()[0].platform == 'cpu'
     dtype = args.dtype or ('float32' if on_cpu else 'bfloat16')
@@ -80,26 +90,29 @@ def main() -> None:
     rows = []
     for arch in archs:
         print(f'timing {arch} ...', flush=True)
-        row = time_train_step(arch_config(dense, arch), args.batch, args.seq_len, args.steps)
+        model = arch_config(dense, arch, args.lory_segment_len)
+        row = time_train_step(model, args.batch, args.seq_len, args.steps)
         row.update(name=f'{arch} {name}', arch=arch, dtype=dtype, batch=args.batch, seq_len=args.seq_len,
                    devices=devices, peak_flops=peak, peak_source=peak_source,
-                   mfu=row['achieved_flops'] / peak)
+                   mfu=row['achieved_flops'] / peak, lory_merge_overhead=lory_merge_overhead(model))
         rows.append(row)
     for r in rows:
         r['step_time_vs_dense'] = r['step_time_s'] / rows[0]['step_time_s']
         r['flop_rate_vs_dense'] = r['achieved_flops'] / rows[0]['achieved_flops']
 
     header = (f'{"model":<24} {"params":>9} {"step ms":>9} {"vs dense":>8} {"tokens/s":>10} '
-              f'{"GFLOP/tok":>10} {"TFLOP/s":>8} {"rate/dense":>10} {"MFU":>6}')
+              f'{"GFLOP/tok":>10} {"TFLOP/s":>8} {"rate/dense":>10} {"MFU":>6} {"merge":>6}')
     print(header)
     print('-' * len(header))
     for r in rows:
+        merge = f'{r["lory_merge_overhead"]:>6.1%}' if r['lory_merge_overhead'] else f'{"-":>6}'
         print(f'{r["name"]:<24} {r["params"] / 1e6:>8.1f}M {r["step_time_s"] * 1e3:>9.1f} '
               f'{r["step_time_vs_dense"]:>7.2f}x {r["tokens_per_s"]:>10,.0f} '
               f'{r["flops_per_token"] / 1e9:>10.3f} {r["achieved_flops"] / 1e12:>8.3f} '
-              f'{r["flop_rate_vs_dense"]:>10.2f} {r["mfu"]:>6.1%}')
+              f'{r["flop_rate_vs_dense"]:>10.2f} {r["mfu"]:>6.1%} {merge}')
     print(f'config: {dtype}, batch {args.batch} x seq_len {args.seq_len}, {args.steps} timed steps (median), '
-          f'{devices}; experts: 4 FFN top-1 (capacity factor 1.25), 4 soft attention')
+          f'{devices}; experts: 4 FFN top-1 (capacity factor 1.25), 4 soft attention; '
+          f'Lory segments of {args.lory_segment_len} tokens (merge: E/T of an FFN per token)')
     print(f'MFU peak: {peak / 1e12:.3f} TFLOP/s ({peak_source})')
     upcycle = None
     if not args.skip_upcycle:

@@ -41,6 +41,10 @@ class DataConfig:
     eval_batches: cap on validation batches per domain (0: no cap).
     user_domains: DomainSpecs from `text_domain(...)`.
     max_file_bytes, max_domain_bytes: size limits of the built-in corpora.
+    similarity_batching: the training split of every domain reads chains of
+      similar documents (as in Lory; similarity.py) joined into texts of about
+      `similarity_group_bytes` bytes, so a training row holds related
+      documents. Validation is unchanged.
     """
     source: str = 'seed'
     eval_domains: tuple = ('general', 'code', 'law', 'math')
@@ -52,6 +56,8 @@ class DataConfig:
     math_documents: int = corpora.DEFAULT_MATH_DOCUMENTS
     max_file_bytes: int = corpora.MAX_FILE_BYTES
     max_domain_bytes: int = corpora.MAX_DOMAIN_BYTES
+    similarity_batching: bool = False
+    similarity_group_bytes: int = 16384
 
     def __post_init__(self):
         # gin hands over lists; keep the config hashable.
@@ -67,6 +73,9 @@ class DataConfig:
         if self.shuffle_buffer < 1:
             raise BamJaxError(f'shuffle_buffer must be >= 1, got '
                               f'{self.shuffle_buffer}')
+        if self.similarity_group_bytes < 1:
+            raise BamJaxError(f'similarity_group_bytes must be >= 1, got '
+                              f'{self.similarity_group_bytes}')
 
     @property
     def domains(self):

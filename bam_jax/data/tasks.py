@@ -3,7 +3,9 @@
 Each task reads one domain's documents ({'text'}), tokenizes them into
 'targets' with EOS appended, and splits long sequences into chunks of at
 most the task's sequence length; packing happens later, in the feature
-converter. Splits: 'train' and 'validation' (corpora.py).
+converter. Splits: 'train' and 'validation' (corpora.py). Under
+DataConfig.similarity_batching the training split yields groups of chained
+similar documents instead of single documents (similarity.py).
 
 Mixture rates are per example (per chunk), as everywhere in seqio.
 `bam.mix` takes 25% from each of general, code, law and math, as in BAM;
@@ -24,7 +26,7 @@ import functools
 import seqio
 import tensorflow as tf
 
-from bam_jax.data import corpora
+from bam_jax.data import corpora, similarity
 from bam_jax.data.preprocessors import split_into_chunks
 from bam_jax.data.vocab import make_vocabulary, vocabulary_key
 
@@ -53,11 +55,18 @@ class DocumentSource(seqio.FunctionDataSource):
     With shuffle, all documents of the split are reshuffled every epoch
     (seeded), so the uncached-source caveat of FunctionDataSource does not
     apply and its warning is skipped.
+
+    With `group_bytes` > 0 the training split is put in similarity order and
+    its consecutive documents are joined into texts of about `group_bytes`
+    bytes: the rows later cut from a group hold neighbouring similar
+    documents, even after the rows are shuffled.
     """
 
-    def __init__(self, domain, corpus_args):
+    def __init__(self, domain, corpus_args, group_bytes=0):
         self._domain = domain
         self._corpus_args = corpus_args
+        self._group_bytes = int(group_bytes)
+        self._groups = None  # (training documents, their grouped texts)
         super().__init__(dataset_fn=self._dataset_fn, splits=SPLITS,
                          caching_permitted=False)
 
@@ -65,11 +74,21 @@ class DocumentSource(seqio.FunctionDataSource):
         return corpora.load_corpus(self._domain, **self._corpus_args)
 
     def num_input_examples(self, split):
-        return len(self._documents(split))
+        return len(self._texts(split))
 
-    def _documents(self, split):
+    def _texts(self, split):
         corpus = self.corpus()
-        return corpus.train if split == 'train' else corpus.validation
+        if split != 'train':
+            return [d.text for d in corpus.validation]
+        if not self._group_bytes:
+            return [d.text for d in corpus.train]
+        # Ordering is costly: redo it only when the (cached) corpus changes.
+        if self._groups is None or self._groups[0] is not corpus.train:
+            texts = [d.text for d in corpus.train]
+            groups = similarity.similar_groups(
+                texts, self._group_bytes, progress=len(texts) > similarity.DEFAULT_SHARD_SIZE)
+            self._groups = (corpus.train, groups)
+        return self._groups[1]
 
     def _dataset_fn(self, split, shuffle_files, seed=None):
         return self.get_dataset(split, shuffle=shuffle_files, seed=seed)
@@ -80,7 +99,7 @@ class DocumentSource(seqio.FunctionDataSource):
         process holds a fixed disjoint part of the documents."""
         if split not in SPLITS:
             raise ValueError(f'unknown split {split!r}; have {SPLITS}')
-        texts = [d.text for d in self._documents(split)]
+        texts = self._texts(split)
         ds = tf.data.Dataset.from_tensor_slices(
             {'text': tf.constant(texts, dtype=tf.string, shape=[len(texts)])})
         size = len(texts)
@@ -93,7 +112,7 @@ class DocumentSource(seqio.FunctionDataSource):
 
     def list_shards(self, split):
         # One "shard" per document: seqio then hands sharding to the source.
-        return [str(i) for i in range(max(1, len(self._documents(split))))]
+        return [str(i) for i in range(max(1, len(self._texts(split))))]
 
 
 def _preprocessors():
@@ -134,14 +153,15 @@ def register_task(domain, config):
         args.pop('max_file_bytes')
     else:
         args.pop('math_documents')
+    group_bytes = int(config.similarity_group_bytes) if config.similarity_batching else 0
     key = (domain, vocabulary_key(config.spm_path),
-           tuple(sorted(args.items())), int(config.shuffle_buffer))
+           tuple(sorted(args.items())), int(config.shuffle_buffer), group_bytes)
     vocab = make_vocabulary(config.spm_path)
 
     def add():
         seqio.TaskRegistry.add(
             name,
-            source=DocumentSource(domain, args),
+            source=DocumentSource(domain, args, group_bytes),
             preprocessors=_preprocessors(),
             output_features={'targets': seqio.Feature(
                 vocab, add_eos=True, dtype=tf.int32)},

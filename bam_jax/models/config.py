@@ -100,6 +100,28 @@ class MoAConfig(RoutedConfig):
 
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
+class LoryConfig:
+    """Lory's fully differentiable FFN experts (bam_jax/models/lory.py): no top-k, no capacity.
+
+    Each segment of `segment_len` tokens runs one FFN whose weights are the experts' weights
+    averaged by a router softmax over the previous segment's mean hidden state.
+    z_loss_weight: the ST-MoE router z-loss coefficient. There is no load-balancing loss.
+    """
+    num_experts: int = 4
+    segment_len: int = 256
+    z_loss_weight: float = 0.0
+
+    def __post_init__(self):
+        if self.num_experts < 1:
+            raise BamJaxError(f'LoryConfig.num_experts must be >= 1, got {self.num_experts}')
+        if self.segment_len < 1:
+            raise BamJaxError(f'LoryConfig.segment_len must be >= 1, got {self.segment_len}')
+        if self.z_loss_weight < 0:
+            raise BamJaxError(f'LoryConfig.z_loss_weight must be >= 0, got {self.z_loss_weight}')
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only LM. Sizes live in gin/models/*.gin.
 
@@ -122,6 +144,7 @@ class ModelConfig:
     param_dtype: str = 'float32'
     moe: MoEConfig | None = None  # routed FFN experts instead of the dense FFN
     moa: MoAConfig | None = None  # attention experts instead of the dense attention
+    lory: LoryConfig | None = None  # Lory's merged FFN experts instead of the dense FFN
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -139,6 +162,8 @@ class ModelConfig:
         if self.moe and self.d_ff % self.moe.expert_split:
             raise BamJaxError(f'd_ff ({self.d_ff}) is not divisible by MoEConfig.expert_split '
                               f'({self.moe.expert_split})')
+        if self.moe and self.lory:
+            raise BamJaxError('ModelConfig.moe and ModelConfig.lory both replace the FFN; set one of them')
 
     @property
     def resolved_head_dim(self) -> int:
@@ -162,7 +187,7 @@ class ModelConfig:
         if unknown:
             raise BamJaxError(f'unknown model config fields {sorted(unknown)}')
         values = dict(values)
-        for name, kind in (('moe', MoEConfig), ('moa', MoAConfig)):
+        for name, kind in (('moe', MoEConfig), ('moa', MoAConfig), ('lory', LoryConfig)):
             if values.get(name) is not None:
                 values[name] = kind(**values[name])
         return cls(**values)

@@ -3,7 +3,10 @@
 Expert layers count what runs for a token: a routed FFN its k chosen experts (all E for soft
 routing) plus the router; attention experts all N experts, since the wide attention computes
 every expert's heads and top-k only zeroes gates. Dispatch (gathers, all_to_all) and the slots
-a capacity leaves empty are overhead, not model FLOPs.
+a capacity leaves empty are overhead, not model FLOPs. A Lory FFN runs one merged FFN per token;
+its router (on one mean per segment) and the merge of the E experts' weights (once per segment)
+are counted per token as their per-segment cost divided by the segment length T, as if the
+sequence were a whole number of segments.
 """
 
 from __future__ import annotations
@@ -21,16 +24,30 @@ def attention_matmul_params(config: ModelConfig) -> int:
     return n * 2 * d * h * dh + kv_sets * 2 * d * k * dh + d * n
 
 
-def ffn_matmul_params(config: ModelConfig) -> int:
-    """Per layer: wi_gate, wi_up, wo of every expert a token goes to; the router."""
+def ffn_matmul_params(config: ModelConfig) -> float:
+    """Per layer: wi_gate, wi_up, wo of every expert a token goes to; the router.
+
+    Lory: one merged FFN, plus (router d*E + merge E*3*d*f multiply-adds) / T.
+    """
     d, f = config.d_model, config.d_ff
+    if config.lory is not None:
+        lory = config.lory
+        return 3 * d * f + (d * lory.num_experts + lory.num_experts * 3 * d * f) / lory.segment_len
     if config.moe is None:
         return 3 * d * f
     moe = config.moe
     return moe.experts_per_token * 3 * d * (f // moe.expert_split) + d * moe.num_routed_experts
 
 
-def matmul_params(config: ModelConfig) -> int:
+def lory_merge_overhead(config: ModelConfig) -> float:
+    """The Lory merge's FLOPs over the merged FFN's (0 without Lory): E*3*d*f per segment of T
+    tokens against 3*d*f per token, E / T. The router adds d*E/T, 1 / (3F) of the merge."""
+    if config.lory is None:
+        return 0.0
+    return config.lory.num_experts / config.lory.segment_len
+
+
+def matmul_params(config: ModelConfig) -> float:
     """Weights that take part in a matmul per token (the embedding lookup does not; the unembedding does)."""
     per_layer = attention_matmul_params(config) + ffn_matmul_params(config)
     return config.num_layers * per_layer + config.d_model * config.vocab_size

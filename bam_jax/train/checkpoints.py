@@ -84,9 +84,12 @@ def read_param_shapes(step_dir: pathlib.Path) -> dict[str, Any]:
     try:
         # Orbax warns that a lone item has no step-level metadata file; that is expected here.
         with _absl_errors_only(), ocp.StandardCheckpointer() as checkpointer:
-            tree = checkpointer.metadata(step_dir / 'params').item_metadata.tree
+            metadata = checkpointer.metadata(step_dir / 'params').item_metadata
     except Exception as e:  # noqa: BLE001
         raise BamJaxError(f'cannot read the parameters of {step_dir}: {e}') from None
+    if metadata is None:
+        raise BamJaxError(f'cannot read the parameters of {step_dir}: their metadata is missing or damaged')
+    tree = metadata.tree
     return {k: (tuple(m.shape), m.dtype) for k, m in flatten(tree).items()}
 
 

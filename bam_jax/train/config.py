@@ -34,6 +34,8 @@ class TrainConfig:
     eval_every: int = 500
     log_every: int = 10
     stop_at_step: int | None = None   # end this invocation early (checkpointed); resume later
+    # Lory only: train this fraction of train_steps as the dense model first (train/dense_warmup.py).
+    dense_warmup_fraction: float = 0.0
     # Length from a budget instead of train_steps (bam_jax/train/budget.py):
     flops_budget: float | None = None   # total training FLOPs
     match_run: str | None = None        # a run's workdir to match ...
@@ -50,6 +52,8 @@ class TrainConfig:
                               f'grad_accum_steps {self.grad_accum_steps}')
         if self.flops_budget is not None and not 0 < self.flops_budget < float('inf'):
             raise BamJaxError(f'TrainConfig.flops_budget must be positive, got {self.flops_budget}')
+        if not 0 <= self.dense_warmup_fraction < 1:
+            raise BamJaxError(f'TrainConfig.dense_warmup_fraction must be in [0, 1), got {self.dense_warmup_fraction}')
         if self.learning_rate <= 0:
             raise BamJaxError(f'learning rate must be positive, got {self.learning_rate}')
 

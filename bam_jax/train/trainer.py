@@ -19,6 +19,7 @@ from bam_jax.errors import BamJaxError
 from bam_jax.models import ModelConfig, abstract_model, flatten, init_params, param_shardings, split_params
 from bam_jax.parallel import MeshConfig, batch_sharding, create_mesh, replicated
 from bam_jax.train import checkpoints as ckpt
+from bam_jax.train import dense_warmup
 from bam_jax.train.budget import resolve_train_steps, write_budget
 from bam_jax.train.config import TrainConfig
 from bam_jax.train.metrics import MetricsLog, format_eval_table, perplexity, router_scalars
@@ -132,9 +133,12 @@ def train(workdir: str | pathlib.Path, config: TrainConfig | None = None,
 
     # Every check runs before anything is written to the workdir.
     resume_dir = ckpt.latest_step_dir(workdir / ckpt.CHECKPOINT_SUBDIR)
+    warmup = dense_warmup.warmup_steps(config, model_config)
     if resume_dir is not None:
         _check_same_model(model_config, resume_dir, f'workdir {workdir}')
         init_dir = None
+    elif warmup:
+        init_dir = None  # INIT_CHECKPOINT, if any, starts the dense warm-up
     else:
         init_dir = _init_checkpoint(config, abstract_params)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -145,6 +149,18 @@ def train(workdir: str | pathlib.Path, config: TrainConfig | None = None,
             start, abstract_params, shardings, abstract_opt, opt_shardings)
         data_position = int(train_state['data_position'])
         print(f'resuming {workdir} from step {start}')
+    elif warmup:
+        # The dense sub-run resumes on its own; this run starts from its final checkpoint.
+        dense = train(workdir / dense_warmup.SUBDIR, dense_warmup.warmup_config(config, warmup),
+                      dense_warmup.dense_model(model_config), data_config, mesh_config)
+        if dense['step'] < warmup or dense['stopped'] == 'sigterm':
+            checkpoints.close()
+            return dense
+        params, opt_state, data_position = _switch_to_lory(
+            workdir / dense_warmup.SUBDIR, warmup, config, model_config, mesh, optimizer, shardings, opt_shardings)
+        start = warmup
+        print(f'step {start}: dense warm-up done, switching to Lory with {model_config.lory.num_experts} experts '
+              f'(FFN copied into each expert, Adam moments too)')
     else:
         start, data_position = 0, 0
         if init_dir is not None:
@@ -232,6 +248,25 @@ def train(workdir: str | pathlib.Path, config: TrainConfig | None = None,
     if jax.process_index() == 0:
         write_budget(workdir, config, model_config, step)
     return result
+
+
+def _switch_to_lory(dense_dir, step, config, model_config, mesh, optimizer, shardings, opt_shardings):
+    """(params, opt_state, data_position) of the Lory run, converted from the dense warm-up at `step`."""
+    dense_abstract = abstract_model(dense_warmup.dense_model(model_config))
+    _, dense_params = split_params(dense_abstract)
+    dense_shardings = param_shardings(dense_abstract, mesh)
+    dense_opt = jax.eval_shape(optimizer.init, dense_params)
+    checkpoints = ckpt.RunCheckpoints(dense_dir, config.keep_checkpoints)
+    try:
+        params, opt_state, train_state = checkpoints.restore(
+            step, dense_params, dense_shardings, dense_opt,
+            _opt_shardings(optimizer, dense_opt, dense_shardings, mesh))
+    finally:
+        checkpoints.close()
+    lory_opt = dense_warmup.lory_opt_state(model_config, params, opt_state, config.seed)
+    params = dense_warmup.lory_params(model_config, params, config.seed)
+    return (jax.device_put(params, shardings), jax.device_put(lory_opt, opt_shardings),
+            int(train_state['data_position']))
 
 
 def _init_checkpoint(config: TrainConfig, abstract_params) -> pathlib.Path | None:

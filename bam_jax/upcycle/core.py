@@ -13,6 +13,7 @@ at a time between checkpoints. Methods:
   bam            FFN experts and attention experts with their own K/V (expert KV)
   bam_shared_kv  FFN experts and attention experts with per-expert Wq, Wo; Wk, Wv averaged
   sparse_upcycle one dense model's FFN copied into every expert
+  lory           FFN experts as btx, for Lory's parameter-merging layer (no top-k); the rest averaged
 """
 
 from __future__ import annotations
@@ -25,14 +26,41 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from bam_jax.errors import BamJaxError
-from bam_jax.models.config import MoAConfig, ModelConfig, MoEConfig
-
-METHODS = ('btx', 'bam', 'bam_shared_kv', 'sparse_upcycle')
+from bam_jax.models.config import LoryConfig, MoAConfig, ModelConfig, MoEConfig
 
 _FFN = re.compile(r'^layers/(\d+)/ffn/(wi_gate|wi_up|wo)$')
 _ATTN = re.compile(r'^layers/(\d+)/attn/(wq|wk|wv|wo)$')
 # Hidden-unit axis of each dense FFN weight: wi_* [D, F], wo [F, D].
 _FFN_HIDDEN_AXIS = {'wi_gate': 1, 'wi_up': 1, 'wo': 0}
+
+
+def _btx(n: int, split: int) -> dict:
+    # BTX: top-2, a softmax over the kept logits, load balancing (alpha 0.01), no z-loss.
+    return dict(moe=MoEConfig(num_experts=n, top_k=2, gate='renormalize', expert_split=split,
+                              load_balance_weight=0.01, z_loss_weight=0.0))
+
+
+def _bam(shared_kv: bool) -> Callable[[int, int], dict]:
+    # BAM: top-1 with the chosen expert's probability as gate; soft attention routing.
+    return lambda n, split: dict(
+        moe=MoEConfig(num_experts=n, top_k=1, gate='softmax', expert_split=split,
+                      load_balance_weight=0.01, z_loss_weight=0.001),
+        moa=MoAConfig(num_experts=n, routing='soft', shared_kv=shared_kv))
+
+
+def _lory(n: int, split: int) -> dict:
+    # The first segment of a row routes with its gradient stopped, so the router learns only from
+    # rows longer than one segment: 32 leaves several segments at the short sequence lengths of
+    # the tiny models (the paper's 256 is 1/16 of its 4096-token rows). No load balancing.
+    return dict(lory=LoryConfig(num_experts=n, segment_len=32, z_loss_weight=0.0))
+
+
+# Per method: the expert layers of its model, from (input experts, expert_split), and the
+# attention projections stacked as attention experts (none: attention is averaged).
+_LAYERS: dict[str, Callable[[int, int], dict]] = {
+    'btx': _btx, 'bam': _bam(False), 'bam_shared_kv': _bam(True), 'sparse_upcycle': _btx, 'lory': _lory}
+_STACKED_ATTENTION = {'bam': ('wq', 'wk', 'wv', 'wo'), 'bam_shared_kv': ('wq', 'wo')}
+METHODS = tuple(_LAYERS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +96,8 @@ class UpcycleSpec:
             raise BamJaxError(f'unknown upcycle method {self.method!r}; choose from {", ".join(METHODS)}')
         if self.expert_split < 1:
             raise BamJaxError(f'expert_split must be >= 1, got {self.expert_split}')
+        if self.method == 'lory' and self.expert_split != 1:
+            raise BamJaxError('lory merges whole FFNs: expert_split must be 1')
         if not self.expert_models or not all(0 <= i < self.num_models for i in self.expert_models):
             raise BamJaxError(f'expert models {self.expert_models} do not index {self.num_models} input models')
 
@@ -77,27 +107,17 @@ def model_config(dense: ModelConfig, spec: UpcycleSpec) -> ModelConfig:
 
     Routing is a training choice: gin/mix_*.gin sets the same values, and overrides change them.
     """
-    n = len(spec.expert_models)
-    if spec.method in ('btx', 'sparse_upcycle'):
-        # BTX: top-2, a softmax over the kept logits, load balancing (alpha 0.01), no z-loss.
-        moe = MoEConfig(num_experts=n, top_k=2, gate='renormalize', expert_split=spec.expert_split,
-                        load_balance_weight=0.01, z_loss_weight=0.0)
-        return dataclasses.replace(dense, moe=moe, moa=None)
-    # BAM: top-1 with the chosen expert's probability as gate; soft attention routing.
-    moe = MoEConfig(num_experts=n, top_k=1, gate='softmax', expert_split=spec.expert_split,
-                    load_balance_weight=0.01, z_loss_weight=0.001)
-    moa = MoAConfig(num_experts=n, routing='soft', shared_kv=spec.method == 'bam_shared_kv')
-    return dataclasses.replace(dense, moe=moe, moa=moa)
+    layers = _LAYERS[spec.method](len(spec.expert_models), spec.expert_split)
+    return dataclasses.replace(dense, **{'moe': None, 'moa': None, 'lory': None, **layers})
 
 
 def plan(spec: UpcycleSpec, dense: ModelConfig, dense_shapes: dict[str, tuple[int, ...]]) -> dict[str, Recipe]:
     """{output path: Recipe} for every parameter of the MoE, in a stable order."""
-    if dense.moe is not None or dense.moa is not None:
+    if dense.moe is not None or dense.moa is not None or dense.lory is not None:
         raise BamJaxError('the input is already a mixture-of-experts model; upcycle dense models')
     if dense.d_ff % spec.expert_split:
         raise BamJaxError(f'd_ff ({dense.d_ff}) is not divisible by expert_split ({spec.expert_split})')
-    attention_experts = spec.method in ('bam', 'bam_shared_kv')
-    stacked_attention = ('wq', 'wk', 'wv', 'wo') if spec.method == 'bam' else ('wq', 'wo')
+    stacked_attention = _STACKED_ATTENTION.get(spec.method, ())
     num_experts = len(spec.expert_models) * spec.expert_split
     recipes: dict[str, Recipe] = {}
     for path in dense_shapes:
@@ -108,7 +128,7 @@ def plan(spec: UpcycleSpec, dense: ModelConfig, dense_shapes: dict[str, tuple[in
                 'stack', path, spec.expert_models, spec.expert_split, _FFN_HIDDEN_AXIS[name])
             router = f'layers/{layer}/ffn/router/kernel'
             recipes.setdefault(router, _router(spec, dense, router, num_experts))
-        elif attn and attention_experts and attn.group(2) in stacked_attention:
+        elif attn and attn.group(2) in stacked_attention:
             layer, name = attn.groups()
             recipes[f'layers/{layer}/attn/experts/{name}'] = Recipe('stack', path, spec.expert_models)
             router = f'layers/{layer}/attn/router/kernel'

@@ -68,7 +68,7 @@ class CheckpointReader:
 def _read_input(directory: str, what: str) -> tuple[pathlib.Path, ModelConfig, dict]:
     step_dir = ckpt.resolve_checkpoint(directory, what)
     config = ckpt.read_model_config(step_dir)
-    if config.moe is not None or config.moa is not None:
+    if config.moe is not None or config.moa is not None or config.lory is not None:
         raise BamJaxError(f'{what} {step_dir} is already a mixture-of-experts model; upcycle dense models')
     return step_dir, config, ckpt.read_param_shapes(step_dir)
 

@@ -1,0 +1,109 @@
+"""Lory: fully differentiable FFN experts, merged in parameter space per segment.
+
+Instead of sending each token to its top-k experts, Lory averages the experts' *weights*,
+theta_bar = sum_e w_e * theta_e with w = softmax(router(h)), and runs one SwiGLU with theta_bar,
+so the layer is differentiable everywhere and needs no load balancing or capacity. One merge per
+token would cost E FFNs, so a sequence is cut into segments of T tokens and every token of
+segment k uses the merge chosen from the mean hidden state of segment k-1 (causal: nothing in
+segment k decides its own weights). Segment 1 has no predecessor and routes on its own mean,
+with the gradient stopped at its merge weights. The merge adds about E / T of an FFN per token.
+At inference one decision per row from the prompt's mean serves every position.
+
+Weights are the MoE FFN's (docs/checkpoint_format.md): router/kernel [D, E]; experts/wi_gate
+and experts/wi_up [E, D, F]; experts/wo [E, F, D].
+Shapes: B batch, L length, S segments, T segment length, D d_model, F d_ff, E experts.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bam_jax.models.config import ModelConfig
+from bam_jax.models.moe import SwiGLUExperts
+from bam_jax.models.routing import Router, report
+
+
+def masked_mean(x, mask, axis):
+    """Mean of x over `axis` where mask is set, in float32; zero where nothing is set (not NaN).
+
+    x: [..., N, ...]; mask: x's shape without the trailing dims (broadcast on the right).
+    """
+    mask = mask.astype(jnp.float32).reshape(mask.shape + (1,) * (x.ndim - mask.ndim))
+    total = jnp.sum(x.astype(jnp.float32) * mask, axis=axis)
+    return total / jnp.maximum(jnp.sum(mask, axis=axis), 1.0)
+
+
+def merged_swiglu(x, merge, wi_gate, wi_up, wo, dtype):
+    """One SwiGLU per (row, segment) with the merged weights.
+
+    x: [B, S, T, D]; merge: [B, S, E] float32; expert weights float32 [E, D, F], [E, D, F], [E, F, D].
+    The merge runs in float32 and the merged weights are cast to `dtype` for the FFN.
+    Returns [B, S, T, D] in `dtype`.
+    """
+    gate, up, out = (jnp.einsum('bse,e...->bs...', merge, w).astype(dtype) for w in (wi_gate, wi_up, wo))
+    x = x.astype(dtype)
+    hidden = jax.nn.silu(jnp.einsum('bstd,bsdf->bstf', x, gate)) * jnp.einsum('bstd,bsdf->bstf', x, up)
+    return jnp.einsum('bstf,bsfd->bstd', hidden, out)
+
+
+class LoryFeedForward(nnx.Module):
+    """Segment-routed merged SwiGLU experts in place of the dense FFN. Parameters: router/*, experts/*.
+
+    Reports its router z-loss and metrics (the keys of routing.router_aux) to routing.call_with_aux.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.lory = config.lory
+        self.dtype = config.compute_dtype
+        self.num_experts = config.lory.num_experts
+        self.router = Router(self.num_experts, config, rngs=rngs)
+        self.experts = SwiGLUExperts(self.num_experts, config.d_ff, config, rngs=rngs)
+
+    def __call__(self, x, segment_ids, *, train: bool = False, rng=None, prompt_len=None):
+        """x: [B, L, D]; segment_ids: [B, L] (0 = padding, left out of every mean) -> [B, L, D].
+
+        prompt_len (int or [B]): inference; one merge per row from the mean of its first
+        prompt_len tokens, used at every position. None: training-time segment routing.
+        train, rng: the routed layers' interface; Lory neither samples nor drops.
+        """
+        batch, length, d = x.shape
+        x = x.astype(self.dtype)
+        real = segment_ids > 0
+        if prompt_len is None:
+            t = self.lory.segment_len
+            num_segments = -(-length // t)
+            pad = num_segments * t - length
+            x_seg = jnp.pad(x, ((0, 0), (0, pad), (0, 0))).reshape(batch, num_segments, t, d)
+            real = jnp.pad(real, ((0, 0), (0, pad))).reshape(batch, num_segments, t)
+            logits = self.router(masked_mean(x_seg, real, axis=2))  # [B, S, E]
+            # Segment k merges by segment k-1's router output; segment 1 by its own, which sees
+            # its own future tokens, so no gradient flows through that choice.
+            logits = jnp.concatenate([jax.lax.stop_gradient(logits[:, :1]), logits[:, :-1]], axis=1)
+        else:
+            x_seg = x[:, None]  # the whole row is one segment
+            prompt = real & (jnp.arange(length) < jnp.reshape(jnp.asarray(prompt_len), (-1, 1)))
+            logits = self.router(masked_mean(x, prompt, axis=1))[:, None]  # [B, 1, E]
+            real = real[:, None]
+        merge = jax.nn.softmax(logits, axis=-1)
+        y = merged_swiglu(x_seg, merge, *self.experts.weights(jnp.float32), self.dtype)
+        report(self, self.aux(logits, merge, jnp.any(real, axis=-1)))
+        return y.reshape(batch, -1, d)[:, :length]
+
+    def aux(self, logits, merge, used) -> dict:
+        """routing.router_aux's keys over the merges that segments with a real token use.
+
+        logits, merge: [B, S, E] (each segment's own decision, already shifted); used: [B, S].
+        load is the mean merge weight per expert.
+        """
+        z = masked_mean(jax.nn.logsumexp(logits, axis=-1) ** 2, used, axis=(0, 1))
+        entropy = -jnp.sum(merge * jnp.log(jnp.maximum(merge, 1e-30)), axis=-1)
+        return {
+            'loss': self.lory.z_loss_weight * z,
+            'load_balance': jnp.zeros((), jnp.float32),
+            'z_loss': z,
+            'entropy': masked_mean(entropy, used, axis=(0, 1)),
+            'dropped_fraction': jnp.zeros((), jnp.float32),
+            'load': masked_mean(merge, used, axis=(0, 1)),
+        }
