@@ -109,7 +109,7 @@ def format_routing(result: dict) -> str:
         if not layers:
             continue
         experts = len(next(iter(result['routing'].values()))[layers[0]])
-        lines.append(f'{kind} experts: fraction of tokens per expert')
+        lines.append(f'{kind} experts: fraction of tokens per expert (soft routing, Lory: mean weight)')
         lines.append(f'{"layer":<8} {"domain":<10} ' + ' '.join(f'{f"e{e}":>6}' for e in range(experts)))
         for layer in layers:
             for domain, by_layer in result['routing'].items():

@@ -49,7 +49,7 @@ def save_routing_map(routing: dict, path: pathlib.Path, title: str = '') -> path
                 ax.set_ylabel('layer')
             if row == len(kinds) - 1:
                 ax.set_xlabel('expert')
-    fig.colorbar(image, ax=axes, shrink=0.8, label='fraction of tokens')
+    fig.colorbar(image, ax=axes, shrink=0.8, label='fraction of tokens (soft routing, Lory: mean weight)')
     if title:
         fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=110)
