@@ -11,14 +11,14 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 MIXES = ['btx_top1', 'bam_shared_kv_compute']
-DOMAINS = ['general', 'code', 'math']
+DOMAINS = ['code', 'math']
 
 
 def _pipeline(out):
     env = {**os.environ, 'OUT': str(out), 'DOMAINS': 'code', 'MIXES': ' '.join(MIXES),
            'SEED_STEPS': '2', 'BRANCH_STEPS': '2', 'MIX_STEPS': '4', 'BATCH_SIZE': '8', 'SEQ_LEN': '32',
-           'EXTRA': "--gin.TrainConfig.warmup_steps=1 --gin.DataConfig.eval_batches=1 "
-                    "--gin.DataConfig.eval_domains=['general','code','math']"}
+           'EXTRA': "--gin.TrainConfig.warmup_steps=1 --gin.DataConfig.eval_batches=1 --gin.ModelConfig.num_layers=1 "
+                    "--gin.DataConfig.eval_domains=['code','math'] --gin.DataConfig.math_documents=500"}
     env = {k: v for k, v in env.items() if not k.startswith('TPU_')}
     proc = subprocess.run(['bash', 'launch/pipeline.sh'], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=900)
