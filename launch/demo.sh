@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make demo`: the whole Branch-Train-Mix pipeline at tiny scale on the built-in corpora, on the
-# CPU: seed -> code/law/math experts -> BTX, BAM and BAM shared-KV (data- and compute-matched)
+# CPU: seed -> code/law/math experts -> BTX, BAM and BAM shared-KV (data- and compute-matched), Lory
 # -> held-out perplexity per domain, and whether the BAM paper's ordering held. BTX, BAM and
 # BAM shared-KV are trained a second time with other seeds, to weigh each gap against the noise.
 #
