@@ -95,8 +95,8 @@ def _upcycle(args, bindings) -> int:
         seed_expert=not args.no_seed_expert, overwrite=args.overwrite, num_experts=args.num_experts,
         expert_split=args.expert_split, router_seed=args.router_seed)
     moe, lory = summary['model']['moe'], summary['model']['lory']
-    ffn = (f'{lory["num_experts"]} merged FFN experts per layer, segments of {lory["segment_len"]}' if lory else
-           f'{moe["num_experts"] * moe["expert_split"]} FFN experts per layer, top-{moe["top_k"]}')
+    ffn = (f'{lory["num_experts"]} merged FFN experts per layer' if lory else
+           f'{moe["num_experts"] * moe["expert_split"]} FFN experts per layer')
     print(f'{args.method}: {len(summary["expert_models"])} experts ({", ".join(summary["expert_models"])}), '
           f'{ffn}; {summary["tensors"]} tensors, {summary["bytes_written"] / 2**20:.1f} MiB '
           f'in {summary["seconds"]:.1f} s')

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import pathlib
 
 import gin
@@ -39,3 +40,27 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
         if 'parse' in first.lower() or isinstance(e, SyntaxError):
             hint = ' (string values need inner quotes: --gin.DOMAIN="\'code\'")'
         raise BamJaxError(f'gin: {first}{hint}') from None
+    _check_override_macros(bindings)
+
+
+def _read_macros() -> set[str]:
+    """The macros some binding reads (%NAME), in the config just parsed."""
+    # gin has no public query for this; its parsed config maps (scope, selector) to bindings.
+    config = gin.config._CONFIG  # noqa: SLF001
+    macro = gin.get_configurable(gin.config.macro)
+    return {ref.scoped_selector.rsplit('/', 1)[0] for ref in gin.config.iterate_references(config, to=macro)}
+
+
+def _check_override_macros(bindings: list[str]) -> None:
+    """Refuses an override that defines a macro nothing reads: a typo would otherwise be ignored
+    (--gin.TRAIN_STEP=3 trains the default TRAIN_STEPS without a word)."""
+    read = _read_macros()
+    for binding in bindings:
+        name = binding.partition('=')[0].strip()
+        if '.' in name or name in read:  # a configurable's parameter, or a macro in use
+            continue
+        by_case = {macro.lower(): macro for macro in read}
+        close = difflib.get_close_matches(name.lower(), list(by_case), n=1, cutoff=0.6)
+        hint = f'did you mean {by_case[close[0]]}?' if close else (
+            f'the gin files read {", ".join(sorted(read))}' if read else 'the gin files read no macros')
+        raise BamJaxError(f'gin: --gin.{name} sets a macro that no gin file reads ({hint})')

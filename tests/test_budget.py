@@ -3,7 +3,6 @@
 import dataclasses
 import json
 
-import gin
 import pytest
 
 from bam_jax.data import DataConfig
@@ -12,7 +11,8 @@ from bam_jax.models import ModelConfig
 from bam_jax.models.config import MoAConfig, MoEConfig
 from bam_jax.parallel import MeshConfig
 from bam_jax.train import TrainConfig, train
-from bam_jax.train.budget import BUDGET_FILE, read_budget, resolve_train_steps, run_budget, write_budget
+from bam_jax.train.budget import read_budget, resolve_train_steps, run_budget, write_budget
+from bam_jax.workdir.files import BUDGET as BUDGET_FILE
 
 # D 32, 2 layers, H 4, K 2, Dh 8, F 64, V 384 (untied); sequences of 64 tokens, 8 per batch.
 MODEL = ModelConfig(vocab_size=384, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64,
@@ -31,14 +31,6 @@ BTX_TRAIN_FLOPS_PER_TOKEN = 3 * 102_912
 # 4 * 4 = 16 query heads of scores: 2 * (2 * (12416 + 6272) + 12288) + 2 * 32768 = 164864.
 BAM = dataclasses.replace(MODEL, moe=MoEConfig(num_experts=4), moa=MoAConfig(num_experts=4))
 BAM_TRAIN_FLOPS_PER_TOKEN = 3 * 164_864
-
-
-@pytest.fixture(autouse=True)
-def no_gin_bindings():
-    # TrainConfig is gin-configurable: bindings another test left behind would fill its fields.
-    gin.clear_config()
-    yield
-    gin.clear_config()
 
 
 def config(**kwargs) -> TrainConfig:

@@ -1,20 +1,17 @@
 """`bam-jax train` end to end: seed -> branch, and every user error as one line, exit 1."""
 
 import json
-import os
-import pathlib
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from bam_jax.models import flatten
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+from helpers import assert_one_line_error, restore, run_cli, start_cli
+
 SMALL = ['--gin.TRAIN_STEPS=2', '--gin.BATCH_SIZE=8', '--gin.SEQ_LEN=64',
          '--gin.TrainConfig.checkpoint_every=1', '--gin.TrainConfig.eval_every=2',
          '--gin.TrainConfig.warmup_steps=1', '--gin.TrainConfig.log_every=1',
@@ -26,24 +23,12 @@ BRANCH = ['--gin_file=gin/models/tiny.gin', '--gin_file=gin/branch.gin', *SMALL]
 
 
 def bam_jax(*args, check=True):
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
-    proc = subprocess.run([sys.executable, '-m', 'bam_jax.cli', 'train', *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    """`bam-jax train ARGS` in a subprocess; check: assert that it succeeded."""
+    return run_cli('train', *args, check=check)
 
 
 def params(step_dir):
-    return ocp.StandardCheckpointer().restore(step_dir / 'params')
-
-
-def assert_one_line_error(proc, pattern):
-    assert proc.returncode == 1
-    errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
-    assert len(errors) == 1, proc.stderr[-2000:]
-    assert 'Traceback' not in proc.stderr
-    assert pattern in errors[0], errors[0]
+    return restore(step_dir / 'params')
 
 
 @pytest.fixture(scope='module')
@@ -136,12 +121,9 @@ def test_workdir_of_a_different_model(seed_run):
 
 def test_sigterm_saves_and_exits(tmp_path):
     workdir = tmp_path / 'w'
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
     args = [a for a in SEED if not a.startswith('--gin.TRAIN_STEPS')]
-    proc = subprocess.Popen([sys.executable, '-m', 'bam_jax.cli', 'train', *args, '--gin.TRAIN_STEPS=100000',
-                             '--gin.TrainConfig.checkpoint_every=100000', '--gin.TrainConfig.log_every=1',
-                             f'--workdir={workdir}'], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_cli('train', *args, '--gin.TRAIN_STEPS=100000', '--gin.TrainConfig.checkpoint_every=100000',
+                     '--gin.TrainConfig.log_every=1', f'--workdir={workdir}')
     deadline = time.time() + 240
     while not (workdir / 'metrics.json').exists() and time.time() < deadline:
         time.sleep(0.5)

@@ -432,18 +432,14 @@ def test_math_worked_answers_are_correct():
 
 def test_gin_configures_user_domains(tmp_path):
     import gin
-    gin.clear_config()
-    try:
-        gin.parse_config(f"""
-            DataConfig.source = 'notes'
-            DataConfig.eval_domains = ['code', 'notes']
-            DataConfig.user_domains = [@notes/text_domain()]
-            notes/text_domain.name = 'notes'
-            notes/text_domain.paths = ['{tmp_path}/*.txt']
-        """)
-        config = data.DataConfig()
-    finally:
-        gin.clear_config()
+    gin.parse_config(f"""
+        DataConfig.source = 'notes'
+        DataConfig.eval_domains = ['code', 'notes']
+        DataConfig.user_domains = [@notes/text_domain()]
+        notes/text_domain.name = 'notes'
+        notes/text_domain.paths = ['{tmp_path}/*.txt']
+    """)
+    config = data.DataConfig()
     assert config.user_domains == (data.DomainSpec(
         'notes', (f'{tmp_path}/*.txt',), 'text'),)
     assert data.eval_domain_names(config) == ('code', 'notes')

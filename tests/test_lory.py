@@ -4,6 +4,7 @@ gradient of the first segment through the whole LM, prompt routing, the paramete
 config and the FLOPs by hand."""
 
 import dataclasses
+import functools
 
 import gin
 import jax
@@ -28,6 +29,10 @@ from bam_jax.models.layers import SwiGLU
 from bam_jax.models.lory import LoryFeedForward
 from bam_jax.models.routing import call_with_aux
 
+import references
+from helpers import numpy_layer, random_x, routed_ffn_params
+from references import np_softmax, np_swiglu
+
 D, F, E, T = 32, 48, 3, 4
 AUX_KEYS = {'loss', 'load_balance', 'z_loss', 'entropy', 'dropped_fraction', 'load'}
 
@@ -40,19 +45,9 @@ def layer_config(lory=None):
 def make_layer(*, seed=0, router_scale=3.0, lory=None):
     """(graphdef, params) of a LoryFeedForward with numpy-drawn weights; a wide router so the
     merge weights differ clearly between segments."""
-    layer = nnx.eval_shape(lambda: LoryFeedForward(layer_config(lory), rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(layer, nnx.Param)
-    rng = np.random.default_rng(seed)
-    e = layer.num_experts
-    params = {
-        'router': {'kernel': rng.normal(0, router_scale, (D, e))},
-        'experts': {'wi_gate': rng.normal(0, D ** -0.5, (e, D, F)),
-                    'wi_up': rng.normal(0, D ** -0.5, (e, D, F)),
-                    'wo': rng.normal(0, F ** -0.5, (e, F, D))},
-    }
-    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
-    assert jax.tree.map(lambda a: a.shape, params) == jax.tree.map(lambda a: a.shape, nnx.to_pure_dict(state))
-    return graphdef, params
+    cfg = layer_config(lory)
+    return numpy_layer(lambda rngs: LoryFeedForward(cfg, rngs=rngs),
+                       lambda _: routed_ffn_params(D, F, cfg.lory.num_experts, seed=seed, router_scale=router_scale))
 
 
 def apply_fn(graphdef, prompt_len=None):
@@ -63,26 +58,11 @@ def apply_fn(graphdef, prompt_len=None):
     return fn
 
 
-def random_x(shape, seed=1):
-    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
-
-
-def close(a, b, rtol=2e-5, atol=2e-6):
-    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=rtol, atol=atol)
+close = functools.partial(references.close, rtol=2e-5, atol=2e-6)
 
 
 # ---------------------------------------------------------------------------------------
 # numpy references (float64), written from the paper's definitions
-
-def np_swiglu(x, wi_gate, wi_up, wo):
-    g = x @ wi_gate
-    return (g / (1 + np.exp(-g)) * (x @ wi_up)) @ wo
-
-
-def np_softmax(x):
-    z = np.exp(x - x.max(-1, keepdims=True))
-    return z / z.sum(-1, keepdims=True)
-
 
 def np_merged(x, p, w):
     """The SwiGLU with weights sum_e w[e] * expert e's, on rows x [n, D]."""
@@ -366,13 +346,9 @@ def test_config_round_trips_and_excludes_moe():
 
 
 def test_gin_arch_file(request):
-    gin.clear_config()
-    try:
-        gin.parse_config_file(str(request.config.rootpath / 'gin/arch/lory.gin'))
-        cfg = ModelConfig()
-    finally:
-        gin.clear_config()
-    assert cfg.lory == LoryConfig(num_experts=4, segment_len=256, z_loss_weight=0.0) and cfg.moe is None
+    gin.parse_config_file(str(request.config.rootpath / 'gin/arch/lory.gin'))
+    cfg = ModelConfig()
+    assert cfg.lory == LoryConfig(num_experts=4, segment_len=32, z_loss_weight=0.0) and cfg.moe is None
 
 
 def test_flops_by_hand():

@@ -6,7 +6,6 @@ import json
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from bam_jax.data import DataConfig
@@ -17,6 +16,8 @@ from bam_jax.parallel import MeshConfig
 from bam_jax.train import TrainConfig, dense_warmup, train
 from bam_jax.train.optimizer import learning_rate_schedule, make_optimizer
 
+from helpers import restore
+
 LORY = ModelConfig(vocab_size=384, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64,
                    dtype='float32', lory=LoryConfig(num_experts=3, segment_len=16))
 DATA = DataConfig(source='seed', eval_domains=('code',), eval_batches=1, math_documents=500)
@@ -24,10 +25,6 @@ DATA = DataConfig(source='seed', eval_domains=('code',), eval_batches=1, math_do
 RUN = TrainConfig(train_steps=6, batch_size=8, seq_len=64, warmup_steps=2, checkpoint_every=2,
                   eval_every=3, log_every=1, learning_rate=3e-3, dense_warmup_fraction=0.5)
 MESH = MeshConfig(data=2, fsdp=2, tensor=2)
-
-
-def restore(path):
-    return ocp.StandardCheckpointer().restore(path)
 
 
 def test_warmup_steps_and_config_checks():

@@ -23,6 +23,9 @@ from bam_jax.models.moa import MoAttention
 from bam_jax.models.routing import call_with_aux
 from bam_jax.parallel import MeshConfig, batch_sharding, create_mesh
 
+from helpers import numpy_layer, packed_rows
+from references import np_attention, np_rms_norm, np_softmax
+
 # Grouped-query attention (4 query heads over 2 K/V heads) and a head_dim != d_model // num_heads.
 SMALL = dict(vocab_size=50, d_model=24, num_layers=2, num_heads=4, num_kv_heads=2,
              head_dim=8, d_ff=40, dtype='float32')
@@ -70,8 +73,7 @@ def redraw(params, seed):
 
 def make_layer(cfg, seed=0):
     """(graphdef, params) of one MoAttention layer with redrawn weights."""
-    graphdef, params = split_params(nnx.eval_shape(lambda: MoAttention(cfg, rngs=nnx.Rngs(params=seed))))
-    return graphdef, redraw(params, seed)
+    return numpy_layer(lambda rngs: MoAttention(cfg, rngs=rngs), lambda shapes: redraw(shapes, seed))
 
 
 def run_layer(graphdef, params, x, positions, segment_ids):
@@ -91,43 +93,7 @@ def layer_inputs(cfg, seed=1):
 
 
 # ---------------------------------------------------------------------------------------
-# Plain numpy reference (float64), written from the equations.
-
-def np_softmax(z, axis=-1):
-    z = np.exp(z - z.max(axis=axis, keepdims=True))
-    return z / z.sum(axis=axis, keepdims=True)
-
-
-def np_rope(x, positions, theta):
-    """x: [T, N, Dh]; rotate-half with frequencies theta**(-i/half)."""
-    half = x.shape[-1] // 2
-    freqs = theta ** (-np.arange(half) / half)
-    angles = positions[:, None, None].astype(np.float64) * freqs[None, None, :]
-    cos, sin = np.cos(angles), np.sin(angles)
-    x1, x2 = x[..., :half], x[..., half:]
-    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
-def np_mha(x, wq, wk, wv, wo, positions, segment_ids, theta):
-    """One sequence, one attention. x: [T, D]; wq [D, H, Dh]; wk, wv [D, K, Dh]; wo [H, Dh, D].
-    Query head h reads K/V head h // (H / K); causal and within its document."""
-    length = x.shape[0]
-    q = np_rope(np.einsum('td,dhk->thk', x, wq), positions, theta)
-    k = np_rope(np.einsum('td,dhk->thk', x, wk), positions, theta)
-    v = np.einsum('td,dhk->thk', x, wv)
-    group = wq.shape[1] // wk.shape[1]
-    allowed = np.zeros((length, length), bool)
-    for i in range(length):
-        for j in range(i + 1):
-            allowed[i, j] = segment_ids[i] == segment_ids[j]
-    heads = []
-    for h in range(wq.shape[1]):
-        kv = h // group
-        scores = q[:, h] @ k[:, kv].T / np.sqrt(q.shape[-1])
-        scores = np.where(allowed, scores, -np.inf)
-        heads.append(np_softmax(scores) @ v[:, kv])
-    return np.einsum('thk,hkd->td', np.stack(heads, axis=1), wo)
-
+# Plain numpy reference (float64), written from the equations (its parts: tests/references.py).
 
 def np_gates(logits, moa):
     """Dense gates [..., N] from router logits: softmax (soft), or zero for unchosen experts."""
@@ -154,13 +120,9 @@ def np_moa(params, x, positions, segment_ids, cfg, router=None):
     for b in range(x.shape[0]):
         for j in range(cfg.moa.num_experts):
             wk, wv = (p['wk'], p['wv']) if cfg.moa.shared_kv else (ex['wk'][j], ex['wv'][j])
-            y = np_mha(x[b], ex['wq'][j], wk, wv, ex['wo'][j], positions[b], segment_ids[b], cfg.rope_theta)
+            y = np_attention(x[b], ex['wq'][j], wk, wv, ex['wo'][j], positions[b], segment_ids[b], cfg.rope_theta)
             out[b] += gates[b, :, j, None] * y
     return out
-
-
-def np_rms_norm(x, scale, eps):
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
 
 
 # ---------------------------------------------------------------------------------------
@@ -220,8 +182,8 @@ def test_dense_reference_agrees_with_numpy():
     x, positions, segment_ids = layer_inputs(cfg, seed=3)
     got = run_layer(dense_def, dense, x, positions, segment_ids)
     w = jax.tree.map(lambda a: np.asarray(a, np.float64), dense)
-    want = np.stack([np_mha(x[b].astype(np.float64), w['wq'], w['wk'], w['wv'], w['wo'], positions[b],
-                            segment_ids[b], cfg.rope_theta) for b in range(BATCH)])
+    want = np.stack([np_attention(x[b].astype(np.float64), w['wq'], w['wk'], w['wv'], w['wo'], positions[b],
+                                  segment_ids[b], cfg.rope_theta) for b in range(BATCH)])
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -380,17 +342,6 @@ MESH_CFG = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_hea
 MESH_BATCH, MESH_LENGTH = 8, 12
 
 
-def mesh_batch(vocab_size, seed=0):
-    """Packed rows (two documents each, positions restarting)."""
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, vocab_size, (MESH_BATCH, MESH_LENGTH + 1)).astype(np.int32)
-    cut = rng.integers(3, MESH_LENGTH - 3, MESH_BATCH)
-    idx = np.arange(MESH_LENGTH)[None]
-    segment_ids = np.where(idx < cut[:, None], 1, 2).astype(np.int32)
-    positions = np.where(idx < cut[:, None], idx, idx - cut[:, None]).astype(np.int32)
-    return tokens[:, :-1], tokens[:, 1:], segment_ids, positions
-
-
 def loss_fn(graphdef):
     def fn(params, inputs, targets, segment_ids, positions):
         model = merge_params(graphdef, params)
@@ -412,7 +363,7 @@ def test_sharded_equals_one_device(variant):
     cfg = ModelConfig(**MESH_CFG, moa=moa, moe=moe)
     graphdef, params = split_params(abstract_model(cfg))
     params = redraw(params, 3)
-    batch = mesh_batch(cfg.vocab_size)
+    batch = packed_rows(cfg.vocab_size, MESH_BATCH, MESH_LENGTH)
     grad_fn = jax.value_and_grad(loss_fn(graphdef), has_aux=True)
 
     (loss0, (logits0, dropped0)), grads0 = jax.jit(grad_fn)(params, *batch)

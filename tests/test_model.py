@@ -22,6 +22,8 @@ from bam_jax.models import (
 )
 from bam_jax.parallel.sharding import LOGICAL_AXIS_RULES
 
+from references import np_attention, np_rms_norm, np_swiglu
+
 # Small but not degenerate: grouped-query attention (4 query heads over 2 K/V heads), a
 # head_dim that differs from d_model // num_heads, and d_ff != d_model.
 SMALL = dict(vocab_size=50, d_model=24, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -59,54 +61,16 @@ def forward(graphdef, params, tokens, segment_ids=None, positions=None):
 
 
 # ---------------------------------------------------------------------------------------
-# Plain numpy reference (float64), written from the equations, not from the model code.
-
-def np_rms_norm(x, scale, eps):
-    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
-
-
-def np_rope(x, positions, theta):
-    """x: [T, N, Dh]; rotate-half with frequencies theta**(-i/half)."""
-    half = x.shape[-1] // 2
-    freqs = theta ** (-np.arange(half) / half)
-    angles = positions[:, None, None] * freqs[None, None, :]
-    cos, sin = np.cos(angles), np.sin(angles)
-    x1, x2 = x[..., :half], x[..., half:]
-    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
-def np_attention(x, w, positions, segment_ids, cfg):
-    """One sequence. x: [T, D]. Query head h reads K/V head h // (H / K)."""
-    length = x.shape[0]
-    q = np.einsum('td,dhk->thk', x, w['wq'])
-    k = np.einsum('td,dhk->thk', x, w['wk'])
-    v = np.einsum('td,dhk->thk', x, w['wv'])
-    q, k = np_rope(q, positions, cfg.rope_theta), np_rope(k, positions, cfg.rope_theta)
-    group = cfg.num_heads // cfg.num_kv_heads
-    allowed = np.zeros((length, length), bool)
-    for i in range(length):
-        for j in range(i + 1):
-            allowed[i, j] = segment_ids[i] == segment_ids[j]
-    heads = []
-    for h in range(cfg.num_heads):
-        kv = h // group
-        scores = q[:, h] @ k[:, kv].T / np.sqrt(q.shape[-1])
-        scores = np.where(allowed, scores, -np.inf)
-        probs = np.exp(scores - scores.max(-1, keepdims=True))
-        probs /= probs.sum(-1, keepdims=True)
-        heads.append(probs @ v[:, kv])
-    out = np.stack(heads, axis=1)  # [T, H, Dh]
-    return np.einsum('thk,hkd->td', out, w['wo'])
-
-
-def np_swiglu(x, w):
-    gate = x @ w['wi_gate']
-    return (gate / (1 + np.exp(-gate)) * (x @ w['wi_up'])) @ w['wo']
-
+# Plain numpy reference (float64), written from the equations, not from the model code
+# (its parts: tests/references.py).
 
 def np_forward(params, tokens, segment_ids, positions, cfg):
     """The whole LM for a batch, in float64. Returns [B, T, V]."""
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+
+    def attention(h, w, pos, seg):
+        return np_attention(h, w['wq'], w['wk'], w['wv'], w['wo'], pos, seg, cfg.rope_theta)
+
     out = []
     for row, seg, pos in zip(tokens, segment_ids, positions):
         x = p['embed']['embedding'][row]
@@ -114,12 +78,11 @@ def np_forward(params, tokens, segment_ids, positions, cfg):
             layer = p['layers'][str(i)]
             if cfg.parallel_block:
                 h = np_rms_norm(x, layer['norm']['scale'], cfg.norm_eps)
-                x = x + np_attention(h, layer['attn'], pos, seg, cfg) + np_swiglu(h, layer['ffn'])
+                x = x + attention(h, layer['attn'], pos, seg) + np_swiglu(h, **layer['ffn'])
             else:
                 h = np_rms_norm(x, layer['attn_norm']['scale'], cfg.norm_eps)
-                x = x + np_attention(h, layer['attn'], pos, seg, cfg)
-                x = x + np_swiglu(np_rms_norm(x, layer['ffn_norm']['scale'], cfg.norm_eps),
-                                  layer['ffn'])
+                x = x + attention(h, layer['attn'], pos, seg)
+                x = x + np_swiglu(np_rms_norm(x, layer['ffn_norm']['scale'], cfg.norm_eps), **layer['ffn'])
         x = np_rms_norm(x, p['final_norm']['scale'], cfg.norm_eps)
         if cfg.tie_embeddings:
             out.append(x @ p['embed']['embedding'].T)
@@ -326,19 +289,12 @@ def closed_form_count(cfg):
     return embeddings + d + cfg.num_layers * (attn + ffn + norms)
 
 
-@pytest.fixture
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
 @pytest.mark.parametrize('gin_file, target', [
     ('gin/models/tiny.gin', 1.0e6),
     ('gin/models/small_590m.gin', 590e6),
     ('gin/models/large_2b.gin', 2.0e9),
 ])
-def test_gin_model_sizes(clean_gin, gin_file, target, request):
+def test_gin_model_sizes(gin_file, target, request):
     gin.parse_config_file(str(request.config.rootpath / gin_file))
     cfg = ModelConfig()
     n = count_params(abstract_model(cfg))
@@ -347,7 +303,7 @@ def test_gin_model_sizes(clean_gin, gin_file, target, request):
     assert abs(n - target) <= tolerance * target, f'{gin_file}: {n:,} parameters'
 
 
-def test_gin_large_uses_gqa_and_tied_embeddings(clean_gin, request):
+def test_gin_large_uses_gqa_and_tied_embeddings(request):
     gin.parse_config_file(str(request.config.rootpath / 'gin/models/large_2b.gin'))
     cfg = ModelConfig()
     assert cfg.tie_embeddings and cfg.resolved_head_dim == 128

@@ -16,9 +16,13 @@ from jax.sharding import PartitionSpec as P
 from bam_jax.models import ModelConfig, abstract_model, param_shardings
 from bam_jax.models.config import MoEConfig
 from bam_jax.models.layers import SwiGLU
-from bam_jax.models.moe import MoEFeedForward, assign_slots, dispatch_group, expert_capacity
-from bam_jax.models.routing import call_with_aux
+from bam_jax.models.moe import MoEFeedForward, assign_slots, dense_experts, dispatch_group, expert_capacity
+from bam_jax.models.routing import call_with_aux, combine_weights, route, router_aux
 from bam_jax.parallel import MeshConfig, create_mesh
+
+import references
+from helpers import numpy_layer, random_x, routed_ffn_params
+from references import np_softmax, np_swiglu
 
 D, F = 8, 16
 
@@ -28,31 +32,18 @@ def layer_config(moe, d_ff=F):
                        dtype='float32', moe=moe)
 
 
-def make_layer(moe, *, seed=0, router_scale=1.0, reference=False):
-    """(graphdef, params, config) of a MoEFeedForward with numpy-drawn unit-scale weights.
-
-    reference: use_reference_path (every expert on every token, weighted by the gates).
-    """
+def make_layer(moe, *, seed=0, router_scale=1.0):
+    """(graphdef, params, config) of a MoEFeedForward with numpy-drawn unit-scale weights."""
     cfg = layer_config(moe)
-    layer = nnx.eval_shape(lambda: MoEFeedForward(cfg, rngs=nnx.Rngs(0)))
-    layer.use_reference_path = reference
-    graphdef, state = nnx.split(layer, nnx.Param)
-    rng = np.random.default_rng(seed)
     e, f = cfg.moe.num_routed_experts, cfg.d_ff // cfg.moe.expert_split
-    params = {
-        'router': {'kernel': rng.normal(0, router_scale, (D, e))},
-        'experts': {'wi_gate': rng.normal(0, D ** -0.5, (e, D, f)),
-                    'wi_up': rng.normal(0, D ** -0.5, (e, D, f)),
-                    'wo': rng.normal(0, f ** -0.5, (e, f, D))},
-    }
-    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
-    assert jax.tree.map(lambda a: a.shape, params) == jax.tree.map(lambda a: a.shape, nnx.to_pure_dict(state))
+    graphdef, params = numpy_layer(lambda rngs: MoEFeedForward(cfg, rngs=rngs),
+                                   lambda _: routed_ffn_params(D, f, e, seed=seed, router_scale=router_scale))
     return graphdef, params, cfg
 
 
-def with_graphdef(moe, *, reference=False):
+def with_graphdef(moe):
     """The graphdef for another MoEConfig (same shapes), to run the same weights differently."""
-    graphdef, _, _ = make_layer(moe, reference=reference)
+    graphdef, _, _ = make_layer(moe)
     return graphdef
 
 
@@ -65,6 +56,24 @@ def apply_fn(graphdef, *, train=False):
     return fn
 
 
+def reference_fn(moe, *, train=False):
+    """params, x[, rng] -> (y, aux) like apply_fn, from the public pure functions: the layer's
+    computation for soft routing whatever moe.routing is (every expert on every token, weighted by
+    the gates; no capacity, so nothing is dropped)."""
+    num_experts = moe.num_routed_experts
+
+    def fn(params, x, rng=None):
+        x = x.astype(jnp.float32)  # the compute dtype of layer_config
+        kernel = params['router']['kernel'].astype(jnp.float32)
+        logits = jnp.einsum('...d,de->...e', x, kernel)  # the router: float32
+        index, gate, probs = route(logits, moe, rng if train else None)
+        combine = combine_weights(index, gate, num_experts)
+        weights = (params['experts'][n].astype(jnp.float32) for n in ('wi_gate', 'wi_up', 'wo'))
+        y = dense_experts(x.reshape(-1, x.shape[-1]), combine.reshape(-1, num_experts), *weights)
+        return y.reshape(x.shape), router_aux(logits, probs, index, moe, 0.0)
+    return fn
+
+
 # ---------------------------------------------------------------------------------------
 # numpy references (float64), written from the definitions
 
@@ -74,13 +83,7 @@ def np_params(params):
 
 def np_expert(x, p, e):
     """SwiGLU expert e on rows x [n, D]."""
-    g = x @ p['experts']['wi_gate'][e]
-    return (g / (1 + np.exp(-g)) * (x @ p['experts']['wi_up'][e])) @ p['experts']['wo'][e]
-
-
-def np_softmax(x):
-    z = np.exp(x - x.max(-1, keepdims=True))
-    return z / z.sum(-1, keepdims=True)
+    return np_swiglu(x, *(p['experts'][n][e] for n in ('wi_gate', 'wi_up', 'wo')))
 
 
 def np_route(x, p, moe):
@@ -138,12 +141,7 @@ def np_layer(x, params, moe, capacity_factor=None, groups=1):
     return np.concatenate(ys), np.concatenate(keeps)
 
 
-def close(a, b, rtol=2e-5, atol=2e-6):
-    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=rtol, atol=atol)
-
-
-def random_x(shape, seed=1):
-    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+close = functools.partial(references.close, rtol=2e-5, atol=2e-6)
 
 
 # ---------------------------------------------------------------------------------------
@@ -300,10 +298,7 @@ def test_identical_experts_equal_dense_swiglu(moe):
     assert float(aux['dropped_fraction']) == 0.0
     assert np.abs(np.asarray(want)).max() > 0.1  # not trivially small
     # And the dense SwiGLU itself against numpy.
-    g = np.asarray(x, np.float64) @ np.asarray(w['wi_gate'], np.float64)
-    ref = (g / (1 + np.exp(-g)) * (np.asarray(x, np.float64) @ np.asarray(w['wi_up'], np.float64))) @ np.asarray(
-        w['wo'], np.float64)
-    close(want, ref)
+    close(want, np_swiglu(np.asarray(x, np.float64), **np_params(w)))
 
 
 def test_expert_split():
@@ -319,7 +314,7 @@ def test_expert_split():
 
     x = random_x((2, 8, D), seed=11)
     y, aux = jax.jit(apply_fn(graphdef))(params, x)
-    y_ref, _ = jax.jit(apply_fn(with_graphdef(moe, reference=True)))(params, x)
+    y_ref, _ = jax.jit(reference_fn(moe))(params, x)
     assert y.shape == x.shape and aux['load'].shape == (4,)
     close(y, y_ref, rtol=1e-5, atol=1e-6)
     close(y, np_layer(x, params, moe)[0])
@@ -345,9 +340,9 @@ def test_expert_parallel_equals_single_device(layout):
     x = random_x((B, T, D), seed=13)
     ct = random_x((B, T, D), seed=14)  # a cotangent for the outputs
 
-    def loss_fn(graphdef, with_aux=True):
+    def loss_fn(apply, with_aux=True):
         def fn(params, x):
-            y, aux = apply_fn(graphdef)(params, x)
+            y, aux = apply(params, x)
             return jnp.sum(y * ct) + (aux['loss'] if with_aux else 0.0), (y, aux)
         return jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)
 
@@ -366,9 +361,9 @@ def test_expert_parallel_equals_single_device(layout):
         assert len(out[0][1][0].sharding.device_set) == 8  # y really is spread over the mesh
         return out
 
-    # Ample capacity: values and gradients equal the dense reference path on one device.
-    (loss0, (y0, aux0)), grads0 = jax.jit(loss_fn(with_graphdef(ample, reference=True)))(params, x)
-    (loss, (y, aux)), grads = on_mesh(loss_fn(graphdef), check_all_to_all=layout['expert'] > 1)
+    # Ample capacity: values and gradients equal the dense reference on one device.
+    (loss0, (y0, aux0)), grads0 = jax.jit(loss_fn(reference_fn(ample)))(params, x)
+    (loss, (y, aux)), grads = on_mesh(loss_fn(apply_fn(graphdef)), check_all_to_all=layout['expert'] > 1)
     close(y, y0, rtol=1e-5, atol=1e-6)
     close(y, np_layer(x, params, ample)[0])
     close(loss, loss0, rtol=1e-5)
@@ -382,7 +377,7 @@ def test_expert_parallel_equals_single_device(layout):
     # Tight capacity: each device's share of the batch is its own dispatch group, with
     # capacity ceil(0.5 * tokens * 2 / 8) = 1 slot per expert, so tokens are dropped.
     tight_def = with_graphdef(tight)
-    (_, (y, aux)), grads = on_mesh(loss_fn(tight_def, with_aux=False))
+    (_, (y, aux)), grads = on_mesh(loss_fn(apply_fn(tight_def), with_aux=False))
     want, keep = np_layer(x, params, tight, capacity_factor=0.5, groups=groups)
     assert 0 < keep.sum() < keep.size
     close(y, want)

@@ -1,6 +1,8 @@
 """Routers against numpy and hand computations: the gating modes of route(), the auxiliary
 losses and metrics, router gradients in a small model, and the routed configs' validation."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,14 +22,11 @@ from bam_jax.models.routing import (
     z_loss,
 )
 
+import references
+from references import np_softmax
+
 # ---------------------------------------------------------------------------------------
-# numpy references
-
-def np_softmax(x):
-    x = np.asarray(x, np.float64)
-    e = np.exp(x - x.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
+# numpy references (and np_softmax from tests/references.py)
 
 def np_logsumexp(x):
     x = np.asarray(x, np.float64)
@@ -53,8 +52,7 @@ LOGITS = np.array([
 E = LOGITS.shape[-1]
 
 
-def close(a, b, rtol=1e-6, atol=1e-7):
-    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), rtol=rtol, atol=atol)
+close = functools.partial(references.close, rtol=1e-6, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------------------

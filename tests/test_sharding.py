@@ -1,5 +1,7 @@
 """Sharded == unsharded on the emulated 8-device CPU mesh, and the logical-axis helpers."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,9 @@ from bam_jax.errors import BamJaxError
 from bam_jax.models import ModelConfig, build_model, merge_params, param_shardings, split_params
 from bam_jax.parallel import MESH_AXES, MeshConfig, batch_sharding, create_mesh, logical_to_spec, replicated
 
+import references
+from helpers import packed_rows
+
 # Every sharded dimension divides the (2, 2, 1, 2) mesh; kv_heads=2 does not divide tensor=4,
 # so the (1, 2, 1, 4) layout also exercises a dropped mapping next to a kept one.
 CFG = ModelConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -20,17 +25,6 @@ BATCH, LENGTH = 8, 16
 
 def test_emulated_devices():
     assert jax.device_count() == 8, 'tests/conftest.py must force 8 host devices'
-
-
-def make_batch(seed=0):
-    """Packed rows (two documents each, positions restarting) so the mask is sharded too."""
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, CFG.vocab_size, (BATCH, LENGTH + 1)).astype(np.int32)
-    cut = rng.integers(3, LENGTH - 3, BATCH)
-    idx = np.arange(LENGTH)[None]
-    segment_ids = np.where(idx < cut[:, None], 1, 2).astype(np.int32)
-    positions = np.where(idx < cut[:, None], idx, idx - cut[:, None]).astype(np.int32)
-    return tokens[:, :-1], tokens[:, 1:], segment_ids, positions
 
 
 def loss_and_logits(graphdef):
@@ -47,15 +41,14 @@ def reference():
     """Model, params and the single-device (no mesh) logits and gradients."""
     model = build_model(CFG, seed=3)
     graphdef, params = split_params(model)
-    batch = make_batch()
+    batch = packed_rows(CFG.vocab_size, BATCH, LENGTH)  # two documents a row: the mask is sharded too
     grad_fn = jax.jit(jax.value_and_grad(loss_and_logits(graphdef), has_aux=True))
     (loss, logits), grads = grad_fn(params, *batch)
     return model, graphdef, params, batch, (loss, logits, grads)
 
 
-def close(a, b):
-    # Sharded matmuls sum partial products in a different order; float32 agrees to ~1e-6.
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+# Sharded matmuls sum partial products in a different order; float32 agrees to ~1e-6.
+close = functools.partial(references.close, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('layout', [

@@ -6,7 +6,6 @@ import math
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from bam_jax.data import DataConfig
@@ -18,6 +17,8 @@ from bam_jax.train import TrainConfig, train
 from bam_jax.train.optimizer import learning_rate_schedule, make_optimizer
 from bam_jax.train.step import make_train_step
 
+from helpers import restore
+
 MODEL = ModelConfig(vocab_size=384, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64,
                     dtype='float32')
 DATA = DataConfig(source='seed', eval_domains=('code', 'math'), eval_batches=1, math_documents=500)
@@ -27,10 +28,6 @@ MESH = MeshConfig(data=2, fsdp=2, tensor=2)
 # BAM with sampled FFN routing: resuming must also restore the routing samples.
 BAM_SAMPLED = dataclasses.replace(MODEL, moe=MoEConfig(num_experts=4, routing='sample_top1'),
                                   moa=MoAConfig(num_experts=2, shared_kv=True))
-
-
-def restore(path):
-    return ocp.StandardCheckpointer().restore(path)
 
 
 def test_schedule_matches_hand_computation():

@@ -4,11 +4,8 @@ the mix stage starting from the result."""
 
 import dataclasses
 import json
-import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import gin
 import jax
@@ -16,16 +13,17 @@ import numpy as np
 import pytest
 
 from bam_jax import cli
+from bam_jax import workdir as ckpt
 from bam_jax.errors import BamJaxError
 from bam_jax.gin_config import parse_gin
 from bam_jax.models import ModelConfig, abstract_model, flatten, merge_params, split_params
 from bam_jax.models.params import unflatten
 from bam_jax.models.routing import call_with_aux
-from bam_jax.train import checkpoints as ckpt
 from bam_jax.upcycle import io as upcycle_io
 from bam_jax.upcycle import upcycle_checkpoints
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+from helpers import assert_one_line_error, run_cli
+
 MODEL = ModelConfig(vocab_size=384, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64,
                     dtype='float32')
 D, F = MODEL.d_model, MODEL.d_ff
@@ -116,15 +114,11 @@ def upcycled(tmp_path_factory, dense):
 def test_mix_stage_trains_from_the_upcycled_checkpoint_with_a_fresh_optimizer(upcycled, tmp_path):
     out, upcycled_params = upcycled('bam', ['code', 'law'], seed='seed')
     workdir = tmp_path / 'bam'
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
-    proc = subprocess.run(
-        [sys.executable, '-m', 'bam_jax.cli', 'train', f'--gin_file={out / "model.gin"}',
-         '--gin_file=gin/mix_bam.gin', '--gin.TRAIN_STEPS=1', '--gin.BATCH_SIZE=8', '--gin.SEQ_LEN=64',
-         '--gin.TrainConfig.warmup_steps=1', '--gin.DataConfig.eval_domains=()',
-         '--gin.DataConfig.math_documents=500',
-         f'--workdir={workdir}'],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_cli('train', f'--gin_file={out / "model.gin"}',
+                   '--gin_file=gin/mix_bam.gin', '--gin.TRAIN_STEPS=1', '--gin.BATCH_SIZE=8', '--gin.SEQ_LEN=64',
+                   '--gin.TrainConfig.warmup_steps=1', '--gin.DataConfig.eval_domains=()',
+                   '--gin.DataConfig.math_documents=500',
+                   f'--workdir={workdir}', check=True)
     assert f'initialising parameters from {step_dir(out)}' in proc.stdout
     # The warmup's first learning rate is 0: one step leaves the upcycled weights exactly as
     # they were, which a restored optimizer state (or a random init) would not.
@@ -257,7 +251,7 @@ def test_sparse_upcycle_copies_one_ffn_into_every_expert(dense, upcycled):
         if '/ffn/' not in path:
             np.testing.assert_array_equal(params[path], value)
     config = ckpt.read_model_config(step_dir(out))
-    assert (config.moe.num_experts, config.moe.top_k, config.moa) == (4, 2, None)
+    assert (config.moe.num_experts, config.moe.expert_split, config.moa) == (4, 1, None)
 
 
 def test_expert_split_cuts_each_ffn_into_consecutive_chunks(dense, upcycled):
@@ -356,12 +350,10 @@ def test_output_is_the_moe_of_the_written_config_and_its_gin_rebuilds_it(dense, 
     assert sorted(p.name for p in step_dir(out).iterdir() if not p.name.startswith('_')) == ['model', 'params']
     assert sorted(p.name for p in out.iterdir()) == ['checkpoints', 'model.gin', 'upcycle.json']
 
-    try:
-        parse_gin([str(out / 'model.gin')], [])
-        assert ModelConfig() == config
-        assert gin.query_parameter('%INIT_CHECKPOINT') == str(out)
-    finally:
-        gin.clear_config()
+    parse_gin([str(out / 'model.gin')], [])
+    assert ModelConfig() == config
+    assert gin.query_parameter('%INIT_CHECKPOINT') == str(out)
+    gin.clear_config()  # from_dict below must fill no field from model.gin's bindings
     summary = json.loads((out / 'upcycle.json').read_text())
     assert ModelConfig.from_dict(summary['model']) == config
     assert summary['out'] == str(out) and summary['expert_split'] == kwargs.get('expert_split', 1)
@@ -390,16 +382,16 @@ def test_lory_stacks_the_ffns_in_order_and_averages_the_rest(dense, upcycled):
 
     config = ckpt.read_model_config(step_dir(out))
     assert config.moe is None and config.moa is None
-    assert (config.lory.num_experts, config.lory.segment_len, config.lory.z_loss_weight) == (3, 32, 0.0)
+    assert config.lory.num_experts == 3
     text = (out / 'model.gin').read_text().splitlines()
-    assert {'ModelConfig.lory = @LoryConfig()', 'ModelConfig.moe = None', 'LoryConfig.segment_len = 32'} <= set(text)
-    try:  # the mix stage's files on top: Lory's settings, the upcycled model, similarity batching
-        parse_gin([str(out / 'model.gin'), 'gin/mix_lory.gin'], [])
-        assert ModelConfig() == config
-        assert gin.query_parameter('DataConfig.similarity_batching') is True
-        assert gin.query_parameter('%INIT_CHECKPOINT') == str(out)
-    finally:
-        gin.clear_config()
+    assert {'ModelConfig.lory = @LoryConfig()', 'ModelConfig.moe = None', 'LoryConfig.num_experts = 3'} <= set(text)
+    # The mix stage's files on top: Lory's routing (gin/routing/lory.gin), the upcycled model,
+    # similarity batching.
+    parse_gin([str(out / 'model.gin'), 'gin/mix_lory.gin'], [])
+    assert ModelConfig().architecture() == config.architecture()
+    assert (ModelConfig().lory.segment_len, ModelConfig().lory.z_loss_weight) == (32, 0.0)
+    assert gin.query_parameter('DataConfig.similarity_batching') is True
+    assert gin.query_parameter('%INIT_CHECKPOINT') == str(out)
 
 
 @pytest.mark.parametrize('segment_len', [32, 5])
@@ -419,18 +411,7 @@ def test_lory_of_copies_of_one_dense_model_computes_the_dense_logits(dense, upcy
 # --- 6. user errors: one line, nothing written -----------------------------------------------
 
 def cli_upcycle(*args):
-    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
-    return subprocess.run([sys.executable, '-m', 'bam_jax.cli', 'upcycle', *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
-
-
-def assert_one_line_error(proc, *patterns):
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
-    assert len(errors) == 1, proc.stderr[-2000:]
-    assert 'Traceback' not in proc.stderr
-    for pattern in patterns:
-        assert pattern in errors[0], errors[0]
+    return run_cli('upcycle', *args, timeout=120)
 
 
 def assert_nothing_written(out: pathlib.Path):
@@ -461,7 +442,7 @@ def test_cli_existing_output_is_kept_without_overwrite_and_replaced_with_it(dens
     # Success returns from main (an error would end this process: run those in a subprocess).
     assert cli.main(['upcycle', *args, '--overwrite', '--router_seed=3']) == 0
     stdout = capsys.readouterr().out
-    assert 'bam: 3 experts (seed, ' in stdout and '3 FFN experts per layer, top-1' in stdout
+    assert 'bam: 3 experts (seed, ' in stdout and '3 FFN experts per layer;' in stdout
     assert f'wrote {out}; next: bam-jax train --gin_file={out}/model.gin --gin_file=gin/mix_bam.gin' in stdout
     assert not (out / 'notes.txt').exists() and not tmp_dir(out).exists()
     summary = json.loads((out / 'upcycle.json').read_text())

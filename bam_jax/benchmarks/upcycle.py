@@ -44,7 +44,7 @@ def write_inputs(directory: pathlib.Path) -> tuple[list[pathlib.Path], int]:
     import jax
 
     from bam_jax.models import ModelConfig, abstract_model, split_params
-    from bam_jax.train.checkpoints import RunCheckpoints
+    from bam_jax.workdir import RunCheckpoints
 
     config = ModelConfig(**BENCH_MODEL)
     _, shapes = split_params(abstract_model(config))

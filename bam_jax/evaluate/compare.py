@@ -21,18 +21,17 @@ import pathlib
 import sys
 
 from bam_jax.errors import BamJaxError
-from bam_jax.evaluate.evaluator import RESULTS_FILE
-from bam_jax.train.metrics import METRICS_FILE, write_json_atomic
+from bam_jax.workdir import files, write_json_atomic
 
 
 def final_perplexities(workdir: pathlib.Path) -> dict[str, float]:
     """{domain: perplexity} from the run's eval.json, or its last validation in metrics.json."""
-    evaluated = pathlib.Path(workdir) / RESULTS_FILE
+    evaluated = pathlib.Path(workdir) / files.EVAL
     if evaluated.is_file():
         return json.loads(evaluated.read_text())['perplexity']
-    path = pathlib.Path(workdir) / METRICS_FILE
+    path = pathlib.Path(workdir) / files.METRICS
     if not path.is_file():
-        raise BamJaxError(f'{workdir} has no {METRICS_FILE}: has the run trained?')
+        raise BamJaxError(f'{workdir} has no {files.METRICS}: has the run trained?')
     evals = json.loads(path.read_text()).get('eval', [])
     if not evals:
         raise BamJaxError(f'{path} has no validation results')

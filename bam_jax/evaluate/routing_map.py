@@ -7,8 +7,6 @@ import pathlib
 
 import numpy as np
 
-PNG_FILE = 'routing_map.png'
-
 
 def routing_matrices(routing: dict) -> dict[str, dict[str, np.ndarray]]:
     """{'ffn' | 'attn': {domain: [layers, experts] array}} from evaluate_run's 'routing'."""

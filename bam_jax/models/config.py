@@ -1,9 +1,17 @@
-"""The model's shape and numerics, as one gin-configurable record."""
+"""The model's shape and numerics, as one gin-configurable record.
+
+Its fields are of two kinds. The architecture (`ModelConfig.architecture()`) fixes the
+parameters and what they mean: sizes, block form, RoPE, which layers are experts and how many.
+A checkpoint is only ever read into a model of the same architecture. The settings are
+everything else: routing mode, top_k, gate form, capacity factors, loss weights, Lory's segment
+length, the compute dtype. They are training (or evaluation) choices and may differ between a
+checkpoint and the run that reads it; `setting_changes` lists the differences.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import gin
 import jax.numpy as jnp
@@ -26,7 +34,10 @@ class RoutedConfig:
       (BTX, Mixtral). Soft routing always uses the full softmax.
     load_balance_weight, z_loss_weight: coefficients of the Switch load-balancing loss and the
       ST-MoE router z-loss, added to the token-mean NLL once per layer.
+    Only the fields in ARCHITECTURE fix the parameters; the rest are settings.
     """
+    ARCHITECTURE: ClassVar[tuple[str, ...]] = ('num_experts',)
+
     num_experts: int = 4
     routing: str = 'top_k'
     top_k: int = 1
@@ -70,6 +81,8 @@ class MoEConfig(RoutedConfig):
     expert_split: BTX's split-experts ablation: each expert's FFN is cut into this many
       chunks of d_ff / expert_split hidden units, giving num_experts * expert_split experts.
     """
+    ARCHITECTURE: ClassVar[tuple[str, ...]] = ('num_experts', 'expert_split')
+
     capacity_factor_train: float = 1.25
     capacity_factor_eval: float = 2.0
     expert_split: int = 1
@@ -93,6 +106,8 @@ class MoAConfig(RoutedConfig):
 
     shared_kv: per-expert Wq and Wo with one shared Wk, Wv (the KV cache is the dense one's).
     """
+    ARCHITECTURE: ClassVar[tuple[str, ...]] = ('num_experts', 'shared_kv')
+
     routing: str = 'soft'
     load_balance_weight: float = 0.0
     shared_kv: bool = False
@@ -106,7 +121,10 @@ class LoryConfig:
     Each segment of `segment_len` tokens runs one FFN whose weights are the experts' weights
     averaged by a router softmax over the previous segment's mean hidden state.
     z_loss_weight: the ST-MoE router z-loss coefficient. There is no load-balancing loss.
+    segment_len and z_loss_weight are settings: only num_experts fixes the parameters.
     """
+    ARCHITECTURE: ClassVar[tuple[str, ...]] = ('num_experts',)
+
     num_experts: int = 4
     segment_len: int = 256
     z_loss_weight: float = 0.0
@@ -126,8 +144,13 @@ class ModelConfig:
     """A decoder-only LM. Sizes live in gin/models/*.gin.
 
     Numerics: parameters are stored in `param_dtype` (float32) and cast to `dtype` (bfloat16)
-    for the matmuls; norms, softmax and the loss run in float32.
+    for the matmuls; norms, softmax and the loss run in float32. dtype='float32' computes
+    exactly in float32.
     """
+    # Fields of this record that are settings, not architecture (see the module docstring).
+    SETTINGS: ClassVar[tuple[str, ...]] = ('dtype', 'init_std')
+    EXPERT_LAYERS: ClassVar[tuple[str, ...]] = ('moe', 'moa', 'lory')
+
     vocab_size: int = 384
     d_model: int = 128
     num_layers: int = 2
@@ -180,6 +203,25 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def architecture(self) -> dict[str, Any]:
+        """What fixes the parameters and their meaning: {'d_model': 128, ..., 'moe': {'num_experts':
+        4, 'expert_split': 1} or None, ...}. Two models read each other's checkpoints iff equal."""
+        values = {name: value for name, value in self.to_dict().items() if name not in self.SETTINGS}
+        for name in self.EXPERT_LAYERS:
+            layer = getattr(self, name)
+            values[name] = None if layer is None else {f: getattr(layer, f) for f in layer.ARCHITECTURE}
+        return values
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that is not architecture, flat: {'dtype': 'bfloat16', 'moe.top_k': 1, ...}."""
+        values = {name: getattr(self, name) for name in self.SETTINGS}
+        for name in self.EXPERT_LAYERS:
+            layer = getattr(self, name)
+            if layer is not None:
+                values.update({f'{name}.{f.name}': getattr(layer, f.name) for f in dataclasses.fields(layer)
+                               if f.name not in layer.ARCHITECTURE})
+        return values
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
@@ -191,3 +233,18 @@ class ModelConfig:
             if values.get(name) is not None:
                 values[name] = kind(**values[name])
         return cls(**values)
+
+
+def first_difference(a: dict[str, Any], b: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """(name, value in a, value in b) of the first key whose values differ (None if absent)."""
+    for name in [*a, *(k for k in b if k not in a)]:
+        if a.get(name) != b.get(name):
+            return name, a.get(name), b.get(name)
+    return None
+
+
+def setting_changes(old: ModelConfig, new: ModelConfig) -> dict[str, list]:
+    """{setting: [old value, new value]} for every setting that differs (same architecture)."""
+    before, after = old.settings(), new.settings()
+    return {name: [before.get(name), after.get(name)] for name in sorted(set(before) | set(after))
+            if before.get(name) != after.get(name)}

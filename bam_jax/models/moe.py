@@ -143,7 +143,6 @@ class MoEFeedForward(nnx.Module):
         self.num_experts = config.moe.num_routed_experts
         self.router = Router(self.num_experts, config, rngs=rngs)
         self.experts = SwiGLUExperts(self.num_experts, config.d_ff // config.moe.expert_split, config, rngs=rngs)
-        self.use_reference_path = False  # tests: compute every expert on every token
 
     def __call__(self, x, *, train: bool = False, rng=None):
         """x: [B, T, D] -> [B, T, D]. train: training capacity factor and sampled routing."""
@@ -152,7 +151,7 @@ class MoEFeedForward(nnx.Module):
         index, gate, probs = route(logits, self.moe, rng if train else None)
         weights = self.experts.weights(self.dtype)
         dropped = 0.0
-        if self.moe.routing == 'soft' or self.use_reference_path:
+        if self.moe.routing == 'soft':
             combine = combine_weights(index, gate, self.num_experts)
             y = dense_experts(x.reshape(-1, x.shape[-1]), combine.reshape(-1, self.num_experts), *weights)
             y = y.reshape(x.shape)

@@ -17,9 +17,7 @@ from bam_jax.errors import BamJaxError
 from bam_jax.models.config import ModelConfig
 from bam_jax.models.flops import train_flops_per_token
 from bam_jax.train.config import TrainConfig
-from bam_jax.train.metrics import write_json_atomic
-
-BUDGET_FILE = 'budget.json'
+from bam_jax.workdir import files, write_json_atomic
 
 
 def run_budget(config: TrainConfig, model: ModelConfig, steps: int) -> dict:
@@ -31,7 +29,7 @@ def run_budget(config: TrainConfig, model: ModelConfig, steps: int) -> dict:
 
 
 def read_budget(workdir: str | pathlib.Path) -> dict:
-    path = pathlib.Path(workdir).expanduser() / BUDGET_FILE
+    path = pathlib.Path(workdir).expanduser() / files.BUDGET
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -63,5 +61,5 @@ def resolve_train_steps(config: TrainConfig, model: ModelConfig) -> TrainConfig:
 
 def write_budget(workdir: pathlib.Path, config: TrainConfig, model: ModelConfig, steps: int) -> None:
     """Records what the run has trained; 'finished' once it reached its train_steps."""
-    write_json_atomic(workdir / BUDGET_FILE, {**run_budget(config, model, steps),
+    write_json_atomic(workdir / files.BUDGET, {**run_budget(config, model, steps),
                                               'finished': steps >= config.train_steps})

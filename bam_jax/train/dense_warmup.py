@@ -8,21 +8,55 @@ FFN, so the model computes the same function at the switch. The Adam moments of 
 the same way (the router's start at zero) and the step counter carries on, so the learning-rate
 schedule runs unbroken. The conversion is deterministic: a run stopped before its first Lory
 checkpoint redoes it from the warm-up's final checkpoint.
+
+For the trainer this is one of the ways a run starts (bam_jax.train.start): `start`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import numpy as np
 
+from bam_jax.models import abstract_model, param_shardings, split_params
 from bam_jax.models.config import ModelConfig
 from bam_jax.models.params import flatten, unflatten
 from bam_jax.train.config import TrainConfig
+from bam_jax.train.run import Run, StartState, opt_shardings
 from bam_jax.upcycle.core import UpcycleSpec, build, plan
+from bam_jax.workdir import RunCheckpoints, files
 
-SUBDIR = 'dense_warmup'
+
+def start(run: Run, train_fn: Callable) -> StartState | dict:
+    """Trains (or resumes) the dense warm-up in WORKDIR/dense_warmup with train_fn, then converts
+    its final state to the Lory run's. Returns the warm-up's result instead when it stopped
+    before the switch (stop_at_step, SIGTERM): rerunning the command continues it."""
+    steps = warmup_steps(run.config, run.model)
+    dense_dir = run.workdir / files.DENSE_WARMUP
+    dense = train_fn(dense_dir, warmup_config(run.config, steps), dense_model(run.model), run.data, run.mesh_config)
+    if dense['step'] < steps or dense['stopped'] == 'sigterm':
+        return dense
+    params, opt_state, data_position = _restore_dense(run, dense_dir, steps)
+    lory_opt = lory_opt_state(run.model, params, opt_state, run.config.seed)
+    params = lory_params(run.model, params, run.config.seed)
+    print(f'step {steps}: dense warm-up done, switching to Lory with {run.model.lory.num_experts} experts '
+          f'(FFN copied into each expert, Adam moments too)')
+    return StartState(steps, jax.device_put(params, run.param_shardings),
+                      jax.device_put(lory_opt, run.opt_shardings), data_position)
+
+
+def _restore_dense(run: Run, dense_dir, step: int):
+    """(params, opt_state, data_position) of the warm-up's checkpoint at `step`."""
+    abstract = abstract_model(dense_model(run.model))
+    _, params = split_params(abstract)
+    shardings = param_shardings(abstract, run.mesh)
+    opt_state = jax.eval_shape(run.optimizer.init, params)
+    with RunCheckpoints(dense_dir, run.config.keep_checkpoints) as checkpoints:
+        params, opt_state, train_state = checkpoints.restore(
+            step, params, shardings, opt_state, opt_shardings(run.optimizer, opt_state, shardings, run.mesh))
+    return params, opt_state, int(train_state['data_position'])
 
 
 def warmup_steps(config: TrainConfig, model: ModelConfig) -> int:

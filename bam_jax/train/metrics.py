@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import pathlib
 
 import jax
 import numpy as np
 
-METRICS_FILE = 'metrics.json'
-
-
-def write_json_atomic(path: pathlib.Path, value) -> None:
-    """Writes to a temporary file and renames it into place: readers never see half a file."""
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+from bam_jax.workdir import files, write_json_atomic
 
 
 def perplexity(loss: float) -> float:
@@ -25,15 +17,17 @@ def perplexity(loss: float) -> float:
 
 
 class MetricsLog:
-    """Appends train and eval records to workdir/metrics.json and TensorBoard (process 0 only).
+    """Appends train and eval records to workdir/metrics.json and TensorBoard (process 0 only),
+    and the model settings changed at a resume ('settings': [{'step', 'changed': {setting:
+    [before, after]}}]).
 
     On resume, records after the restored step are dropped so the log matches the state.
     """
 
     def __init__(self, workdir: pathlib.Path, resume_step: int):
-        self.path = pathlib.Path(workdir) / METRICS_FILE
+        self.path = pathlib.Path(workdir) / files.METRICS
         self.enabled = jax.process_index() == 0
-        self.records = {'train': [], 'eval': []}
+        self.records = {'train': [], 'eval': [], 'settings': []}
         if self.path.exists():
             try:
                 old = json.loads(self.path.read_text())
@@ -44,7 +38,7 @@ class MetricsLog:
         self._writer = None
         if self.enabled:
             from tensorboardX import SummaryWriter
-            self._writer = SummaryWriter(str(pathlib.Path(workdir) / 'tb'))
+            self._writer = SummaryWriter(str(pathlib.Path(workdir) / files.TENSORBOARD))
 
     def train(self, step: int, values: dict[str, float]) -> None:
         self._add('train', step, values)
@@ -52,6 +46,12 @@ class MetricsLog:
     def eval(self, step: int, per_domain: dict[str, dict[str, float]]) -> None:
         flat = {f'{domain}/{k}': v for domain, d in per_domain.items() for k, v in d.items()}
         self._add('eval', step, flat)
+
+    def settings_changed(self, step: int, changed: dict[str, list]) -> None:
+        """Records the model settings that differ from the checkpoint this invocation resumed."""
+        if self.enabled:
+            self.records['settings'].append({'step': step, 'changed': changed})
+            write_json_atomic(self.path, self.records)
 
     def _add(self, kind: str, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -80,6 +80,17 @@ def router_scalars(router: dict) -> dict[str, float]:
             else:
                 flat[f'router/{layer}/{name}'] = float(value)
     return flat
+
+
+def per_domain(validation: dict) -> dict[str, dict[str, float]]:
+    """A validation result (bam_jax.train.validation.validate) as {domain: {'loss', 'perplexity'}},
+    with 'average' the mean of the domains' losses and of their perplexities."""
+    losses = validation['loss']
+    table = {d: {'loss': loss, 'perplexity': validation['perplexity'][d]} for d, loss in losses.items()}
+    if losses:
+        table['average'] = {'loss': float(np.mean(list(losses.values()))),
+                            'perplexity': validation['perplexity']['average']}
+    return table
 
 
 def format_eval_table(per_domain: dict[str, dict[str, float]]) -> str:

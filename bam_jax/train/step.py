@@ -33,12 +33,6 @@ def forward(graphdef: nnx.GraphDef, params: Params, batch, *, train: bool = Fals
     return nll, count, aux
 
 
-def summed_loss(graphdef: nnx.GraphDef, params: Params, batch) -> tuple[jax.Array, jax.Array]:
-    """Evaluation: summed NLL and token count, routers in evaluation mode."""
-    nll, count, _ = forward(graphdef, params, batch)
-    return nll, count
-
-
 def total_aux_loss(aux: dict) -> jax.Array:
     """Sum of the routed layers' weighted losses (0 for a dense model)."""
     return sum((layer['loss'] for layer in aux.values()), jnp.zeros((), jnp.float32))
@@ -95,5 +89,6 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
 
 def make_eval_step(graphdef: nnx.GraphDef) -> Callable:
-    """eval_step(params, batch) -> (summed NLL, token count)."""
-    return lambda params, batch: summed_loss(graphdef, params, batch)
+    """eval_step(params, batch) -> (summed NLL, token count, {routed layer: router_aux}), routers in
+    evaluation mode."""
+    return lambda params, batch: forward(graphdef, params, batch)

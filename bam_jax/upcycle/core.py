@@ -35,28 +35,21 @@ _FFN_HIDDEN_AXIS = {'wi_gate': 1, 'wi_up': 1, 'wo': 0}
 
 
 def _btx(n: int, split: int) -> dict:
-    # BTX: top-2, a softmax over the kept logits, load balancing (alpha 0.01), no z-loss.
-    return dict(moe=MoEConfig(num_experts=n, top_k=2, gate='renormalize', expert_split=split,
-                              load_balance_weight=0.01, z_loss_weight=0.0))
+    return dict(moe=MoEConfig(num_experts=n, expert_split=split))
 
 
 def _bam(shared_kv: bool) -> Callable[[int, int], dict]:
-    # BAM: top-1 with the chosen expert's probability as gate; soft attention routing.
-    return lambda n, split: dict(
-        moe=MoEConfig(num_experts=n, top_k=1, gate='softmax', expert_split=split,
-                      load_balance_weight=0.01, z_loss_weight=0.001),
-        moa=MoAConfig(num_experts=n, routing='soft', shared_kv=shared_kv))
+    return lambda n, split: dict(moe=MoEConfig(num_experts=n, expert_split=split),
+                                 moa=MoAConfig(num_experts=n, shared_kv=shared_kv))
 
 
 def _lory(n: int, split: int) -> dict:
-    # The first segment of a row routes with its gradient stopped, so the router learns only from
-    # rows longer than one segment: 32 leaves several segments at the short sequence lengths of
-    # the tiny models (the paper's 256 is 1/16 of its 4096-token rows). No load balancing.
-    return dict(lory=LoryConfig(num_experts=n, segment_len=32, z_loss_weight=0.0))
+    return dict(lory=LoryConfig(num_experts=n))
 
 
-# Per method: the expert layers of its model, from (input experts, expert_split), and the
-# attention projections stacked as attention experts (none: attention is averaged).
+# Per method: the expert layers of its model (shapes only: routing is the mix stage's, in
+# gin/routing/), from (input experts, expert_split), and the attention projections stacked as
+# attention experts (none: attention is averaged).
 _LAYERS: dict[str, Callable[[int, int], dict]] = {
     'btx': _btx, 'bam': _bam(False), 'bam_shared_kv': _bam(True), 'sparse_upcycle': _btx, 'lory': _lory}
 _STACKED_ATTENTION = {'bam': ('wq', 'wk', 'wv', 'wo'), 'bam_shared_kv': ('wq', 'wo')}
@@ -103,9 +96,9 @@ class UpcycleSpec:
 
 
 def model_config(dense: ModelConfig, spec: UpcycleSpec) -> ModelConfig:
-    """The MoE's config: the dense shape plus expert layers with the papers' routing.
+    """The MoE's config: the dense shape plus the expert layers' architecture.
 
-    Routing is a training choice: gin/mix_*.gin sets the same values, and overrides change them.
+    Routing is not set here: it is a training choice, made by the mix stage (gin/routing/*.gin).
     """
     layers = _LAYERS[spec.method](len(spec.expert_models), spec.expert_split)
     return dataclasses.replace(dense, **{'moe': None, 'moa': None, 'lory': None, **layers})

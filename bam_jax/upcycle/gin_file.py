@@ -1,4 +1,5 @@
-"""A model config as gin bindings, so `bam-jax train --gin_file=OUT/model.gin ...` rebuilds it."""
+"""A model's architecture as gin bindings, so `bam-jax train --gin_file=OUT/model.gin ...` rebuilds
+it. Routing and the other settings are left to the run's gin files (gin/routing/*.gin)."""
 
 from __future__ import annotations
 
@@ -11,20 +12,21 @@ from bam_jax.models.config import ModelConfig
 _EXPERT_LAYERS = {'moe': 'MoEConfig', 'moa': 'MoAConfig', 'lory': 'LoryConfig'}
 
 
-def _bindings(name: str, config, skip=()) -> list[str]:
-    return [f'{name}.{f.name} = {getattr(config, f.name)!r}' for f in dataclasses.fields(config)
-            if f.name not in skip]
+def _bindings(name: str, config, fields) -> list[str]:
+    return [f'{name}.{field} = {getattr(config, field)!r}' for field in fields]
 
 
 def model_gin(config: ModelConfig, checkpoint: pathlib.Path, written_by: str) -> str:
-    """ModelConfig (with its MoEConfig/MoAConfig/LoryConfig) and INIT_CHECKPOINT, as a gin file's text."""
+    """ModelConfig's fields and the expert layers' architecture (MoEConfig, MoAConfig,
+    LoryConfig), and INIT_CHECKPOINT, as a gin file's text."""
     lines = [f'# Written by `{written_by}`: the model and the checkpoint that initialises it.',
-             '# Use with a run file: bam-jax train --gin_file=THIS --gin_file=gin/mix_<method>.gin --workdir=...',
-             *_bindings('ModelConfig', config, skip=_EXPERT_LAYERS)]
+             '# Routing comes from the run file: bam-jax train --gin_file=THIS --gin_file=gin/mix_<method>.gin ...',
+             *_bindings('ModelConfig', config, [f.name for f in dataclasses.fields(config)
+                                                if f.name not in _EXPERT_LAYERS])]
     for field, kind in _EXPERT_LAYERS.items():
         sub = getattr(config, field)
         lines.append(f'ModelConfig.{field} = {f"@{kind}()" if sub else None}')
         if sub:
-            lines += _bindings(kind, sub)
+            lines += _bindings(kind, sub, sub.ARCHITECTURE)
     lines.append(f'INIT_CHECKPOINT = {str(checkpoint)!r}')
     return '\n'.join(lines) + '\n'

@@ -15,7 +15,6 @@ Output (usable as INIT_CHECKPOINT, or as a gin file for `bam-jax train`):
 
 from __future__ import annotations
 
-import json
 import math
 import pathlib
 import shutil
@@ -27,12 +26,13 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.experimental.v1 import partial as partial_save
 from tqdm import tqdm
 
+from bam_jax import workdir
 from bam_jax.errors import BamJaxError
-from bam_jax.models.config import ModelConfig
+from bam_jax.models.config import ModelConfig, first_difference
 from bam_jax.models.params import unflatten
-from bam_jax.train import checkpoints as ckpt
 from bam_jax.upcycle.core import UpcycleSpec, build, model_config, plan
 from bam_jax.upcycle.gin_file import model_gin
+from bam_jax.workdir import files
 
 STEP = 0
 
@@ -66,11 +66,11 @@ class CheckpointReader:
 
 
 def _read_input(directory: str, what: str) -> tuple[pathlib.Path, ModelConfig, dict]:
-    step_dir = ckpt.resolve_checkpoint(directory, what)
-    config = ckpt.read_model_config(step_dir)
+    step_dir = workdir.resolve_checkpoint(directory, what)
+    config = workdir.read_model_config(step_dir)
     if config.moe is not None or config.moa is not None or config.lory is not None:
         raise BamJaxError(f'{what} {step_dir} is already a mixture-of-experts model; upcycle dense models')
-    return step_dir, config, ckpt.read_param_shapes(step_dir)
+    return step_dir, config, workdir.read_param_shapes(step_dir)
 
 
 def _check_same_architecture(inputs: list[tuple[str, pathlib.Path, ModelConfig, dict]]) -> None:
@@ -86,10 +86,11 @@ def _check_same_architecture(inputs: list[tuple[str, pathlib.Path, ModelConfig, 
                 describe = lambda s: 'no such parameter' if s is None else f'shape {tuple(s[0])}'  # noqa: E731
                 raise BamJaxError(f'different architectures: {path} has {describe(a)} in {first_name} '
                                   f'but {describe(b)} in {name}')
-        for field, value in first_config.to_dict().items():
-            if config.to_dict()[field] != value and field not in ('init_std', 'dtype'):
-                raise BamJaxError(f'different architectures: ModelConfig.{field} is {value!r} in {first_name} '
-                                  f'but {config.to_dict()[field]!r} in {name}')
+        difference = first_difference(first_config.architecture(), config.architecture())
+        if difference:
+            field, first_value, value = difference
+            raise BamJaxError(f'different architectures: ModelConfig.{field} is {first_value!r} in {first_name} '
+                              f'but {value!r} in {name}')
 
 
 def upcycle_checkpoints(method: str, experts: list[str], out: str | pathlib.Path, *, seed: str | None = None,
@@ -135,9 +136,9 @@ def upcycle_checkpoints(method: str, experts: list[str], out: str | pathlib.Path
                                          budget=max(_nbytes(*v) for v in inputs[0][3].values()),
                                          desc=f'upcycle {method}', progress=progress)
         with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
-            checkpointer.save(tmp / ckpt.CHECKPOINT_SUBDIR / str(STEP) / 'model',
+            checkpointer.save(tmp / files.CHECKPOINTS / str(STEP) / 'model',
                               args=ocp.args.JsonSave(moe_config.to_dict()))
-        (tmp / 'model.gin').write_text(model_gin(moe_config, out, f'bam-jax upcycle --method={method}'))
+        (tmp / files.MODEL_GIN).write_text(model_gin(moe_config, out, f'bam-jax upcycle --method={method}'))
         summary = {
             'method': method, 'out': str(out),
             'inputs': [{'name': name, 'step_dir': str(d)} for name, d, _, _ in inputs],
@@ -146,7 +147,7 @@ def upcycle_checkpoints(method: str, experts: list[str], out: str | pathlib.Path
             'tensors': len(recipes), 'bytes_read': sum(r.bytes_read for r in readers), 'bytes_written': written,
             'largest_tensor_bytes': largest, 'seconds': time.perf_counter() - start,
         }
-        (tmp / 'upcycle.json').write_text(json.dumps(summary, indent=1))
+        workdir.write_json_atomic(tmp / files.UPCYCLE, summary)
     except BaseException:  # a damaged input, an interrupt: leave nothing behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -181,7 +182,7 @@ def _write_params(tmp: pathlib.Path, recipes: dict, readers: list[CheckpointRead
     if group:
         partial_save.save(staging, unflatten(group))
     partial_save.finalize(staging)
-    step_dir = tmp / ckpt.CHECKPOINT_SUBDIR / str(STEP)
+    step_dir = tmp / files.CHECKPOINTS / str(STEP)
     step_dir.mkdir(parents=True)
     (staging / 'state').rename(step_dir / 'params')
     shutil.rmtree(staging)

@@ -1,4 +1,5 @@
-"""Orbax checkpoints of a run: layout, resolution of user-given paths, save and restore.
+"""Orbax checkpoints of a run: layout, resolution of user-given paths, the model check, save and
+restore.
 
 A run's workdir holds `checkpoints/<step>/` with the items
   params      plain nested dict of float32 arrays (docs/checkpoint_format.md)
@@ -18,10 +19,9 @@ import jax
 import orbax.checkpoint as ocp
 
 from bam_jax.errors import BamJaxError
-from bam_jax.models.config import ModelConfig
-from bam_jax.models.params import flatten
-
-CHECKPOINT_SUBDIR = 'checkpoints'
+from bam_jax.models import ModelConfig, abstract_model, flatten, split_params
+from bam_jax.models.config import first_difference, setting_changes
+from bam_jax.workdir.files import CHECKPOINTS
 
 
 def _is_step_dir(path: pathlib.Path) -> bool:
@@ -48,7 +48,7 @@ def resolve_checkpoint(path: str | pathlib.Path, what: str = 'checkpoint') -> pa
         raise BamJaxError(f'{what} {path} is not a directory')
     if _is_step_dir(path):
         return path
-    for directory in (path / CHECKPOINT_SUBDIR, path):
+    for directory in (path / CHECKPOINTS, path):
         try:
             found = latest_step_dir(directory)
         except PermissionError:
@@ -56,7 +56,7 @@ def resolve_checkpoint(path: str | pathlib.Path, what: str = 'checkpoint') -> pa
         if found is not None:
             return found
     raise BamJaxError(f'{what} {path} is not a bam_jax checkpoint: no <step>/params and <step>/model '
-                      f'under it or under {path / CHECKPOINT_SUBDIR}')
+                      f'under it or under {path / CHECKPOINTS}')
 
 
 def read_model_config(step_dir: pathlib.Path) -> ModelConfig:
@@ -105,6 +105,24 @@ def check_same_params(expected: dict[str, Any], found: dict[str, Any], source: s
                               f'this model needs {expected[path][0]}')
 
 
+def check_model(model: ModelConfig, step_dir: pathlib.Path, what: str) -> dict[str, list]:
+    """The one check wherever a checkpoint meets a model (resume, INIT_CHECKPOINT, eval).
+
+    Refuses, in one line, a checkpoint of another architecture or parameter tree. Settings
+    (routing, capacity, loss weights, compute dtype) may differ: returns them as
+    {setting: [checkpoint's value, model's value]}.
+    """
+    stored = read_model_config(step_dir)
+    difference = first_difference(stored.architecture(), model.architecture())
+    if difference:
+        name, there, here = difference
+        raise BamJaxError(f'{what} holds a run of a different model: {name} is {there!r} there, {here!r} here')
+    _, abstract_params = split_params(abstract_model(model))
+    expected = {k: (v.shape, v.dtype) for k, v in flatten(abstract_params).items()}
+    check_same_params(expected, read_param_shapes(step_dir), what)
+    return setting_changes(stored, model)
+
+
 def _abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
@@ -122,7 +140,7 @@ class RunCheckpoints:
     """The CheckpointManager of one run: async saves, keeps the newest N."""
 
     def __init__(self, workdir: pathlib.Path, keep: int):
-        self.directory = pathlib.Path(workdir).absolute() / CHECKPOINT_SUBDIR
+        self.directory = pathlib.Path(workdir).absolute() / CHECKPOINTS
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
@@ -155,3 +173,10 @@ class RunCheckpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+    def __enter__(self) -> RunCheckpoints:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wait()
+        self.close()

@@ -1,0 +1,99 @@
+"""A training run, resolved (its configs, budget, mesh, abstract model, optimizer and shardings),
+and the state its step loop starts from.
+
+Building one checks everything that does not need the workdir (budget, data, vocabulary, batch
+split) and writes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any
+
+import jax
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from bam_jax import data
+from bam_jax.errors import BamJaxError
+from bam_jax.models import ModelConfig, abstract_model, param_shardings, split_params
+from bam_jax.parallel import MeshConfig, batch_sharding, create_mesh, replicated
+from bam_jax.train.budget import resolve_train_steps
+from bam_jax.train.config import TrainConfig
+from bam_jax.train.optimizer import make_optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What `train` needs besides the start state. Fields with `abstract_` hold ShapeDtypeStructs."""
+    workdir: pathlib.Path
+    config: TrainConfig
+    model: ModelConfig
+    data: data.DataConfig
+    mesh_config: MeshConfig
+    mesh: Mesh
+    graphdef: nnx.GraphDef
+    abstract_params: Any
+    param_shardings: Any
+    optimizer: optax.GradientTransformation
+    abstract_opt_state: Any
+    opt_shardings: Any
+    batch_sharding: Any
+    local_batch_size: int
+
+    @classmethod
+    def create(cls, workdir, config: TrainConfig | None = None, model: ModelConfig | None = None,
+               data_config: data.DataConfig | None = None, mesh_config: MeshConfig | None = None) -> Run:
+        """Configs default to their gin bindings; the budget (if any) sets config.train_steps."""
+        model = model or ModelConfig()
+        config = resolve_train_steps(config or TrainConfig(), model)
+        if config.match_run or config.flops_budget:
+            basis = (f'the {config.match} of {config.match_run}' if config.match_run
+                     else f'{config.flops_budget:.3g} FLOPs')
+            print(f'training {config.train_steps} steps: {basis}')
+        data_config = data_config or data.DataConfig()
+        mesh_config = mesh_config or MeshConfig()
+        mesh = create_mesh(mesh_config)
+        _check_data(config, model, data_config, mesh)
+
+        abstract = abstract_model(model)
+        graphdef, abstract_params = split_params(abstract)
+        shardings = param_shardings(abstract, mesh)
+        optimizer = make_optimizer(config)
+        abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
+        return cls(workdir=pathlib.Path(workdir).absolute(), config=config, model=model, data=data_config,
+                   mesh_config=mesh_config, mesh=mesh, graphdef=graphdef, abstract_params=abstract_params,
+                   param_shardings=shardings, optimizer=optimizer, abstract_opt_state=abstract_opt,
+                   opt_shardings=opt_shardings(optimizer, abstract_opt, shardings, mesh),
+                   batch_sharding=batch_sharding(mesh), local_batch_size=config.batch_size // jax.process_count())
+
+
+def opt_shardings(optimizer, abstract_opt_state, shardings, mesh):
+    """Moments mirror the parameters' shardings; counters and other scalars are replicated."""
+    return optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt_state, shardings,
+                                 transform_non_params=lambda _: replicated(mesh))
+
+
+def _check_data(config: TrainConfig, model: ModelConfig, data_config: data.DataConfig, mesh: Mesh) -> None:
+    data.resolve_source(data_config)
+    data.eval_domain_names(data_config)
+    vocab_size = data.vocabulary(data_config).vocab_size
+    if vocab_size > model.vocab_size:
+        raise BamJaxError(f'the vocabulary has {vocab_size} ids but ModelConfig.vocab_size is {model.vocab_size}')
+    num_data_shards = mesh.shape['data'] * mesh.shape['fsdp'] * mesh.shape['expert']
+    if config.batch_size % max(num_data_shards, jax.process_count()):
+        raise BamJaxError(f'batch size {config.batch_size} is not divisible by the {num_data_shards} '
+                          f'data-parallel devices')
+
+
+@dataclasses.dataclass
+class StartState:
+    """The state the step loop begins from (bam_jax.train.start). settings_changed: on resume, the
+    model settings that differ from the checkpoint's ({setting: [checkpoint's, this run's]})."""
+    step: int
+    params: Any
+    opt_state: Any
+    data_position: int
+    settings_changed: dict = dataclasses.field(default_factory=dict)

@@ -1,0 +1,38 @@
+"""The names of a run directory's files, and atomic JSON writes.
+
+A workdir (`bam-jax train --workdir=DIR`, or the output of `bam-jax upcycle`) holds:
+  checkpoints/<step>/   Orbax checkpoints (bam_jax.workdir.checkpoints)
+  config.gin            the operative gin config of the run (what `bam-jax eval` rebuilds it from)
+  metrics.json          train and validation records (bam_jax.train.metrics)
+  budget.json           steps, tokens and FLOPs trained (bam_jax.train.budget)
+  eval.json             the last `bam-jax eval` (bam_jax.evaluate.evaluator)
+  routing_map.png       its routing map, for expert models
+  tb/                   TensorBoard scalars
+  dense_warmup/         Lory from scratch: the dense warm-up's own workdir
+  model.gin             upcycled outputs: the model as gin bindings, INIT_CHECKPOINT = DIR
+  upcycle.json          upcycled outputs: what was built from what
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+CHECKPOINTS = 'checkpoints'
+CONFIG = 'config.gin'
+METRICS = 'metrics.json'
+BUDGET = 'budget.json'
+EVAL = 'eval.json'
+ROUTING_MAP = 'routing_map.png'
+TENSORBOARD = 'tb'
+DENSE_WARMUP = 'dense_warmup'
+MODEL_GIN = 'model.gin'
+UPCYCLE = 'upcycle.json'
+
+
+def write_json_atomic(path: pathlib.Path, value) -> None:
+    """Writes to a temporary file and renames it into place: readers never see half a file."""
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
+    os.replace(tmp, path)

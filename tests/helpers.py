@@ -1,0 +1,135 @@
+"""Helpers shared by the test files: the CLI in a subprocess or in this process, its one-line user
+errors, checkpoints, layers with numpy-drawn weights and random inputs. `from helpers import ...`
+(tests/ has no __init__.py, so pytest puts tests/ itself on sys.path)."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from bam_jax.models import split_params
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+CLI_DEVICES = 2  # CPU devices of a CLI subprocess (this process has 8)
+
+# ---------------------------------------------------------------------------------------
+# The CLI
+
+
+def cli_args(command, *args):
+    return [sys.executable, '-m', 'bam_jax.cli', command, *args]
+
+
+def cli_env(devices=CLI_DEVICES):
+    return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+
+
+def run_cli(command, *args, timeout=300, check=False) -> subprocess.CompletedProcess:
+    """`bam-jax COMMAND ARGS`, run to its end in a subprocess on CLI_DEVICES CPU devices.
+
+    check: assert that it succeeded (exit status 0).
+    """
+    proc = subprocess.run(cli_args(command, *args), cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def start_cli(command, *args, devices=CLI_DEVICES) -> subprocess.Popen:
+    """`bam-jax COMMAND ARGS`, started in a subprocess (stdout and stderr piped, as text)."""
+    return subprocess.Popen(cli_args(command, *args), cwd=REPO, env=cli_env(devices),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def cli_in_process(monkeypatch, capsys, *args):
+    """(exit status, stdout, stderr) of `bam-jax ARGS` run here; the CLI's os._exit becomes SystemExit."""
+    from bam_jax import cli  # here, not at the top: the layer tests need none of the commands
+
+    def leave(status):
+        raise SystemExit(status)
+    monkeypatch.setattr(os, '_exit', leave)
+    try:
+        status = cli.main(list(args))
+    except SystemExit as e:
+        status = e.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_one_line_error(result, *patterns):
+    """A user error: exit status 1 and exactly one `error:` line on stderr, holding every pattern,
+    and no traceback. result: a finished process (subprocess.CompletedProcess, or anything with
+    returncode and stderr), or the pair (exit status, stderr) of an in-process run."""
+    status, stderr = (result.returncode, result.stderr) if hasattr(result, 'returncode') else result
+    assert status == 1, stderr[-2000:]
+    errors = [line for line in stderr.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1, stderr[-2000:]
+    assert 'Traceback' not in stderr
+    for pattern in patterns:
+        assert pattern in errors[0], errors[0]
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def restore(path):
+    """Whatever Orbax's StandardCheckpointer saved at path (a step's params, opt_state, ...)."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(path)
+
+
+# ---------------------------------------------------------------------------------------
+# Layers and inputs
+
+
+def numpy_layer(build, draw):
+    """(graphdef, params) of one layer with numpy-drawn weights, never initialised by JAX.
+
+    build(rngs) -> the layer, built abstractly (nnx.eval_shape); draw(shapes) -> its weights, a
+    tree of arrays given the layer's own tree of ShapeDtypeStructs. The two trees must have the
+    same paths and shapes.
+    """
+    graphdef, shapes = split_params(nnx.eval_shape(lambda: build(nnx.Rngs(0))))
+    params = draw(shapes)
+    assert jax.tree.map(lambda a: a.shape, params) == jax.tree.map(lambda a: a.shape, shapes)
+    return graphdef, params
+
+
+def routed_ffn_params(d_model, d_ff, num_experts, *, seed, router_scale):
+    """A routed FFN's weights (router/kernel [D, E]; experts/wi_gate, wi_up [E, D, F], wo [E, F, D])
+    in float32: the router N(0, router_scale), each expert matrix N(0, 1/fan_in), so that the
+    experts' outputs are O(1)."""
+    rng = np.random.default_rng(seed)
+    e, d, f = num_experts, d_model, d_ff
+    params = {
+        'router': {'kernel': rng.normal(0, router_scale, (d, e))},
+        'experts': {'wi_gate': rng.normal(0, d ** -0.5, (e, d, f)),
+                    'wi_up': rng.normal(0, d ** -0.5, (e, d, f)),
+                    'wo': rng.normal(0, f ** -0.5, (e, f, d))},
+    }
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+
+
+def random_x(shape, seed=1):
+    """Standard normal float32 inputs."""
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def packed_rows(vocab_size, batch, length, seed=0):
+    """(inputs, targets, segment_ids, positions) of `batch` packed rows: two documents each,
+    positions restarting at the second."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab_size, (batch, length + 1)).astype(np.int32)
+    cut = rng.integers(3, length - 3, batch)
+    idx = np.arange(length)[None]
+    segment_ids = np.where(idx < cut[:, None], 1, 2).astype(np.int32)
+    positions = np.where(idx < cut[:, None], idx, idx - cut[:, None]).astype(np.int32)
+    return tokens[:, :-1], tokens[:, 1:], segment_ids, positions
