@@ -19,6 +19,7 @@ from bam_jax import data
 from bam_jax.errors import BamJaxError
 from bam_jax.evaluate.routing_map import save_routing_map
 from bam_jax.models import ModelConfig, abstract_model, param_shardings, split_params
+from bam_jax.models.config import describe_changes
 from bam_jax.parallel import MeshConfig, batch_sharding, create_mesh, replicated
 from bam_jax.train.config import TrainConfig
 from bam_jax.train.step import make_eval_step
@@ -53,8 +54,7 @@ def evaluate_run(workdir: str | pathlib.Path, batches: ValidationBatches | None 
     model_config, data_config, train_config = ModelConfig(), data.DataConfig(), TrainConfig()
     changed = check_model(model_config, step_dir, f'checkpoint {step_dir}')
     if changed:
-        progress('settings changed since that checkpoint: ' + ', '.join(
-            f'{name} {before!r} -> {after!r}' for name, (before, after) in changed.items()))
+        progress(f'settings changed since that checkpoint: {describe_changes(changed)}')
     mesh = create_mesh(MeshConfig())
     abstract = abstract_model(model_config)
     graphdef, abstract_params = split_params(abstract)

@@ -248,3 +248,8 @@ def setting_changes(old: ModelConfig, new: ModelConfig) -> dict[str, list]:
     before, after = old.settings(), new.settings()
     return {name: [before.get(name), after.get(name)] for name in sorted(set(before) | set(after))
             if before.get(name) != after.get(name)}
+
+
+def describe_changes(changed: dict[str, list]) -> str:
+    """setting_changes as one line: 'moe.top_k 2 -> 1, dtype 'bfloat16' -> 'float32''."""
+    return ', '.join(f'{name} {before!r} -> {after!r}' for name, (before, after) in changed.items())

@@ -15,6 +15,7 @@ import jax
 
 from bam_jax.errors import BamJaxError
 from bam_jax.models import init_params
+from bam_jax.models.config import describe_changes
 from bam_jax.train import dense_warmup
 from bam_jax.train.run import Run, StartState
 from bam_jax.workdir import RunCheckpoints, check_model, files, latest_step_dir, resolve_checkpoint, restore_params
@@ -41,8 +42,7 @@ def resume(run: Run, step_dir: pathlib.Path, settings_changed: dict) -> StartSta
             step, run.abstract_params, run.param_shardings, run.abstract_opt_state, run.opt_shardings)
     print(f'resuming {run.workdir} from step {step}')
     if settings_changed:
-        print('settings changed since that checkpoint: ' + ', '.join(
-            f'{name} {before!r} -> {after!r}' for name, (before, after) in settings_changed.items()))
+        print(f'settings changed since that checkpoint: {describe_changes(settings_changed)}')
     return StartState(step, params, opt_state, int(train_state['data_position']), settings_changed)
 
 
