@@ -86,6 +86,15 @@ def restore(path):
         return checkpointer.restore(path)
 
 
+def assert_same_state(step_dir_a, step_dir_b):
+    """Two checkpoint steps hold bit-identical parameters and optimizer states."""
+    for item in ('params', 'opt_state'):
+        a, b = restore(step_dir_a / item), restore(step_dir_b / item)
+        assert jax.tree.structure(a) == jax.tree.structure(b), item
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_array_equal(x, y, err_msg=item)
+
+
 # ---------------------------------------------------------------------------------------
 # Layers and inputs
 

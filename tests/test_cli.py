@@ -10,7 +10,7 @@ import pytest
 
 from bam_jax.models import flatten
 
-from helpers import assert_one_line_error, restore, run_cli, start_cli
+from helpers import assert_one_line_error, cli_in_process, restore, run_cli, start_cli
 
 SMALL = ['--gin.TRAIN_STEPS=2', '--gin.BATCH_SIZE=8', '--gin.SEQ_LEN=64',
          '--gin.TrainConfig.checkpoint_every=1', '--gin.TrainConfig.eval_every=2',
@@ -69,36 +69,46 @@ def test_branch_starts_from_seed_params_with_fresh_optimizer(seed_run, tmp_path)
     assert branch_lr == pytest.approx(seed_lr / 2)
 
 
-def test_unknown_gin_binding(tmp_path):
-    proc = bam_jax(*SEED, '--gin.TrainConfig.no_such_field=3', f'--workdir={tmp_path / "w"}', check=False)
-    assert_one_line_error(proc, 'no_such_field')
+# Configuration errors go through the same main() in this process (no start-up to pay); the
+# checkpoint errors below run in a subprocess of their own, where Orbax's I/O threads are alive
+# when the one line is printed.
+
+def train_in_process(monkeypatch, capsys, *args):
+    status, _, err = cli_in_process(monkeypatch, capsys, 'train', *args)
+    return status, err
+
+
+def test_unknown_gin_binding(tmp_path, monkeypatch, capsys):
+    failed = train_in_process(monkeypatch, capsys, *SEED, '--gin.TrainConfig.no_such_field=3',
+                              f'--workdir={tmp_path / "w"}')
+    assert_one_line_error(failed, 'no_such_field')
     assert not (tmp_path / 'w').exists()
 
 
-def test_missing_gin_file(tmp_path):
-    proc = bam_jax('--gin_file=gin/models/no_such.gin', f'--workdir={tmp_path / "w"}', check=False)
-    assert_one_line_error(proc, 'gin/models/no_such.gin not found')
+def test_missing_gin_file(tmp_path, monkeypatch, capsys):
+    failed = train_in_process(monkeypatch, capsys, '--gin_file=gin/models/no_such.gin', f'--workdir={tmp_path / "w"}')
+    assert_one_line_error(failed, 'gin/models/no_such.gin not found')
 
 
-def test_branch_without_init_checkpoint(tmp_path):
-    proc = bam_jax(*BRANCH, "--gin.DOMAIN='code'", f'--workdir={tmp_path / "w"}', check=False)
-    assert_one_line_error(proc, 'INIT_CHECKPOINT')
+def test_branch_without_init_checkpoint(tmp_path, monkeypatch, capsys):
+    failed = train_in_process(monkeypatch, capsys, *BRANCH, "--gin.DOMAIN='code'", f'--workdir={tmp_path / "w"}')
+    assert_one_line_error(failed, 'INIT_CHECKPOINT')
     assert not (tmp_path / 'w').exists()
 
 
-def test_missing_init_checkpoint(tmp_path):
-    proc = bam_jax(*BRANCH, "--gin.DOMAIN='code'", f"--gin.INIT_CHECKPOINT='{tmp_path / 'nope'}'",
-                   f'--workdir={tmp_path / "w"}', check=False)
-    assert_one_line_error(proc, 'does not exist')
+def test_missing_init_checkpoint(tmp_path, monkeypatch, capsys):
+    failed = train_in_process(monkeypatch, capsys, *BRANCH, "--gin.DOMAIN='code'",
+                              f"--gin.INIT_CHECKPOINT='{tmp_path / 'nope'}'", f'--workdir={tmp_path / "w"}')
+    assert_one_line_error(failed, 'does not exist')
     assert not (tmp_path / 'w').exists()
 
 
-def test_init_checkpoint_that_is_not_a_checkpoint(tmp_path):
+def test_init_checkpoint_that_is_not_a_checkpoint(tmp_path, monkeypatch, capsys):
     (tmp_path / 'junk').mkdir()
     (tmp_path / 'junk' / 'notes.txt').write_text('hello')
-    proc = bam_jax(*BRANCH, "--gin.DOMAIN='code'", f"--gin.INIT_CHECKPOINT='{tmp_path / 'junk'}'",
-                   f'--workdir={tmp_path / "w"}', check=False)
-    assert_one_line_error(proc, 'is not a bam_jax checkpoint')
+    failed = train_in_process(monkeypatch, capsys, *BRANCH, "--gin.DOMAIN='code'",
+                              f"--gin.INIT_CHECKPOINT='{tmp_path / 'junk'}'", f'--workdir={tmp_path / "w"}')
+    assert_one_line_error(failed, 'is not a bam_jax checkpoint')
 
 
 def test_damaged_init_checkpoint(seed_run, tmp_path):

@@ -14,7 +14,7 @@ from bam_jax.train import TrainConfig
 from bam_jax.upcycle import UpcycleSpec, model_config
 from bam_jax.upcycle.gin_file import model_gin
 
-from helpers import REPO, assert_one_line_error, run_cli
+from helpers import REPO, assert_one_line_error, cli_in_process
 
 TINY = ['gin/models/tiny.gin', 'gin/seed.gin']
 
@@ -38,11 +38,12 @@ def test_overrides_of_read_macros_and_of_parameters_are_taken():
     assert ModelConfig().d_model == 64
 
 
-def test_cli_refuses_a_misspelt_macro_and_writes_nothing(tmp_path):
+def test_cli_refuses_a_misspelt_macro_and_writes_nothing(tmp_path, monkeypatch, capsys):
     workdir = tmp_path / 'run'
-    proc = run_cli('train', '--gin_file=gin/models/tiny.gin', '--gin_file=gin/seed.gin', '--gin.TRAIN_STEP=3',
-                   f'--workdir={workdir}')
-    assert_one_line_error(proc, '--gin.TRAIN_STEP sets a macro that no gin file reads', 'did you mean TRAIN_STEPS?')
+    status, _, err = cli_in_process(monkeypatch, capsys, 'train', '--gin_file=gin/models/tiny.gin',
+                                    '--gin_file=gin/seed.gin', '--gin.TRAIN_STEP=3', f'--workdir={workdir}')
+    assert_one_line_error((status, err), '--gin.TRAIN_STEP sets a macro that no gin file reads',
+                          'did you mean TRAIN_STEPS?')
     assert not workdir.exists()
 
 

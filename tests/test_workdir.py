@@ -42,7 +42,7 @@ def test_settings_and_differences_by_hand():
     lory = ModelConfig(lory=LoryConfig(num_experts=4, segment_len=64))
     assert first_difference(top2.architecture(), lory.architecture()) == (
         'moe', {'num_experts': 4, 'expert_split': 1}, None)
-    assert setting_changes(lory, ModelConfig(lory=LoryConfig(num_experts=4))) == {'lory.segment_len': [64, 256]}
+    assert setting_changes(lory, ModelConfig(lory=LoryConfig(num_experts=4))) == {'lory.segment_len': [64, 32]}
     bam = ModelConfig(moe=MoEConfig(num_experts=4), moa=MoAConfig(num_experts=4, shared_kv=True))
     assert first_difference(bam.architecture(), ModelConfig(moe=MoEConfig(num_experts=4), moa=MoAConfig(
         num_experts=4)).architecture()) == ('moa', {'num_experts': 4, 'shared_kv': True},

@@ -126,7 +126,7 @@ class LoryConfig:
     ARCHITECTURE: ClassVar[tuple[str, ...]] = ('num_experts',)
 
     num_experts: int = 4
-    segment_len: int = 256
+    segment_len: int = 32   # as gin/routing/lory.gin; the paper's 256 is for rows of 4096 tokens
     z_loss_weight: float = 0.0
 
     def __post_init__(self):

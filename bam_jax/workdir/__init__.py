@@ -7,7 +7,6 @@ from bam_jax.workdir import files
 from bam_jax.workdir.checkpoints import (
     RunCheckpoints,
     check_model,
-    check_same_params,
     latest_step_dir,
     read_model_config,
     read_param_shapes,
@@ -16,6 +15,6 @@ from bam_jax.workdir.checkpoints import (
 )
 from bam_jax.workdir.files import write_json_atomic
 
-__all__ = ['RunCheckpoints', 'check_model', 'check_same_params', 'files', 'latest_step_dir',
+__all__ = ['RunCheckpoints', 'check_model', 'files', 'latest_step_dir',
            'read_model_config', 'read_param_shapes', 'resolve_checkpoint', 'restore_params',
            'write_json_atomic']

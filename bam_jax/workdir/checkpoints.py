@@ -93,7 +93,7 @@ def read_param_shapes(step_dir: pathlib.Path) -> dict[str, Any]:
     return {k: (tuple(m.shape), m.dtype) for k, m in flatten(tree).items()}
 
 
-def check_same_params(expected: dict[str, Any], found: dict[str, Any], source: str) -> None:
+def _check_same_params(expected: dict[str, Any], found: dict[str, Any], source: str) -> None:
     """Raises naming the first parameter path whose presence or shape differs."""
     for path in sorted(set(expected) | set(found)):
         if path not in found:
@@ -119,7 +119,7 @@ def check_model(model: ModelConfig, step_dir: pathlib.Path, what: str) -> dict[s
         raise BamJaxError(f'{what} holds a run of a different model: {name} is {there!r} there, {here!r} here')
     _, abstract_params = split_params(abstract_model(model))
     expected = {k: (v.shape, v.dtype) for k, v in flatten(abstract_params).items()}
-    check_same_params(expected, read_param_shapes(step_dir), what)
+    _check_same_params(expected, read_param_shapes(step_dir), what)
     return setting_changes(stored, model)
 
 
