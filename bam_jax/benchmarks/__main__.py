@@ -41,7 +41,7 @@ def arch_config(dense, arch: str, lory_segment_len: int = 64):
     }[arch]
 
 
-def main() -> None:
+def _args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog='python -m bam_jax.benchmarks')
     parser.add_argument('--model', default=None, help='model gin file (default: the bench shape below)')
     parser.add_argument('--archs', default=','.join(ARCHS),
@@ -62,7 +62,29 @@ def main() -> None:
         parser.error(f'unknown --archs {unknown}; choose from {ARCHS}')
     if any(a.startswith('lory') for a in archs) and args.seq_len % args.lory_segment_len:
         parser.error(f'--lory_segment_len {args.lory_segment_len} does not divide --seq_len {args.seq_len}')
+    args.archs = archs
+    return args
 
+
+def _print_train_table(rows: list[dict], args: argparse.Namespace, dtype: str, devices: str) -> None:
+    header = (f'{"model":<24} {"params":>9} {"step ms":>9} {"vs dense":>8} {"tokens/s":>10} '
+              f'{"GFLOP/tok":>10} {"TFLOP/s":>8} {"rate/dense":>10} {"MFU":>6} {"merge":>6}')
+    print(header)
+    print('-' * len(header))
+    for r in rows:
+        merge = f'{r["lory_merge_overhead"]:>6.1%}' if r['lory_merge_overhead'] else f'{"-":>6}'
+        print(f'{r["name"]:<24} {r["params"] / 1e6:>8.1f}M {r["step_time_s"] * 1e3:>9.1f} '
+              f'{r["step_time_vs_dense"]:>7.2f}x {r["tokens_per_s"]:>10,.0f} '
+              f'{r["flops_per_token"] / 1e9:>10.3f} {r["achieved_flops"] / 1e12:>8.3f} '
+              f'{r["flop_rate_vs_dense"]:>10.2f} {r["mfu"]:>6.1%} {merge}')
+    print(f'config: {dtype}, batch {args.batch} x seq_len {args.seq_len}, {args.steps} timed steps (median), '
+          f'{devices}; experts: 4 FFN top-1 (capacity factor 1.25), 4 soft attention; '
+          f'Lory segments of {args.lory_segment_len} tokens (merge: E/T of an FFN per token)')
+    print(f'MFU peak: {rows[0]["peak_flops"] / 1e12:.3f} TFLOP/s ({rows[0]["peak_source"]})')
+
+
+def main() -> None:
+    args = _args()
     import gin
     import jax
 
@@ -88,7 +110,7 @@ def main() -> None:
     peak, peak_source = peak_flops(jax.numpy.dtype(dtype))
     devices = f'{jax.device_count()} x {jax.devices()[0].device_kind}'
     rows = []
-    for arch in archs:
+    for arch in args.archs:
         print(f'timing {arch} ...', flush=True)
         model = arch_config(dense, arch, args.lory_segment_len)
         row = time_train_step(model, args.batch, args.seq_len, args.steps)
@@ -100,20 +122,7 @@ def main() -> None:
         r['step_time_vs_dense'] = r['step_time_s'] / rows[0]['step_time_s']
         r['flop_rate_vs_dense'] = r['achieved_flops'] / rows[0]['achieved_flops']
 
-    header = (f'{"model":<24} {"params":>9} {"step ms":>9} {"vs dense":>8} {"tokens/s":>10} '
-              f'{"GFLOP/tok":>10} {"TFLOP/s":>8} {"rate/dense":>10} {"MFU":>6} {"merge":>6}')
-    print(header)
-    print('-' * len(header))
-    for r in rows:
-        merge = f'{r["lory_merge_overhead"]:>6.1%}' if r['lory_merge_overhead'] else f'{"-":>6}'
-        print(f'{r["name"]:<24} {r["params"] / 1e6:>8.1f}M {r["step_time_s"] * 1e3:>9.1f} '
-              f'{r["step_time_vs_dense"]:>7.2f}x {r["tokens_per_s"]:>10,.0f} '
-              f'{r["flops_per_token"] / 1e9:>10.3f} {r["achieved_flops"] / 1e12:>8.3f} '
-              f'{r["flop_rate_vs_dense"]:>10.2f} {r["mfu"]:>6.1%} {merge}')
-    print(f'config: {dtype}, batch {args.batch} x seq_len {args.seq_len}, {args.steps} timed steps (median), '
-          f'{devices}; experts: 4 FFN top-1 (capacity factor 1.25), 4 soft attention; '
-          f'Lory segments of {args.lory_segment_len} tokens (merge: E/T of an FFN per token)')
-    print(f'MFU peak: {peak / 1e12:.3f} TFLOP/s ({peak_source})')
+    _print_train_table(rows, args, dtype, devices)
     upcycle = None
     if not args.skip_upcycle:
         from bam_jax.benchmarks import upcycle as upcycle_bench
