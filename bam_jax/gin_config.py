@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import pathlib
+import tempfile
 
 import gin
 
@@ -12,6 +13,12 @@ from bam_jax.errors import BamJaxError
 # The repository root holds gin/: files are found relative to the working directory first,
 # then relative to it, so `include 'gin/seed.gin'` works from anywhere.
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# Parameters that earlier versions wrote into a run's operative config.gin and that no longer
+# exist, with the reason; they are skipped, so older runs still evaluate and resume.
+RETIRED_BINDINGS = {
+    'MoEConfig.capacity_factor_eval': 'inference never drops tokens, so it has no capacity',
+}
 
 
 def resolve_gin_file(name: str) -> str:
@@ -33,7 +40,9 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
     gin.add_config_file_search_path(str(REPO_ROOT))
     paths = [resolve_gin_file(f) for f in files]
     try:
-        gin.parse_config_files_and_bindings(paths, bindings)
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = [_without_retired(path, pathlib.Path(tmp) / str(i)) for i, path in enumerate(paths)]
+            gin.parse_config_files_and_bindings(paths, bindings)
     except (OSError, ValueError, SyntaxError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         hint = ''
@@ -41,6 +50,16 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
             hint = ' (string values need inner quotes: --gin.DOMAIN="\'code\'")'
         raise BamJaxError(f'gin: {first}{hint}') from None
     _check_override_macros(bindings)
+
+
+def _without_retired(path: str, copy: pathlib.Path) -> str:
+    """path, or a copy of it at `copy` without the lines that bind RETIRED_BINDINGS."""
+    lines = pathlib.Path(path).read_text().splitlines()
+    kept = [line for line in lines if line.partition('=')[0].strip() not in RETIRED_BINDINGS]
+    if len(kept) == len(lines):
+        return path
+    copy.write_text('\n'.join(kept) + '\n')
+    return str(copy)
 
 
 def _read_macros() -> set[str]:

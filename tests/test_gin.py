@@ -52,7 +52,7 @@ def test_cli_refuses_a_misspelt_macro_and_writes_nothing(tmp_path, monkeypatch, 
 
 ROUTING_FIELDS = {
     'MoEConfig': ('routing', 'top_k', 'gate', 'load_balance_weight', 'z_loss_weight',
-                  'capacity_factor_train', 'capacity_factor_eval'),
+                  'capacity_factor_train'),
     'MoAConfig': ('routing', 'top_k', 'gate', 'load_balance_weight', 'z_loss_weight'),
     'LoryConfig': ('segment_len', 'z_loss_weight'),
 }

@@ -355,10 +355,8 @@ def loss_fn(graphdef):
 
 @pytest.mark.parametrize('variant', VARIANTS)
 def test_sharded_equals_one_device(variant):
-    # MoE dispatch groups are a device's rows on the mesh and the whole batch on one device; a
-    # capacity of every token in the group (factor E / k = 2, here 4) means neither drops one,
-    # so the two runs compute the same function.
-    moe = MoEConfig(num_experts=4, top_k=2, gate='renormalize', capacity_factor_eval=4.0)
+    # Evaluation routes dropless, so the mesh and one device compute the same function.
+    moe = MoEConfig(num_experts=4, top_k=2, gate='renormalize')
     moa = MoAConfig(num_experts=4, shared_kv=VARIANTS[variant])
     cfg = ModelConfig(**MESH_CFG, moa=moa, moe=moe)
     graphdef, params = split_params(abstract_model(cfg))

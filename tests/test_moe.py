@@ -215,10 +215,10 @@ def test_dispatch_group_drops_by_hand(index, factor, keep):
 
 
 def test_layer_drops_pass_through_and_counts():
-    """A router set by hand routes [2, 3] tokens as K1_INDEX. Evaluation (capacity factor 0.6:
-    2 slots) drops tokens 3 and 5, whose output is exactly zero; training (factor 1.0: 3 slots)
+    """A router set by hand routes [2, 3] tokens as K1_INDEX. Training (capacity factor 0.6:
+    2 slots) drops tokens 3 and 5, whose output is exactly zero; evaluation is dropless and
     keeps everything."""
-    moe = MoEConfig(num_experts=2, top_k=1, capacity_factor_eval=0.6, capacity_factor_train=1.0)
+    moe = MoEConfig(num_experts=2, top_k=1, capacity_factor_train=0.6)
     graphdef, params, _ = make_layer(moe)
     kernel = np.zeros((D, 2), np.float32)
     kernel[0, 0] = kernel[1, 1] = 1.0  # logit e = x[..., e]
@@ -235,7 +235,7 @@ def test_layer_drops_pass_through_and_counts():
     full = np.stack([gate[t, 0] * np_expert(np.asarray(x, np.float64).reshape(6, D)[t:t + 1], p, index[t, 0])[0]
                      for t in range(6)])
 
-    y, aux = jax.jit(apply_fn(graphdef))(params, x)
+    y, aux = jax.jit(apply_fn(graphdef, train=True))(params, x)
     y = np.asarray(y).reshape(6, D)
     kept = np.asarray(K1_KEEP)[:, 0]
     assert np.all(y[~kept] == 0.0)
@@ -243,7 +243,7 @@ def test_layer_drops_pass_through_and_counts():
     close(aux['dropped_fraction'], 2 / 6, rtol=1e-6)
     close(aux['load'], [0.5, 0.5], rtol=1e-6)  # the router's choice, before capacity
 
-    y, aux = jax.jit(apply_fn(graphdef, train=True))(params, x)
+    y, aux = jax.jit(apply_fn(graphdef))(params, x)
     close(np.asarray(y).reshape(6, D), full)
     assert float(aux['dropped_fraction']) == 0.0
 
@@ -303,7 +303,7 @@ def test_identical_experts_equal_dense_swiglu(moe):
 
 def test_expert_split():
     """expert_split=2 of 2 experts: 4 routed experts of d_ff / 2 hidden units."""
-    moe = MoEConfig(num_experts=2, expert_split=2, top_k=2, capacity_factor_eval=4.0)
+    moe = MoEConfig(num_experts=2, expert_split=2, top_k=2)
     graphdef, params, cfg = make_layer(moe, seed=10)
     layer = nnx.eval_shape(lambda: MoEFeedForward(cfg, rngs=nnx.Rngs(0)))
     assert layer.num_experts == 4
@@ -334,8 +334,8 @@ B, T, EP_EXPERTS = 8, 4, 8
 def test_expert_parallel_equals_single_device(layout):
     mesh = create_mesh(MeshConfig(**layout))
     groups = layout['data'] * layout['fsdp'] * layout['expert']
-    ample = MoEConfig(num_experts=EP_EXPERTS, top_k=2, capacity_factor_eval=float(EP_EXPERTS))
-    tight = MoEConfig(num_experts=EP_EXPERTS, top_k=2, capacity_factor_eval=0.5)
+    ample = MoEConfig(num_experts=EP_EXPERTS, top_k=2, capacity_factor_train=float(EP_EXPERTS))
+    tight = MoEConfig(num_experts=EP_EXPERTS, top_k=2, capacity_factor_train=0.5)
     graphdef, params, cfg = make_layer(ample, seed=12)
     x = random_x((B, T, D), seed=13)
     ct = random_x((B, T, D), seed=14)  # a cotangent for the outputs
@@ -351,19 +351,21 @@ def test_expert_parallel_equals_single_device(layout):
         assert shardings['experts']['wi_gate'].spec[0] == 'expert'
     batch = NamedSharding(mesh, P(('data', 'fsdp', 'expert')))
 
-    def on_mesh(fn, check_all_to_all=False):
+    def on_mesh(fn, collectives=()):
         with jax.set_mesh(mesh):
             ps, xs = jax.device_put(params, shardings), jax.device_put(x, batch)
             compiled = jax.jit(fn).lower(ps, xs).compile()
-            if check_all_to_all:  # the experts really were spread over devices by shard_map
-                assert 'all-to-all' in compiled.as_text()
+            for op in collectives:  # the experts really were spread over devices by shard_map
+                assert op in compiled.as_text(), op
             out = compiled(ps, xs)
         assert len(out[0][1][0].sharding.device_set) == 8  # y really is spread over the mesh
         return out
 
-    # Ample capacity: values and gradients equal the dense reference on one device.
+    spread = layout['expert'] > 1
+    # Training with ample capacity: values and gradients equal the dense reference on one device.
     (loss0, (y0, aux0)), grads0 = jax.jit(loss_fn(reference_fn(ample)))(params, x)
-    (loss, (y, aux)), grads = on_mesh(loss_fn(apply_fn(graphdef)), check_all_to_all=layout['expert'] > 1)
+    (loss, (y, aux)), grads = on_mesh(loss_fn(apply_fn(graphdef, train=True)),
+                                      collectives=('all-to-all',) if spread else ())
     close(y, y0, rtol=1e-5, atol=1e-6)
     close(y, np_layer(x, params, ample)[0])
     close(loss, loss0, rtol=1e-5)
@@ -374,10 +376,17 @@ def test_expert_parallel_equals_single_device(layout):
         assert np.abs(np.asarray(g0)).max() > 0, jax.tree_util.keystr(path)
         close(g, g0, rtol=1e-5, atol=1e-6)
 
+    # Evaluation is dropless: the tight training config changes nothing, and each device runs its
+    # own experts on the expert axis's tokens (all-gather), summed back home (reduce-scatter).
+    (_, (y, aux)), _ = on_mesh(loss_fn(apply_fn(with_graphdef(tight))),
+                               collectives=('all-gather', 'reduce-scatter') if spread else ())
+    close(y, y0, rtol=1e-5, atol=1e-6)
+    assert float(aux['dropped_fraction']) == 0.0
+
     # Tight capacity: each device's share of the batch is its own dispatch group, with
     # capacity ceil(0.5 * tokens * 2 / 8) = 1 slot per expert, so tokens are dropped.
     tight_def = with_graphdef(tight)
-    (_, (y, aux)), grads = on_mesh(loss_fn(apply_fn(tight_def), with_aux=False))
+    (_, (y, aux)), grads = on_mesh(loss_fn(apply_fn(tight_def, train=True), with_aux=False))
     want, keep = np_layer(x, params, tight, capacity_factor=0.5, groups=groups)
     assert 0 < keep.sum() < keep.size
     close(y, want)
@@ -388,7 +397,7 @@ def test_expert_parallel_equals_single_device(layout):
     rows = B // groups
 
     def per_group(params, x):
-        run = lambda xg: apply_fn(tight_def)(params, xg)[0]  # noqa: E731
+        run = lambda xg: apply_fn(tight_def, train=True)(params, xg)[0]  # noqa: E731
         y = jax.vmap(run)(x.reshape(groups, rows, T, D)).reshape(x.shape)
         return jnp.sum(y * ct), y
 
@@ -402,7 +411,7 @@ def test_expert_parallel_equals_single_device(layout):
 # Sampled routing.
 
 def test_sample_top1_train_samples_and_eval_is_deterministic():
-    moe = MoEConfig(num_experts=4, routing='sample_top1', capacity_factor_train=4.0, capacity_factor_eval=4.0)
+    moe = MoEConfig(num_experts=4, routing='sample_top1', capacity_factor_train=4.0)
     graphdef, params, _ = make_layer(moe, seed=15, router_scale=0.3)  # flat-ish router: samples vary
     x = random_x((4, 8, D), seed=16)
     n = 32

@@ -315,7 +315,6 @@ def test_router_gradients_are_finite_and_nonzero(moe):
     lambda: MoEConfig(num_experts=2, expert_split=2, top_k=5),
     lambda: MoEConfig(expert_split=0),
     lambda: MoEConfig(capacity_factor_train=0.0),
-    lambda: MoEConfig(capacity_factor_eval=-1.0),
     lambda: MoEConfig(load_balance_weight=-0.1),
     lambda: MoAConfig(routing='hard'),
     lambda: MoAConfig(num_experts=2, routing='top_k', top_k=3),
@@ -323,7 +322,7 @@ def test_router_gradients_are_finite_and_nonzero(moe):
     lambda: ModelConfig(**TINY, moe=MoEConfig(expert_split=3)),   # d_ff 32 % 3
     lambda: ModelConfig(**{**TINY, 'd_ff': 30}, moe=MoEConfig(expert_split=4)),
 ], ids=['moe-routing', 'moe-gate', 'moe-top_k>E', 'moe-top_k=0', 'moe-no-experts', 'moe-top_k>E*C',
-        'moe-split0', 'moe-capacity-train', 'moe-capacity-eval', 'moe-lb-weight', 'moa-routing',
+        'moe-split0', 'moe-capacity-train', 'moe-lb-weight', 'moa-routing',
         'moa-top_k>E', 'moa-z-weight', 'split-3', 'split-4'])
 def test_routed_config_errors(make):
     with pytest.raises(BamJaxError):

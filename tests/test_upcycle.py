@@ -171,9 +171,8 @@ def test_copies_of_one_dense_model_compute_the_dense_logits(dense, upcycled, met
 
     written = ckpt.read_model_config(step_dir(out))
     assert written.moe.num_experts == 3
-    capacity = written.moe.num_routed_experts  # capacity = every token for every expert: no drops
     for ffn in (dict(routing='soft'), dict(routing='top_k', top_k=2, gate='renormalize')):
-        moe = dataclasses.replace(written.moe, capacity_factor_eval=float(capacity), **ffn)
+        moe = dataclasses.replace(written.moe, **ffn)  # evaluation: dropless
         moa = written.moa and dataclasses.replace(written.moa, routing='soft')
         routed = dataclasses.replace(written, moe=moe, moa=moa)
         got, aux = logits_of(routed, params, batch)

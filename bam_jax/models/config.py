@@ -75,24 +75,24 @@ class RoutedConfig:
 class MoEConfig(RoutedConfig):
     """Routed FFN experts (bam_jax/models/moe.py). Defaults: BAM's top-1, Switch capacity.
 
-    capacity_factor_train / _eval: each expert takes at most
+    capacity_factor_train: in training each expert takes at most
       ceil(factor * tokens * k / experts) tokens of a dispatch group (a device's share of the
-      batch); the rest pass through on the residual and are counted as dropped.
+      batch); the rest pass through on the residual and are counted as dropped. Inference
+      (evaluation, log-likelihoods, decoding) has no capacity: it never drops a token.
     expert_split: BTX's split-experts ablation: each expert's FFN is cut into this many
       chunks of d_ff / expert_split hidden units, giving num_experts * expert_split experts.
     """
     ARCHITECTURE: ClassVar[tuple[str, ...]] = ('num_experts', 'expert_split')
 
     capacity_factor_train: float = 1.25
-    capacity_factor_eval: float = 2.0
     expert_split: int = 1
 
     def __post_init__(self):
         if self.expert_split < 1:
             raise BamJaxError(f'MoEConfig.expert_split must be >= 1, got {self.expert_split}')
         super().__post_init__()
-        if min(self.capacity_factor_train, self.capacity_factor_eval) <= 0:
-            raise BamJaxError('MoEConfig capacity factors must be > 0')
+        if self.capacity_factor_train <= 0:
+            raise BamJaxError(f'MoEConfig.capacity_factor_train must be > 0, got {self.capacity_factor_train}')
 
     @property
     def num_routed_experts(self) -> int:

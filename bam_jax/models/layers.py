@@ -53,6 +53,38 @@ def attention_mask(segment_ids):
     return (causal[None] & same_doc)[:, None]
 
 
+def cache_mask(positions, cache_len: int):
+    """What a query may read from a KV cache: the slots up to its own position.
+
+    A row's token at position p sits in cache slot p, so this is the causal mask over the
+    cache; slots past the position (padding, or not yet written) are never read.
+    positions: [B, T] -> [B, 1, T, S].
+    """
+    return (jnp.arange(cache_len)[None, None, :] <= positions[:, :, None])[:, None]
+
+
+def write_cache(cache, k, v, positions):
+    """Writes k, v [B, T, K, Dh] into cache {'k', 'v'} [B, S, K, Dh] at each row's slots
+    positions[b, 0] .. positions[b, 0] + T - 1 (a row's positions are consecutive)."""
+    def put(buffer, new):
+        at = jax.vmap(lambda row, update, start: jax.lax.dynamic_update_slice_in_dim(row, update, start, axis=0))
+        return at(buffer, new.astype(buffer.dtype), positions[:, 0])
+    return {'k': put(cache['k'], k), 'v': put(cache['v'], v)}
+
+
+def attend(q, k, v, positions, mask, cache=None, gate=None):
+    """dot_product_attention over the step's own K/V, or through a KV cache.
+
+    With a cache ({'k', 'v'} [B, S, K, Dh], see bam_jax/generate/cache.py), k and v are written
+    at their positions first and q reads the whole cache under cache_mask (mask is unused).
+    Returns (out [B, T, H, Dh], the updated cache or None).
+    """
+    if cache is not None:
+        cache = write_cache(cache, k, v, positions)
+        k, v, mask = cache['k'], cache['v'], cache_mask(positions, cache['k'].shape[1])
+    return dot_product_attention(q, k, v, mask, gate), cache
+
+
 def dot_product_attention(q, k, v, mask, gate=None):
     """Grouped-query attention. q: [B, T, H, Dh]; k, v: [B, S, K, Dh]; mask: [B, 1, T, S].
 
@@ -88,16 +120,18 @@ class Attention(nnx.Module):
         out_init = nnx.initializers.normal(config.init_std / (2 * config.num_layers) ** 0.5)
         self.wo = param(rngs, out_init, (h, dh, d), wd, ('q_heads', 'head_dim', 'embed'))
 
-    def __call__(self, x, positions, mask, *, train: bool = False, rng=None):
-        """x: [B, T, D] -> [B, T, D]. train, rng: the routed layers' interface; unused here."""
+    def __call__(self, x, positions, mask, *, train: bool = False, rng=None, cache=None):
+        """x: [B, T, D] -> [B, T, D], or (y, cache) when a KV cache ({'k', 'v'} [B, S, K, Dh])
+        is given (see attend). train, rng: the routed layers' interface; unused here."""
         dt = self.config.compute_dtype
         x = x.astype(dt)
         q = jnp.einsum('btd,dhk->bthk', x, self.wq[...].astype(dt))
         k = jnp.einsum('btd,dhk->bthk', x, self.wk[...].astype(dt))
         v = jnp.einsum('btd,dhk->bthk', x, self.wv[...].astype(dt))
         theta = self.config.rope_theta
-        out = dot_product_attention(rope(q, positions, theta), rope(k, positions, theta), v, mask)
-        return jnp.einsum('bthk,hkd->btd', out, self.wo[...].astype(dt))
+        out, cache = attend(rope(q, positions, theta), rope(k, positions, theta), v, positions, mask, cache)
+        y = jnp.einsum('bthk,hkd->btd', out, self.wo[...].astype(dt))
+        return y if cache is None else (y, cache)
 
 
 class SwiGLU(nnx.Module):

@@ -35,17 +35,22 @@ def masked_mean(x, mask, axis):
     return total / jnp.maximum(jnp.sum(mask, axis=axis), 1.0)
 
 
-def merged_swiglu(x, merge, wi_gate, wi_up, wo, dtype):
-    """One SwiGLU per (row, segment) with the merged weights.
+def merge_experts(merge, wi_gate, wi_up, wo, dtype) -> dict:
+    """The experts' weights averaged by `merge`, in float32, then cast to `dtype`.
 
-    x: [B, S, T, D]; merge: [B, S, E] float32; expert weights float32 [E, D, F], [E, D, F], [E, F, D].
-    The merge runs in float32 and the merged weights are cast to `dtype` for the FFN.
-    Returns [B, S, T, D] in `dtype`.
+    merge: [B, S, E] float32; expert weights float32 [E, D, F], [E, D, F], [E, F, D].
+    Returns {'wi_gate', 'wi_up': [B, S, D, F], 'wo': [B, S, F, D]}: one FFN per (row, segment).
     """
-    gate, up, out = (jnp.einsum('bse,e...->bs...', merge, w).astype(dtype) for w in (wi_gate, wi_up, wo))
-    x = x.astype(dtype)
-    hidden = jax.nn.silu(jnp.einsum('bstd,bsdf->bstf', x, gate)) * jnp.einsum('bstd,bsdf->bstf', x, up)
-    return jnp.einsum('bstf,bsfd->bstd', hidden, out)
+    return {name: jnp.einsum('bse,e...->bs...', merge, w).astype(dtype)
+            for name, w in (('wi_gate', wi_gate), ('wi_up', wi_up), ('wo', wo))}
+
+
+def merged_swiglu(x, merged: dict):
+    """Each (row, segment)'s own SwiGLU. x: [B, S, T, D]; merged: merge_experts' -> [B, S, T, D]."""
+    x = x.astype(merged['wo'].dtype)
+    hidden = (jax.nn.silu(jnp.einsum('bstd,bsdf->bstf', x, merged['wi_gate']))
+              * jnp.einsum('bstd,bsdf->bstf', x, merged['wi_up']))
+    return jnp.einsum('bstf,bsfd->bstd', hidden, merged['wo'])
 
 
 class LoryFeedForward(nnx.Module):
@@ -61,15 +66,20 @@ class LoryFeedForward(nnx.Module):
         self.router = Router(self.num_experts, config, rngs=rngs)
         self.experts = SwiGLUExperts(self.num_experts, config.d_ff, config, rngs=rngs)
 
-    def __call__(self, x, segment_ids, *, train: bool = False, rng=None, prompt_len=None):
+    def __call__(self, x, segment_ids, *, train: bool = False, rng=None, prompt_len=None, cache=None):
         """x: [B, L, D]; segment_ids: [B, L] (0 = padding, left out of every mean) -> [B, L, D].
 
         prompt_len (int or [B]): inference; one merge per row from the mean of its first
         prompt_len tokens, used at every position. None: training-time segment routing.
+        cache (decoding): a row's merged FFN, as merge_experts returns it with S = 1. With
+        prompt_len (the prefill) it is computed and returned; without, the cached FFN serves
+        the new tokens, at a dense FFN's cost. Given a cache, returns (y, cache).
         train, rng: the routed layers' interface; Lory neither samples nor drops.
         """
         batch, length, d = x.shape
         x = x.astype(self.dtype)
+        if cache is not None and prompt_len is None:
+            return merged_swiglu(x[:, None], cache)[:, 0], cache
         real = segment_ids > 0
         if prompt_len is None:
             t = self.lory.segment_len
@@ -87,9 +97,10 @@ class LoryFeedForward(nnx.Module):
             logits = self.router(masked_mean(x, prompt, axis=1))[:, None]  # [B, 1, E]
             real = real[:, None]
         merge = jax.nn.softmax(logits, axis=-1)
-        y = merged_swiglu(x_seg, merge, *self.experts.weights(jnp.float32), self.dtype)
+        merged = merge_experts(merge, *self.experts.weights(jnp.float32), self.dtype)
+        y = merged_swiglu(x_seg, merged).reshape(batch, -1, d)[:, :length]
         report(self, self.aux(logits, merge, jnp.any(real, axis=-1)))
-        return y.reshape(batch, -1, d)[:, :length]
+        return y if cache is None else (y, merged)
 
     def aux(self, logits, merge, used) -> dict:
         """routing.router_aux's keys over the merges that segments with a real token use.

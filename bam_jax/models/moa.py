@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bam_jax.models.config import ModelConfig
-from bam_jax.models.layers import dot_product_attention, param, rope
+from bam_jax.models.layers import attend, param, rope
 from bam_jax.models.routing import Router, combine_weights, report, route, router_aux
 
 
@@ -62,17 +62,21 @@ class MoAttention(nnx.Module):
             self.wk = param(rngs, init, (d, k, dh), config.weight_dtype, ('embed', 'kv_heads', 'head_dim'))
             self.wv = param(rngs, init, (d, k, dh), config.weight_dtype, ('embed', 'kv_heads', 'head_dim'))
 
-    def __call__(self, x, positions, mask, *, train: bool = False, rng=None):
-        """x: [B, T, D]; positions: [B, T]; mask: [B, 1, T, T] -> [B, T, D]."""
+    def __call__(self, x, positions, mask, *, train: bool = False, rng=None, cache=None):
+        """x: [B, T, D]; positions: [B, T]; mask: [B, 1, T, T] -> [B, T, D].
+
+        cache: a KV cache {'k', 'v'} [B, S, N*K, Dh] (expert KV) or [B, S, K, Dh] (shared KV,
+        the dense model's); given one, returns (y, cache) (see layers.attend).
+        """
         x = x.astype(self.config.compute_dtype)
         logits = self.router(x)
         index, gate, probs = route(logits, self.moa, rng if train else None)
         gates = combine_weights(index, gate, self.moa.num_experts)  # [B, T, N]
         q = jnp.einsum('btd,nd...->btn...', x, self._weight(self.experts.wq))  # [B, T, N, H, Dh]
-        attend = self._shared_kv if self.moa.shared_kv else self._expert_kv
-        y = attend(x, q, gates, positions, mask)
+        attention = self._shared_kv if self.moa.shared_kv else self._expert_kv
+        y, cache = attention(x, q, gates, positions, mask, cache)
         report(self, router_aux(logits, probs, index, self.moa))
-        return y
+        return y if cache is None else (y, cache)
 
     def _weight(self, w):
         return w[...].astype(self.config.compute_dtype)
@@ -80,18 +84,18 @@ class MoAttention(nnx.Module):
     def _rope(self, x, positions):
         return rope(x, positions, self.config.rope_theta)
 
-    def _expert_kv(self, x, q, gates, positions, mask):
+    def _expert_kv(self, x, q, gates, positions, mask, cache):
         # Heads ordered (expert, head): query head j*H + h falls in K/V group j*K + h // (H/K),
         # i.e. expert j's query heads read expert j's K/V heads, as grouped-query attention does.
         batch, length, n, heads, head_dim = q.shape
         k = jnp.einsum('btd,nd...->btn...', x, self._weight(self.experts.wk)).reshape(batch, length, -1, head_dim)
         v = jnp.einsum('btd,nd...->btn...', x, self._weight(self.experts.wv)).reshape(batch, length, -1, head_dim)
-        out = dot_product_attention(self._rope(q.reshape(batch, length, n * heads, head_dim), positions),
-                                    self._rope(k, positions), v, mask,
-                                    gate=jnp.repeat(gates, heads, axis=-1))  # [B, T, N*H]
-        return jnp.einsum('btnhx,nhxd->btd', out.reshape(q.shape), self._weight(self.experts.wo))
+        out, cache = attend(self._rope(q.reshape(batch, length, n * heads, head_dim), positions),
+                            self._rope(k, positions), v, positions, mask, cache,
+                            gate=jnp.repeat(gates, heads, axis=-1))  # [B, T, N*H]
+        return jnp.einsum('btnhx,nhxd->btd', out.reshape(q.shape), self._weight(self.experts.wo)), cache
 
-    def _shared_kv(self, x, q, gates, positions, mask):
+    def _shared_kv(self, x, q, gates, positions, mask, cache):
         # Heads ordered (K/V head, expert, head within its group): the readers of each shared
         # K/V head are contiguous, the layout grouped-query attention expects.
         batch, length, n, heads, head_dim = q.shape
@@ -101,8 +105,8 @@ class MoAttention(nnx.Module):
         v = jnp.einsum('btd,dkx->btkx', x, self._weight(self.wv))
         q = q.reshape(batch, length, n, kv, group, head_dim).transpose(0, 1, 3, 2, 4, 5)
         head_gates = jnp.broadcast_to(gates[:, :, None, :, None], q.shape[:-1])
-        out = dot_product_attention(self._rope(q.reshape(batch, length, -1, head_dim), positions),
-                                    self._rope(k, positions), v, mask,
-                                    gate=head_gates.reshape(batch, length, -1))
+        out, cache = attend(self._rope(q.reshape(batch, length, -1, head_dim), positions),
+                            self._rope(k, positions), v, positions, mask, cache,
+                            gate=head_gates.reshape(batch, length, -1))
         wo = self._weight(self.experts.wo).reshape(n, kv, group, head_dim, -1)
-        return jnp.einsum('btknhx,nkhxd->btd', out.reshape(q.shape), wo)
+        return jnp.einsum('btknhx,nkhxd->btd', out.reshape(q.shape), wo), cache

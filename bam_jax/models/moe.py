@@ -4,19 +4,27 @@ experts run on it, and their outputs are summed, weighted by the gates.
 Weights (docs/checkpoint_format.md): router/kernel [D, E]; experts/wi_gate and experts/wi_up
 [E, D, F]; experts/wo [E, F, D]. With expert_split C, E = num_experts * C and F = d_ff / C.
 
-Two computations of the same function:
-  dispatch  token choice with a capacity (top_k, sample_top1). Inside jax.shard_map every device
+Three computations of the same function:
+  dispatch  training's token choice with a capacity (top_k, sample_top1). Inside jax.shard_map every device
             sorts its own tokens (one dispatch group) into per-expert buffers of `capacity`
             slots; jax.lax.all_to_all over the mesh axis `expert` sends each buffer to the device
             that holds the expert, the experts run, a second all_to_all brings the outputs back,
             and each token sums its experts' outputs. An assignment past its expert's capacity
             is dropped: it adds nothing, so the token passes on the residual alone.
+  dropless  inference's token choice (evaluation, log-likelihoods, decoding): every assignment is
+            computed, so a token's output never depends on its batch-mates or the device count.
+            The assignments are sorted by expert and each projection is one grouped matmul
+            (jax.lax.ragged_dot): N*K rows are computed, and each expert's weights are read once,
+            or not at all when no token chose it. With the experts spread over the mesh axis
+            `expert`, each device gathers that axis's tokens, runs its own experts on the
+            assignments they received, and a reduce-scatter returns each token's sum home.
   dense     every expert on every token, weighted by the gates (zero for unchosen experts).
             It is the algorithm for soft routing, and the reference the tests check dispatch by.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -108,27 +116,70 @@ def dispatch_group(x, expert_index, gate, weights, *, num_experts: int, capacity
     return y.astype(x.dtype).reshape(b, t, d), keep.reshape(b, t, k)
 
 
-def dispatch(x, expert_index, gate, weights, *, num_experts: int, capacity_factor: float):
-    """dispatch_group over the current mesh (jax.set_mesh), one group per batch shard.
+def dropless_group(x, expert_index, gate, weights, *, expert_axis: str | None = None,
+                   tensor_axis: str | None = None):
+    """Token-choice experts with no capacity, for one group (one device's tokens in shard_map).
 
-    Without a mesh, the whole batch is one group.
+    x: [b, T, D]; expert_index, gate: [b, T, K]; weights: this device's expert weights
+    ([E or E/ep, D, F or F/tp], ...). expert_axis, tensor_axis: as for dispatch_group.
+    Returns y [b, T, D].
     """
+    b, t, d = x.shape
+    k = expert_index.shape[-1]
+    rows, index, gate = x.reshape(-1, d), expert_index.reshape(-1), gate.reshape(-1)
+    if expert_axis:  # every device sees the tokens of the whole axis, for its own experts
+        rows, index, gate = (jax.lax.all_gather(a, expert_axis, tiled=True) for a in (rows, index, gate))
+    local = weights[0].shape[0]
+    first = jax.lax.axis_index(expert_axis) * local if expert_axis else 0
+    index = index - first
+    mine = (index >= 0) & (index < local)
+    index = jnp.where(mine, index, local)  # other devices' experts sort last, in no group
+    order = jnp.argsort(index, stable=True)
+    token = order // k  # assignment a is token a // K's choice a % K
+    sizes = jnp.sum(jax.nn.one_hot(index, local, dtype=jnp.int32), axis=0)
+    wi_gate, wi_up, wo = weights
+    sorted_rows = rows[token]
+    hidden = (jax.nn.silu(jax.lax.ragged_dot(sorted_rows, wi_gate, sizes))
+              * jax.lax.ragged_dot(sorted_rows, wi_up, sizes))
+    out = jax.lax.ragged_dot(hidden, wo, sizes).astype(jnp.float32)
+    weight = jnp.where(mine, gate, 0.0)[order]
+    y = jnp.zeros((rows.shape[0], d), jnp.float32).at[token].add(out * weight[:, None])
+    if expert_axis:  # each token's partial sums, from every device, back to its own device
+        y = jax.lax.psum_scatter(y, expert_axis, scatter_dimension=0, tiled=True)
+    if tensor_axis:
+        y = jax.lax.psum(y, tensor_axis)
+    return y.astype(x.dtype).reshape(b, t, d)
+
+
+def _over_mesh(group_fn, x, expert_index, gate, weights, num_outputs: int):
+    """group_fn(x, expert_index, gate, weights, expert_axis=, tensor_axis=) over the current mesh
+    (jax.set_mesh), one group per batch shard. Without a mesh, the whole batch is one group."""
     mesh = jax.sharding.get_abstract_mesh()
-    run = dict(num_experts=num_experts, capacity_factor=capacity_factor)
     if mesh.empty:
-        return dispatch_group(x, expert_index, gate, weights, **run)
+        return group_fn(x, expert_index, gate, weights)
     batch = logical_to_spec(('batch', None, None), x.shape, mesh)
     wi = logical_to_spec(('experts', None, 'mlp'), weights[0].shape, mesh)
     batch_axes = batch[0] if isinstance(batch[0], tuple) else (batch[0],)
-    # all_to_all needs the tokens split over the same axis as the experts; otherwise gather them.
+    # Tokens must be split over the same axis as the experts to exchange them; otherwise gather.
     expert_axis = 'expert' if wi[0] == 'expert' and 'expert' in batch_axes else None
     tensor_axis = wi[2]
     wi = jax.sharding.PartitionSpec(expert_axis, None, tensor_axis)
     wo = jax.sharding.PartitionSpec(expert_axis, tensor_axis, None)
-    run.update(expert_axis=expert_axis, tensor_axis=tensor_axis)
-    sharded = jax.shard_map(lambda *a: dispatch_group(*a, **run), mesh=mesh,
-                            in_specs=(batch, batch, batch, (wi, wi, wo)), out_specs=(batch, batch))
+    run = functools.partial(group_fn, expert_axis=expert_axis, tensor_axis=tensor_axis)
+    out_specs = batch if num_outputs == 1 else (batch,) * num_outputs
+    sharded = jax.shard_map(run, mesh=mesh, in_specs=(batch, batch, batch, (wi, wi, wo)), out_specs=out_specs)
     return sharded(x, expert_index, gate, weights)
+
+
+def dispatch(x, expert_index, gate, weights, *, num_experts: int, capacity_factor: float):
+    """dispatch_group over the current mesh: (y [B, T, D], keep [B, T, K])."""
+    group = functools.partial(dispatch_group, num_experts=num_experts, capacity_factor=capacity_factor)
+    return _over_mesh(group, x, expert_index, gate, weights, num_outputs=2)
+
+
+def dropless(x, expert_index, gate, weights):
+    """dropless_group over the current mesh: y [B, T, D]."""
+    return _over_mesh(dropless_group, x, expert_index, gate, weights, num_outputs=1)
 
 
 class MoEFeedForward(nnx.Module):
@@ -145,7 +196,7 @@ class MoEFeedForward(nnx.Module):
         self.experts = SwiGLUExperts(self.num_experts, config.d_ff // config.moe.expert_split, config, rngs=rngs)
 
     def __call__(self, x, *, train: bool = False, rng=None):
-        """x: [B, T, D] -> [B, T, D]. train: training capacity factor and sampled routing."""
+        """x: [B, T, D] -> [B, T, D]. train: capacity and sampled routing; otherwise dropless."""
         x = x.astype(self.dtype)
         logits = self.router(x)
         index, gate, probs = route(logits, self.moe, rng if train else None)
@@ -155,9 +206,11 @@ class MoEFeedForward(nnx.Module):
             combine = combine_weights(index, gate, self.num_experts)
             y = dense_experts(x.reshape(-1, x.shape[-1]), combine.reshape(-1, self.num_experts), *weights)
             y = y.reshape(x.shape)
-        else:
-            factor = self.moe.capacity_factor_train if train else self.moe.capacity_factor_eval
-            y, keep = dispatch(x, index, gate, weights, num_experts=self.num_experts, capacity_factor=factor)
+        elif train:
+            y, keep = dispatch(x, index, gate, weights, num_experts=self.num_experts,
+                               capacity_factor=self.moe.capacity_factor_train)
             dropped = jnp.mean(~keep, dtype=jnp.float32)  # exactly 0 when nothing is dropped
+        else:
+            y = dropless(x, index, gate, weights)
         report(self, router_aux(logits, probs, index, self.moe, dropped))
         return y

@@ -46,18 +46,35 @@ class Block(nnx.Module):
         else:
             self.ffn = SwiGLU(config, rngs=rngs)
 
-    def __call__(self, x, positions, mask, segment_ids, *, train: bool = False, rng=None, prompt_len=None):
+    def __call__(self, x, positions, mask, segment_ids, *, train: bool = False, rng=None, prompt_len=None,
+                 cache=None):
         """x: [B, T, D] -> [B, T, D]. train and rng reach the routers (capacity, sampling);
-        segment_ids ([B, T], 0 = padding) and prompt_len reach a Lory FFN only."""
+        segment_ids ([B, T], 0 = padding) and prompt_len reach a Lory FFN only.
+        cache: this layer's decoding cache {'attn': KV cache[, 'ffn': Lory's merged FFN]}
+        (bam_jax/generate/cache.py); given one, returns (y, cache)."""
         attn = dict(train=train, rng=_fold(rng, 0))
         ffn = dict(train=train, rng=_fold(rng, 1))
         if isinstance(self.ffn, LoryFeedForward):
             ffn = dict(ffn, segment_ids=segment_ids, prompt_len=prompt_len)
+        if cache is not None:
+            cache = dict(cache)
+            attn['cache'] = cache['attn']
+            if 'ffn' in cache:
+                ffn['cache'] = cache['ffn']
+
+        def call(layer, name, *args, **kwargs):
+            if 'cache' not in kwargs:
+                return layer(*args, **kwargs)
+            out, cache[name] = layer(*args, **kwargs)
+            return out
+
         if self.parallel:
             h = self.norm(x)
-            return x + self.attn(h, positions, mask, **attn) + self.ffn(h, **ffn)
-        x = x + self.attn(self.attn_norm(x), positions, mask, **attn)
-        return x + self.ffn(self.ffn_norm(x), **ffn)
+            y = x + call(self.attn, 'attn', h, positions, mask, **attn) + call(self.ffn, 'ffn', h, **ffn)
+        else:
+            x = x + call(self.attn, 'attn', self.attn_norm(x), positions, mask, **attn)
+            y = x + call(self.ffn, 'ffn', self.ffn_norm(x), **ffn)
+        return y if cache is None else (y, cache)
 
 
 class DecoderLM(nnx.Module):
@@ -72,7 +89,7 @@ class DecoderLM(nnx.Module):
             self.unembed = Unembed(config, rngs=rngs)
 
     def __call__(self, tokens, segment_ids=None, positions=None, *, train: bool = False, rng=None,
-                 prompt_len=None):
+                 prompt_len=None, cache=None):
         """tokens: [B, T] int -> float32 logits [B, T, V].
 
         segment_ids ([B, T], packed documents; default one document) keep documents from
@@ -80,20 +97,40 @@ class DecoderLM(nnx.Module):
         the routers' training behaviour; rng (a key) drives sampled routing. prompt_len (int
         or [B]): Lory layers merge their experts once per row from the first prompt_len tokens
         (inference) instead of per segment; other layers ignore it.
+        cache: decoding (bam_jax/generate): one cache per layer; a row's token at position p is
+        written to slot p and attends to slots 0..p, so segment_ids only mark padding for Lory.
+        Returns (logits, cache) then.
         Routed layers report their losses and metrics to bam_jax.models.routing.call_with_aux.
         """
+        out = self.hidden(tokens, segment_ids, positions, train=train, rng=rng, prompt_len=prompt_len, cache=cache)
+        if cache is None:
+            return self.logits(out)
+        return self.logits(out[0]), out[1]
+
+    def hidden(self, tokens, segment_ids=None, positions=None, *, train: bool = False, rng=None,
+               prompt_len=None, cache=None):
+        """The final normed hidden states [B, T, D] (and the cache, if given): __call__ without
+        the output layer, for callers that need the logits of a few positions only."""
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
-        mask = attention_mask(segment_ids)
+        mask = attention_mask(segment_ids) if cache is None else None
         x = self.embed(tokens)
+        new_cache = []
         for i, block in enumerate(self.layers):
-            x = block(x, positions, mask, segment_ids, train=train, rng=_fold(rng, i), prompt_len=prompt_len)
+            kwargs = dict(train=train, rng=_fold(rng, i), prompt_len=prompt_len)
+            if cache is None:
+                x = block(x, positions, mask, segment_ids, **kwargs)
+            else:
+                x, layer_cache = block(x, positions, mask, segment_ids, cache=cache[i], **kwargs)
+                new_cache.append(layer_cache)
         x = self.final_norm(x)
-        if self.config.tie_embeddings:
-            return self.embed.attend(x)
-        return self.unembed(x)
+        return x if cache is None else (x, new_cache)
+
+    def logits(self, x):
+        """float32 logits [B, T, V] of final hidden states [B, T, D]."""
+        return self.embed.attend(x) if self.config.tie_embeddings else self.unembed(x)
 
 
 def build_model(config: ModelConfig, seed: int = 0) -> DecoderLM:

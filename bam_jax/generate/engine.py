@@ -1,0 +1,167 @@
+"""The decode engine: prefill, one decode step, and a decode loop that runs on the device.
+
+All three are pure functions of (params, inputs, cache), jit-compiled once per shape with the
+cache donated, so each step updates the cache in place. Prompts of different lengths share a
+batch right-padded: row b's prompt fills cache slots 0..len_b-1, its n-th new token goes to
+slot len_b + n, and each query reads the slots up to its own position (layers.cache_mask), so
+no row ever reads padding or another row's state. Routed FFN experts run dropless at inference
+(bam_jax/models/moe.py), so a row's tokens never depend on its batch-mates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from bam_jax.generate.cache import cache_shardings, cache_spec, init_cache
+from bam_jax.generate.sampling import Sampling, sample
+from bam_jax.models import ModelConfig, merge_params
+from bam_jax.parallel.sharding import logical_to_spec
+
+NOTHING = -1  # in a row's output after it stopped
+GREEDY = Sampling()
+
+
+def prefill(graphdef: nnx.GraphDef, params, tokens, lengths, cache):
+    """Runs the prompts in one forward pass and fills the cache.
+
+    tokens: [B, P] int, row b's prompt in its first lengths[b] entries; lengths: [B] >= 1.
+    Returns (logits [B, V] float32 of each row's next token, cache).
+    """
+    batch, width = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(width), (batch, width))
+    segment_ids = (positions < lengths[:, None]).astype(jnp.int32)  # padding: 0 (Lory's merge skips it)
+    model = merge_params(graphdef, params)
+    hidden, cache = model.hidden(tokens, segment_ids, positions, prompt_len=lengths, cache=cache)
+    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
+    return model.logits(last)[:, 0], cache
+
+
+def decode_step(graphdef: nnx.GraphDef, params, tokens, positions, cache):
+    """Appends one token per row. tokens, positions: [B] -> (logits [B, V] float32, cache)."""
+    model = merge_params(graphdef, params)
+    logits, cache = model(tokens[:, None], None, positions[:, None], cache=cache)
+    return logits[:, 0], cache
+
+
+def _step_keys(keys, count):
+    return jax.vmap(jax.random.fold_in)(keys, count)
+
+
+def start(graphdef, params, tokens, lengths, cache, keys, max_new, *, sampling: Sampling, eos_id: int):
+    """prefill and the first new token. Returns the loop state: {'cache', 'token' [B] (the last
+    new token), 'position' [B] (its slot), 'count' [B] (new tokens so far), 'max_new' [B],
+    'done' [B], 'keys' [B]}."""
+    logits, cache = prefill(graphdef, params, tokens, lengths, cache)
+    token = sample(logits, _step_keys(keys, jnp.zeros_like(lengths)), sampling)
+    count = jnp.ones_like(lengths)
+    return {'cache': cache, 'token': token, 'position': lengths, 'count': count, 'max_new': max_new,
+            'done': (token == eos_id) | (count >= max_new), 'keys': keys}
+
+
+def decode_loop(graphdef, state: dict, params, *, steps: int, sampling: Sampling, eos_id: int):
+    """Up to `steps` decode steps in one lax.while_loop, ending early once every row is done.
+
+    Returns (state, tokens [B, steps]: each step's new token, NOTHING for rows already done).
+    """
+    batch = state['token'].shape[0]
+
+    def body(carry):
+        i, state, out = carry
+        logits, cache = decode_step(graphdef, params, state['token'], state['position'], state['cache'])
+        active = ~state['done']
+        token = jnp.where(active, sample(logits, _step_keys(state['keys'], state['count']), sampling), NOTHING)
+        count = state['count'] + active
+        state = dict(state, cache=cache, token=jnp.where(active, token, state['token']),
+                     position=state['position'] + active, count=count,
+                     done=state['done'] | (token == eos_id) | (count >= state['max_new']))
+        return i + 1, state, out.at[:, i].set(token)
+
+    def more(carry):
+        i, state, _ = carry
+        return (i < steps) & ~jnp.all(state['done'])
+
+    out = jnp.full((batch, steps), NOTHING, jnp.int32)
+    _, state, out = jax.lax.while_loop(more, body, (0, state, out))
+    return state, out
+
+
+class Engine:
+    """Compiled prefill, decode step and decode loop for one model, on an optional mesh.
+
+    params must be placed as the model's parameter shardings on that mesh (or unplaced
+    without one). Compilations are cached per shape: prompt widths are rounded up to a
+    multiple of `bucket`.
+    """
+
+    def __init__(self, graphdef: nnx.GraphDef, config: ModelConfig, mesh: Mesh | None = None, bucket: int = 64):
+        self.graphdef, self.config, self.mesh, self.bucket = graphdef, config, mesh, bucket
+        self.prefill = jax.jit(functools.partial(prefill, graphdef), donate_argnums=3)
+        self.decode_step = jax.jit(functools.partial(decode_step, graphdef), donate_argnums=3)
+        self._start = jax.jit(functools.partial(start, graphdef), static_argnames=('sampling', 'eos_id'),
+                              donate_argnums=3)
+        self._loop = jax.jit(functools.partial(decode_loop, graphdef), static_argnames=('steps', 'sampling', 'eos_id'),
+                             donate_argnums=0)
+
+    def new_cache(self, batch: int, max_len: int):
+        """A zero cache for `batch` rows of up to `max_len` tokens, placed on the mesh."""
+        spec = cache_spec(self.config, batch, max_len)
+        return init_cache(spec, cache_shardings(spec, self.mesh) if self.mesh else None)
+
+    def put(self, array: np.ndarray):
+        """A host batch array onto the mesh, split over the data-parallel axes where it divides."""
+        if self.mesh is None:
+            return jnp.asarray(array)
+        names = ('batch',) + (None,) * (array.ndim - 1)
+        return jax.device_put(array, NamedSharding(self.mesh, logical_to_spec(names, array.shape, self.mesh)))
+
+    def pad_prompts(self, prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Right-padded [B, P] token ids (P a multiple of bucket) and the lengths [B]."""
+        lengths = np.asarray([len(p) for p in prompts], np.int32)
+        width = -(-int(lengths.max()) // self.bucket) * self.bucket
+        tokens = np.zeros((len(prompts), width), np.int32)
+        for row, prompt in enumerate(prompts):
+            tokens[row, :len(prompt)] = prompt
+        return tokens, lengths
+
+    def generate(self, params, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], *,
+                 eos_id: int, sampling: Sampling = GREEDY, seed: int = 0, steps_per_call: int = 64,
+                 stopped: Callable[[int, list[int]], bool] | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> list[list[int]]:
+        """New tokens for each prompt (token ids, each of length >= 1), EOS included if emitted.
+
+        max_new_tokens: for all rows or per row (>= 1). Row b's sampling key is
+        fold_in(fold_in(key(seed), b), n) for its n-th token. stopped(row, tokens so far) is
+        asked between device calls of `steps_per_call` steps (stop strings); a row it accepts
+        stops there. progress(done rows, rows) follows each call.
+        """
+        batch = len(prompts)
+        max_new = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (batch,)).copy()
+        tokens, lengths = self.pad_prompts(prompts)
+        cache = self.new_cache(batch, tokens.shape[1] + int(max_new.max()))
+        keys = jax.vmap(lambda b: jax.random.fold_in(jax.random.key(seed), b))(jnp.arange(batch))
+        with jax.set_mesh(self.mesh) if self.mesh else contextlib.nullcontext():
+            state = self._start(params, self.put(tokens), self.put(lengths), cache, keys, self.put(max_new),
+                                sampling=sampling, eos_id=eos_id)
+            outputs = [[int(t)] for t in np.asarray(state['token'])]
+            done = np.asarray(state['done']).copy()
+            while not done.all():
+                done |= [stopped is not None and stopped(b, out) for b, out in enumerate(outputs)]
+                if done.all():
+                    break
+                state['done'] = self.put(done)
+                state, new = self._loop(state, params, steps=steps_per_call, sampling=sampling, eos_id=eos_id)
+                for row, chunk in zip(outputs, np.asarray(new)):
+                    row.extend(int(t) for t in chunk if t != NOTHING)
+                done = np.asarray(state['done']).copy()
+                if progress:
+                    progress(int(done.sum()), batch)
+        return outputs
+
