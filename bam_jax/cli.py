@@ -3,6 +3,9 @@
   bam-jax train --gin_file=F [--gin_file=F2 ...] [--gin.NAME=VALUE ...] --workdir=DIR
   bam-jax upcycle --method=M [--seed=DIR] --experts=DIR,DIR,... --out=DIR [--no_seed_expert] [--overwrite]
   bam-jax eval --workdir=DIR [--workdir=DIR ...] [--gin.NAME=VALUE ...] [--json]
+  bam-jax generate --workdir=DIR (--prompt=TEXT [--prompt=TEXT ...] | --prompts=FILE.jsonl)
+                   [--max_new_tokens=N] [--temperature=T] [--top_k=K] [--top_p=P] [--seed=S]
+                   [--stop=TEXT ...] [--json] [--gin.NAME=VALUE ...]
 
 Errors a user can fix print one line, `error: ...`, and exit with status 1.
 """
@@ -75,7 +78,40 @@ def _parser() -> argparse.ArgumentParser:
                           help='the run directory; repeat it to evaluate several runs in one process')
     evaluate.add_argument('--json', action='store_true',
                           help='print the results as JSON on stdout, one object per line and run')
+    generate = commands.add_parser(
+        'generate', help="complete prompts with a run's latest checkpoint (KV-cache decoding)",
+        description="Completes each prompt with the run's latest checkpoint and its own vocabulary, under its "
+                    'config.gin plus any --gin overrides. Greedy unless --temperature > 0. Prints the completions '
+                    '(or JSON lines with --json); progress goes to stderr.')
+    generate.add_argument('--workdir', required=True, help='the run directory')
+    generate.add_argument('--prompt', action='append', default=[], help='a prompt; repeatable')
+    generate.add_argument('--prompts', default=None,
+                          help='a JSONL file, one prompt per line: {"prompt": "..."} or a JSON string')
+    generate.add_argument('--max_new_tokens', type=int, default=64, help='new tokens per prompt (default 64)')
+    generate.add_argument('--temperature', type=float, default=0.0, help='0 (default): greedy')
+    generate.add_argument('--top_k', type=int, default=0, help='sample among the K most likely tokens (0: all)')
+    generate.add_argument('--top_p', type=float, default=1.0, help='nucleus sampling threshold (1.0: off)')
+    generate.add_argument('--seed', type=int, default=0, help='sampling seed')
+    generate.add_argument('--stop', action='append', default=[], help='stop at this text; repeatable')
+    generate.add_argument('--batch_size', type=int, default=16, help='prompts decoded together (default 16)')
+    generate.add_argument('--json', action='store_true',
+                          help='one JSON object per prompt on stdout: prompt, completion, prompt_ids, '
+                               'completion_ids, stop_reason')
     return parser
+
+
+def _generate(args, bindings) -> int:
+    if bool(args.prompt) == bool(args.prompts):
+        raise BamJaxError('give the prompts either as --prompt=TEXT (repeatable) or as --prompts=FILE.jsonl')
+    if args.batch_size < 1:
+        raise BamJaxError(f'--batch_size must be >= 1, got {args.batch_size}')
+    from bam_jax.generate.command import generate_command, read_prompts
+    from bam_jax.generate.sampling import Sampling
+    prompts = args.prompt or read_prompts(args.prompts)
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    generate_command(args.workdir, bindings, prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                     seed=args.seed, stop=args.stop, batch_size=args.batch_size, as_json=args.json)
+    return 0
 
 
 def _eval(args, bindings) -> int:
@@ -123,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rest, bindings = _split_gin_overrides(argv)
         args = _parser().parse_args(rest)
-        return {'train': _train, 'upcycle': _upcycle, 'eval': _eval}[args.command](args, bindings)
+        commands = {'train': _train, 'upcycle': _upcycle, 'eval': _eval, 'generate': _generate}
+        return commands[args.command](args, bindings)
     except BamJaxError as e:
         # Everything worth keeping is already saved or was never written. Skip the interpreter's
         # teardown, and silence stderr before printing: Orbax's I/O threads can report their

@@ -14,11 +14,6 @@ from bam_jax.errors import BamJaxError
 # then relative to it, so `include 'gin/seed.gin'` works from anywhere.
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-# Parameters that earlier versions wrote into a run's operative config.gin and that no longer
-# exist, with the reason; they are skipped, so older runs still evaluate and resume.
-RETIRED_BINDINGS = {
-    'MoEConfig.capacity_factor_eval': 'inference never drops tokens, so it has no capacity',
-}
 
 
 def resolve_gin_file(name: str) -> str:
@@ -53,9 +48,13 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
 
 
 def _without_retired(path: str, copy: pathlib.Path) -> str:
-    """path, or a copy of it at `copy` without the lines that bind RETIRED_BINDINGS."""
+    """path, or a copy of it at `copy` without the lines that bind retired settings (an older
+    run's operative config.gin), so older runs still evaluate and resume."""
+    from bam_jax.models.config import RETIRED_SETTINGS
+
+    retired = {f'{kind}.{name}' for kind, names in RETIRED_SETTINGS.items() for name in names}
     lines = pathlib.Path(path).read_text().splitlines()
-    kept = [line for line in lines if line.partition('=')[0].strip() not in RETIRED_BINDINGS]
+    kept = [line for line in lines if line.partition('=')[0].strip() not in retired]
     if len(kept) == len(lines):
         return path
     copy.write_text('\n'.join(kept) + '\n')
@@ -83,3 +82,15 @@ def _check_override_macros(bindings: list[str]) -> None:
         hint = f'did you mean {by_case[close[0]]}?' if close else (
             f'the gin files read {", ".join(sorted(read))}' if read else 'the gin files read no macros')
         raise BamJaxError(f'gin: --gin.{name} sets a macro that no gin file reads ({hint})')
+
+
+def load_run_config(workdir: pathlib.Path, bindings: list[str]) -> None:
+    """Parses a run directory's operative gin config (config.gin), then the overrides."""
+    from bam_jax.workdir import files
+
+    config = workdir / files.CONFIG
+    if not workdir.is_dir():
+        raise BamJaxError(f'workdir {workdir} does not exist')
+    if not config.is_file():
+        raise BamJaxError(f'{workdir} has no {files.CONFIG}: is it a bam_jax run directory?')
+    parse_gin([str(config)], bindings)

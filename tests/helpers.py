@@ -77,6 +77,28 @@ def assert_one_line_error(result, *patterns):
 
 
 # ---------------------------------------------------------------------------------------
+# Runs
+
+# tests/test_cli.py's SMALL, as gin bindings. TRAIN_STEPS=2 with stop_at_step=1: one step, and no
+# validation pass during training (it runs at train_steps). Training reads one domain (quicker to
+# set up than the seed mixture); evaluation covers all four.
+SMALL_RUN = ["DataConfig.source = 'law'", 'TRAIN_STEPS = 2', 'TrainConfig.stop_at_step = 1', 'BATCH_SIZE = 8',
+             'SEQ_LEN = 64', 'TrainConfig.checkpoint_every = 1', 'TrainConfig.warmup_steps = 1',
+             'TrainConfig.log_every = 1', 'DataConfig.eval_batches = 1', 'DataConfig.math_documents = 500',
+             'ModelConfig.num_layers = 2', "ModelConfig.dtype = 'float32'"]
+
+
+def train_run(files, workdir, *bindings):
+    """Trains one step as `bam-jax train --gin_file=... --gin.X=Y ... --workdir=W` does (with
+    SMALL_RUN's bindings first), in this process."""
+    from bam_jax.gin_config import parse_gin
+    from bam_jax.train import train
+
+    parse_gin(files, [*SMALL_RUN, *bindings])
+    assert train(workdir)['step'] == 1
+
+
+# ---------------------------------------------------------------------------------------
 # Checkpoints
 
 

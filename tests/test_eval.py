@@ -22,28 +22,15 @@ import pytest
 from bam_jax import data
 from bam_jax.gin_config import parse_gin
 from bam_jax.models import ModelConfig, abstract_model, merge_params, split_params
-from bam_jax.train import TrainConfig, train
+from bam_jax.train import TrainConfig
 
-from helpers import assert_one_line_error, cli_in_process, restore, start_cli
+from helpers import assert_one_line_error, cli_in_process, restore, start_cli, train_run
 
 DOMAINS = ('general', 'code', 'law', 'math')
-# tests/test_cli.py's SMALL, as gin bindings. TRAIN_STEPS=2 with stop_at_step=1: one step, and no
-# validation pass during training (it runs at train_steps). Training reads one domain (quicker to
-# set up than the seed mixture); evaluation covers all four.
-SMALL = ["DataConfig.source = 'law'", 'TRAIN_STEPS = 2', 'TrainConfig.stop_at_step = 1', 'BATCH_SIZE = 8',
-         'SEQ_LEN = 64', 'TrainConfig.checkpoint_every = 1', 'TrainConfig.warmup_steps = 1',
-         'TrainConfig.log_every = 1', 'DataConfig.eval_batches = 1', 'DataConfig.math_documents = 500',
-         'ModelConfig.num_layers = 2', "ModelConfig.dtype = 'float32'"]
 BAM = ['gin/models/tiny.gin', 'gin/arch/bam.gin', 'gin/seed.gin']
 DENSE = ['gin/models/tiny.gin', 'gin/seed.gin']
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
-EVAL_DEVICES = 2  # the eval subprocess's CPU devices: the MoE dispatch groups are its batch shards
-
-
-def train_run(files, workdir, *bindings):
-    """Trains as `bam-jax train --gin_file=... --gin.X=Y ... --workdir=W` does, in this process."""
-    parse_gin(files, [*SMALL, *bindings])
-    assert train(workdir)['step'] == 1
+EVAL_DEVICES = 2  # the eval subprocess's CPU devices
 
 
 def start_eval(*args) -> subprocess.Popen:
@@ -99,22 +86,18 @@ def independent_losses(run: pathlib.Path, step: int, domains) -> dict[str, tuple
     graphdef, _ = split_params(abstract_model(model_config))
     logits_fn = jax.jit(lambda p, tokens, segments, positions: merge_params(graphdef, p)(tokens, segments, positions))
 
-    # The eval ran on EVAL_DEVICES devices: each one's rows were a dispatch group with its own
-    # expert capacity. Without a mesh, the model treats its whole input as one group.
-    group = train_config.batch_size // EVAL_DEVICES
+    # The eval ran on EVAL_DEVICES devices, this runs on one: dropless routing makes them equal.
     losses = {}
     for domain in domains:
         total, count = 0.0, 0.0
         for batch in data.eval_batches(data_config, domain, train_config.batch_size, train_config.seq_len):
-            for rows in range(0, train_config.batch_size, group):
-                part = {k: v[rows:rows + group] for k, v in batch.items()}
-                logits = logits_fn(params, part['inputs'], part['segment_ids'], part['positions'])
-                logits = np.asarray(logits, np.float64)
-                log_probs = logits - logits.max(-1, keepdims=True)
-                log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
-                nll = -np.take_along_axis(log_probs, part['targets'][..., None], -1)[..., 0]
-                total += float((nll * part['loss_weights']).sum())
-                count += float(part['loss_weights'].sum())
+            logits = logits_fn(params, batch['inputs'], batch['segment_ids'], batch['positions'])
+            logits = np.asarray(logits, np.float64)
+            log_probs = logits - logits.max(-1, keepdims=True)
+            log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+            nll = -np.take_along_axis(log_probs, batch['targets'][..., None], -1)[..., 0]
+            total += float((nll * batch['loss_weights']).sum())
+            count += float(batch['loss_weights'].sum())
         losses[domain] = (total / count, count)
     return losses
 

@@ -7,8 +7,8 @@ import shutil
 import pytest
 
 from bam_jax.errors import BamJaxError
-from bam_jax.evaluate.evaluator import evaluate_run, load_run_config
-from bam_jax.gin_config import parse_gin
+from bam_jax.evaluate.evaluator import evaluate_run
+from bam_jax.gin_config import load_run_config, parse_gin
 from bam_jax.models import ModelConfig
 from bam_jax.models.config import LoryConfig, MoAConfig, MoEConfig, first_difference, setting_changes
 from bam_jax.train import train

@@ -1,8 +1,9 @@
 """`bam-jax eval`: held-out perplexity per domain and, for expert models, the routing map.
 
 The run is rebuilt from its own operative config (WORKDIR/config.gin) plus any overrides, so
-the same checkpoint can be evaluated with another routing mode or capacity factor
-(--gin.MoEConfig.routing="'soft'"), and restored from its latest checkpoint. Several runs can be
+the same checkpoint can be evaluated with another routing mode or top_k
+(--gin.MoEConfig.routing="'soft'"), and restored from its latest checkpoint. Routed experts run
+dropless: every token reaches its chosen experts, whatever its batch. Several runs can be
 evaluated in one call; runs with the same data settings share their validation batches.
 """
 
@@ -16,27 +17,14 @@ from collections.abc import Sequence
 import jax
 
 from bam_jax import data
-from bam_jax.errors import BamJaxError
 from bam_jax.evaluate.routing_map import save_routing_map
-from bam_jax.models import ModelConfig, abstract_model, param_shardings, split_params
-from bam_jax.models.config import describe_changes
-from bam_jax.parallel import MeshConfig, batch_sharding, create_mesh, replicated
+from bam_jax.generate import LanguageModel
+from bam_jax.gin_config import load_run_config
+from bam_jax.parallel import batch_sharding, replicated
 from bam_jax.train.config import TrainConfig
 from bam_jax.train.step import make_eval_step
 from bam_jax.train.validation import ValidationBatches, validate
-from bam_jax.workdir import check_model, files, resolve_checkpoint, restore_params, write_json_atomic
-
-
-def load_run_config(workdir: pathlib.Path, bindings: list[str]) -> None:
-    """Parses the run's operative gin config, then the overrides."""
-    from bam_jax.gin_config import parse_gin
-
-    config = workdir / files.CONFIG
-    if not workdir.is_dir():
-        raise BamJaxError(f'workdir {workdir} does not exist')
-    if not config.is_file():
-        raise BamJaxError(f'{workdir} has no {files.CONFIG}: is it a bam_jax run directory?')
-    parse_gin([str(config)], bindings)
+from bam_jax.workdir import files, write_json_atomic
 
 
 def evaluate_run(workdir: str | pathlib.Path, batches: ValidationBatches | None = None, progress=print) -> dict:
@@ -46,26 +34,20 @@ def evaluate_run(workdir: str | pathlib.Path, batches: ValidationBatches | None 
     Returns {'step', 'checkpoint', 'perplexity': {domain: ppl, ..., 'average': mean of the
     domains' ppl}, 'loss': {domain: mean NLL}, 'tokens': {domain: count},
     'routing': {domain: {layer: [fraction per expert]}} ('routing' empty for a dense model),
-    'settings_changed': {setting: [the checkpoint's, this evaluation's]}} (routing, capacity,
+    'settings_changed': {setting: [the checkpoint's, this evaluation's]}} (routing, top_k,
     compute dtype... set differently from the checkpoint).
     """
-    workdir = pathlib.Path(workdir).absolute()
-    step_dir = resolve_checkpoint(workdir, 'workdir')
-    model_config, data_config, train_config = ModelConfig(), data.DataConfig(), TrainConfig()
-    changed = check_model(model_config, step_dir, f'checkpoint {step_dir}')
-    if changed:
-        progress(f'settings changed since that checkpoint: {describe_changes(changed)}')
-    mesh = create_mesh(MeshConfig())
-    abstract = abstract_model(model_config)
-    graphdef, abstract_params = split_params(abstract)
-    shardings = param_shardings(abstract, mesh)
-    params = restore_params(step_dir, abstract_params, shardings)
-    sharding = batch_sharding(mesh)
-    step = jax.jit(make_eval_step(graphdef), in_shardings=(shardings, sharding), out_shardings=replicated(mesh))
-    with jax.set_mesh(mesh):
-        result = validate(step, params, batches or ValidationBatches(), data_config, train_config.batch_size,
+    model = LanguageModel.restore(workdir, progress)
+    data_config, train_config = data.DataConfig(), TrainConfig()
+    shardings = jax.tree.map(lambda a: a.sharding, model.params)
+    sharding = batch_sharding(model.mesh)
+    step = jax.jit(make_eval_step(model.graphdef), in_shardings=(shardings, sharding),
+                   out_shardings=replicated(model.mesh))
+    with jax.set_mesh(model.mesh):
+        result = validate(step, model.params, batches or ValidationBatches(), data_config, train_config.batch_size,
                           train_config.seq_len, sharding, progress)
-    return {'step': int(step_dir.name), 'checkpoint': str(step_dir), **result, 'settings_changed': changed}
+    return {'step': int(model.step_dir.name), 'checkpoint': str(model.step_dir), **result,
+            'settings_changed': model.settings_changed}
 
 
 def format_perplexity(result: dict) -> str:

@@ -21,12 +21,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from bam_jax.generate.cache import cache_shardings, cache_spec, init_cache
-from bam_jax.generate.sampling import Sampling, sample
+from bam_jax.generate.sampling import GREEDY, Sampling, sample
 from bam_jax.models import ModelConfig, merge_params
 from bam_jax.parallel.sharding import logical_to_spec
 
 NOTHING = -1  # in a row's output after it stopped
-GREEDY = Sampling()
 
 
 def prefill(graphdef: nnx.GraphDef, params, tokens, lengths, cache):
@@ -55,7 +54,7 @@ def _step_keys(keys, count):
     return jax.vmap(jax.random.fold_in)(keys, count)
 
 
-def start(graphdef, params, tokens, lengths, cache, keys, max_new, *, sampling: Sampling, eos_id: int):
+def start(graphdef, params, tokens, lengths, cache, keys, max_new, eos_id, *, sampling: Sampling):
     """prefill and the first new token. Returns the loop state: {'cache', 'token' [B] (the last
     new token), 'position' [B] (its slot), 'count' [B] (new tokens so far), 'max_new' [B],
     'done' [B], 'keys' [B]}."""
@@ -66,7 +65,7 @@ def start(graphdef, params, tokens, lengths, cache, keys, max_new, *, sampling: 
             'done': (token == eos_id) | (count >= max_new), 'keys': keys}
 
 
-def decode_loop(graphdef, state: dict, params, *, steps: int, sampling: Sampling, eos_id: int):
+def decode_loop(graphdef, state: dict, params, eos_id, *, steps: int, sampling: Sampling):
     """Up to `steps` decode steps in one lax.while_loop, ending early once every row is done.
 
     Returns (state, tokens [B, steps]: each step's new token, NOTHING for rows already done).
@@ -105,9 +104,8 @@ class Engine:
         self.graphdef, self.config, self.mesh, self.bucket = graphdef, config, mesh, bucket
         self.prefill = jax.jit(functools.partial(prefill, graphdef), donate_argnums=3)
         self.decode_step = jax.jit(functools.partial(decode_step, graphdef), donate_argnums=3)
-        self._start = jax.jit(functools.partial(start, graphdef), static_argnames=('sampling', 'eos_id'),
-                              donate_argnums=3)
-        self._loop = jax.jit(functools.partial(decode_loop, graphdef), static_argnames=('steps', 'sampling', 'eos_id'),
+        self._start = jax.jit(functools.partial(start, graphdef), static_argnames='sampling', donate_argnums=3)
+        self._loop = jax.jit(functools.partial(decode_loop, graphdef), static_argnames=('steps', 'sampling'),
                              donate_argnums=0)
 
     def new_cache(self, batch: int, max_len: int):
@@ -140,7 +138,7 @@ class Engine:
         max_new_tokens: for all rows or per row (>= 1). Row b's sampling key is
         fold_in(fold_in(key(seed), b), n) for its n-th token. stopped(row, tokens so far) is
         asked between device calls of `steps_per_call` steps (stop strings); a row it accepts
-        stops there. progress(done rows, rows) follows each call.
+        stops there. progress(steps so far, most steps) follows each call.
         """
         batch = len(prompts)
         max_new = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (batch,)).copy()
@@ -149,7 +147,7 @@ class Engine:
         keys = jax.vmap(lambda b: jax.random.fold_in(jax.random.key(seed), b))(jnp.arange(batch))
         with jax.set_mesh(self.mesh) if self.mesh else contextlib.nullcontext():
             state = self._start(params, self.put(tokens), self.put(lengths), cache, keys, self.put(max_new),
-                                sampling=sampling, eos_id=eos_id)
+                                eos_id, sampling=sampling)
             outputs = [[int(t)] for t in np.asarray(state['token'])]
             done = np.asarray(state['done']).copy()
             while not done.all():
@@ -157,11 +155,11 @@ class Engine:
                 if done.all():
                     break
                 state['done'] = self.put(done)
-                state, new = self._loop(state, params, steps=steps_per_call, sampling=sampling, eos_id=eos_id)
+                state, new = self._loop(state, params, eos_id, steps=steps_per_call, sampling=sampling)
                 for row, chunk in zip(outputs, np.asarray(new)):
                     row.extend(int(t) for t in chunk if t != NOTHING)
                 done = np.asarray(state['done']).copy()
                 if progress:
-                    progress(int(done.sum()), batch)
+                    progress(max(len(out) for out in outputs), int(max_new.max()))
         return outputs
 

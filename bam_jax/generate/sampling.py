@@ -59,3 +59,6 @@ def sample(logits, keys, sampling: Sampling):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = top_p_filter(top_k_filter(logits / sampling.temperature, sampling.top_k), sampling.top_p)
     return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+
+GREEDY = Sampling()

@@ -19,6 +19,12 @@ import jax.numpy as jnp
 from bam_jax.errors import BamJaxError
 
 ROUTING_MODES = ('top_k', 'soft', 'sample_top1')
+
+# Settings that earlier versions stored (in a checkpoint's model record and a run's config.gin)
+# and that no longer exist, with the reason. Reading an older run skips them.
+RETIRED_SETTINGS = {
+    'MoEConfig': {'capacity_factor_eval': 'inference never drops tokens, so it has no capacity'},
+}
 GATE_FORMS = ('softmax', 'renormalize')
 
 
@@ -231,7 +237,8 @@ class ModelConfig:
         values = dict(values)
         for name, kind in (('moe', MoEConfig), ('moa', MoAConfig), ('lory', LoryConfig)):
             if values.get(name) is not None:
-                values[name] = kind(**values[name])
+                retired = RETIRED_SETTINGS.get(kind.__name__, {})
+                values[name] = kind(**{k: v for k, v in values[name].items() if k not in retired})
         return cls(**values)
 
 
