@@ -208,16 +208,16 @@ def np_log_probs(logits):
 
 def test_loglikelihood_equals_forward_pass():
     """Each request's log P(continuation | context), in a batch, is the sum over the continuation of
-    the token log-probabilities of a plain forward pass over that request alone: after cutting
-    the context from the left to max_length, with an empty context read as [EOS], and with Lory
-    merging from the context. greedy: whether every continuation token is the arg-max."""
+    the token log-probabilities of a plain forward pass over that request alone, read after the
+    start token 0 and cut from the left to max_length, with Lory merging from the context.
+    greedy: whether every continuation token is the arg-max."""
     lm, config = byte_lm()
     forward = model_of(config)[2]
     requests = [(random_tokens(n, seed=n).tolist(), random_tokens(k, seed=k + 50).tolist())
                 for n, k in ((5, 3), (40, 4), (0, 6), (10, 1), (31, 1))]  # 40 + 4 > 32 + 1: cut
     got = lm.loglikelihood(requests)
     for (context, continuation), (logp, greedy) in zip(requests, got):
-        whole = ((context or [EOS]) + continuation)[-33:]
+        whole = ([0] + context + continuation)[-33:]
         n = len(whole) - 1
         logits = np.asarray(forward(lm.params, jnp.asarray([whole[:-1]]), jnp.asarray([n - len(continuation) + 1])))
         token_lp = np.take_along_axis(np_log_probs(logits[0]), np.asarray(whole[1:])[:, None], -1)[:, 0]
@@ -270,12 +270,12 @@ def test_cli_json_equals_cache_free_greedy(btx_run, tmp_path, monkeypatch, capsy
     for line in lines:
         assert set(line) >= {'prompt', 'completion', 'prompt_ids', 'completion_ids', 'stop_reason'}
         assert line['prompt_ids'] == list(vocab.encode(line['prompt']))
-        seq = list(line['prompt_ids'])
+        seq = [0, *line['prompt_ids']]  # the start token every training document began with
         for _ in range(8):
             row = np.zeros((1, 64), np.int32)
             row[0, :len(seq)] = seq
             seq.append(int(np.argmax(forward(params, jnp.asarray(row))[0, len(seq) - 1])))
-        want = seq[len(line['prompt_ids']):]
+        want = seq[1 + len(line['prompt_ids']):]
         if EOS in want:
             assert line['stop_reason'] == 'eos'
             want = want[:want.index(EOS)]
@@ -291,8 +291,8 @@ def test_cli_text_and_errors(btx_run, tmp_path, monkeypatch, capsys):
     assert out.startswith('--- 1/1: 5 + ') and '\nLicen' in out
     run = functools.partial(cli_in_process, monkeypatch, capsys, 'generate')
     assert_one_line_error(run(f'--workdir={btx_run}', '--prompt=')[::2], 'prompt 0 is empty')
-    assert_one_line_error(run(f'--workdir={btx_run}', '--prompt=' + 'x' * 64)[::2], 'prompt 0 has 64 tokens',
-                          'at most 63')
+    assert_one_line_error(run(f'--workdir={btx_run}', '--prompt=' + 'x' * 63)[::2], 'prompt 0 has 63 tokens',
+                          'at most 62')
     assert_one_line_error(run(f'--workdir={btx_run}')[::2], 'either as --prompt')
     bad = tmp_path / 'bad.jsonl'
     bad.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')

@@ -1,5 +1,6 @@
 """Gin set-up: overrides that define a macro nothing reads are refused; routing is written once per
-method (gin/routing/) and an upcycled model.gin carries the architecture only."""
+method (gin/routing/) and an upcycled model.gin carries the architecture only; settings that no
+longer exist, in an older run's config.gin and checkpoint record, are skipped."""
 
 import dataclasses
 import re
@@ -140,3 +141,17 @@ def test_no_gin_file_is_left_out(tmp_path):
         else:
             files = ['gin/models/tiny.gin', name]
         parse_gin(files, [])  # each parse starts from empty bindings
+
+
+def test_older_runs_retired_settings_are_skipped(tmp_path):
+    """An older run's operative config.gin and checkpoint model record bind
+    MoEConfig.capacity_factor_eval (inference now has no capacity): both still read."""
+    config = tmp_path / 'config.gin'
+    config.write_text("ModelConfig.moe = @MoEConfig()\nMoEConfig.num_experts = 3\n"
+                      "MoEConfig.capacity_factor_eval = 2.0\nMoEConfig.top_k = 2\n")
+    parse_gin([str(config)], [])
+    assert ModelConfig().moe == MoEConfig(num_experts=3, top_k=2)
+    record = ModelConfig(moe=MoEConfig(num_experts=3)).to_dict()
+    record['moe']['capacity_factor_eval'] = 2.0
+    assert ModelConfig.from_dict(record) == ModelConfig(moe=MoEConfig(num_experts=3))
+    assert config.read_text().count('capacity_factor_eval') == 1  # the run's file is left as it was

@@ -1,14 +1,18 @@
-"""`make bench`: speed of the train step for dense, BTX and BAM models, and of the upcycler, as
-two tables and JSON ({"train_step": [rows], "upcycle": {...} or null}).
+"""`make bench`: speed of the train step and of decoding for dense, BTX, BAM and Lory models, and
+of the upcycler, as three tables and JSON ({"train_step": [rows], "decode": [rows], "upcycle": {...}},
+null for a table not run).
 
   python -m bam_jax.benchmarks [--model gin/models/X.gin] [--archs dense,btx,bam,bam_shared_kv,lory4,lory8]
-                               [--batch N] [--seq_len T] [--steps S] [--skip_upcycle]
+                               [--decode_archs dense,btx,bam,bam_shared_kv,lory4]
+                               [--batch N] [--seq_len T] [--steps S] [--tables train,decode,upcycle]
 
 Every architecture is timed in the same run on the same model size. BTX has 4 FFN experts
 with top-1 routing, so its active parameters are the dense model's (plus a router); BAM adds
 4 soft-routed attention experts (expert KV or shared KV). lory4 and lory8 merge 4 or 8 FFN experts
 per segment of --lory_segment_len tokens (the dense model's active size plus the merge, E/T of an
-FFN, shown as "merge"). The upcycle table (upcycle.py) times
+FFN, shown as "merge"). The decode table (decode.py) times prefill and the decode loop of the
+generation engine, at batch 1 and 16, in the BAM paper's setting and at long context, with each
+model's cache size and its decode speed relative to BTX. The upcycle table (upcycle.py) times
 a BAM upcycle of 4 dense checkpoints against a copy of their files and measures its peak memory.
 """
 
@@ -23,6 +27,7 @@ import pathlib
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 ARCHS = ('dense', 'btx', 'bam', 'bam_shared_kv', 'lory4', 'lory8')
+TABLES = ('train', 'decode', 'upcycle')
 
 
 def arch_config(dense, arch: str, lory_segment_len: int = 64):
@@ -53,13 +58,19 @@ def _args() -> argparse.Namespace:
                         help='Lory segment length; must divide --seq_len so no segment is padded')
     parser.add_argument('--dtype', default=None,
                         help='compute dtype (default: bfloat16 on accelerators, float32 on CPU)')
-    parser.add_argument('--skip_upcycle', action='store_true', help='time the train step only')
+    parser.add_argument('--decode_archs', default='dense,btx,bam,bam_shared_kv,lory4',
+                        help='the decode table\'s architectures (from the same list); btx is the reference')
+    parser.add_argument('--tables', default=','.join(TABLES), help=f'comma list of {TABLES}')
     parser.add_argument('--out', default='runs/bench/results.json')
     args = parser.parse_args()
     archs = ['dense'] + [a for a in args.archs.split(',') if a and a != 'dense']
-    unknown = sorted(set(archs) - set(ARCHS))
+    args.decode_archs = [a for a in args.decode_archs.split(',') if a]
+    args.tables = [t for t in args.tables.split(',') if t]
+    unknown = sorted(set(archs + args.decode_archs) - set(ARCHS))
     if unknown:
-        parser.error(f'unknown --archs {unknown}; choose from {ARCHS}')
+        parser.error(f'unknown architectures {unknown}; choose from {ARCHS}')
+    if set(args.tables) - set(TABLES):
+        parser.error(f'unknown --tables {sorted(set(args.tables) - set(TABLES))}; choose from {TABLES}')
     if any(a.startswith('lory') for a in archs) and args.seq_len % args.lory_segment_len:
         parser.error(f'--lory_segment_len {args.lory_segment_len} does not divide --seq_len {args.seq_len}')
     args.archs = archs
@@ -88,11 +99,8 @@ def main() -> None:
     import gin
     import jax
 
-    from bam_jax.benchmarks.peak import peak_flops
-    from bam_jax.benchmarks.train_step import time_train_step
     from bam_jax.gin_config import parse_gin
     from bam_jax.models import ModelConfig
-    from bam_jax.models.flops import lory_merge_overhead
 
     on_cpu = jax.devices()[0].platform == 'cpu'
     dtype = args.dtype or ('float32' if on_cpu else 'bfloat16')
@@ -107,8 +115,37 @@ def main() -> None:
                             d_ff=1536, dtype=dtype)
         name = 'bench_14m'
 
-    peak, peak_source = peak_flops(jax.numpy.dtype(dtype))
     devices = f'{jax.device_count()} x {jax.devices()[0].device_kind}'
+    results = {'train_step': None, 'decode': None, 'upcycle': None}
+    if 'train' in args.tables:
+        results['train_step'] = _train_table(dense, name, dtype, devices, args)
+    if 'decode' in args.tables:
+        from bam_jax.benchmarks import decode
+        configs = {arch: arch_config(dense, arch, args.lory_segment_len) for arch in args.decode_archs}
+        print()
+        results['decode'] = decode.run(configs)
+        decode.print_table(results['decode'], f'config: {name}, {dtype}, {devices}; greedy, no EOS; prefill includes '
+                                              'the first new token; tok/s: the decode loop\'s new tokens per second '
+                                              '(all rows); cache: K/V (and Lory\'s merged FFNs) at batch 16')
+    if 'upcycle' in args.tables:
+        from bam_jax.benchmarks import upcycle as upcycle_bench
+        print('\ntiming upcycle (bam) and a copy of its inputs ...', flush=True)
+        results['upcycle'] = upcycle_bench.run()
+        upcycle_bench.print_table(results['upcycle'])
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f'saved {out}')
+
+
+def _train_table(dense, name: str, dtype: str, devices: str, args: argparse.Namespace) -> list[dict]:
+    import jax
+
+    from bam_jax.benchmarks.peak import peak_flops
+    from bam_jax.benchmarks.train_step import time_train_step
+    from bam_jax.models.flops import lory_merge_overhead
+
+    peak, peak_source = peak_flops(jax.numpy.dtype(dtype))
     rows = []
     for arch in args.archs:
         print(f'timing {arch} ...', flush=True)
@@ -121,18 +158,8 @@ def main() -> None:
     for r in rows:
         r['step_time_vs_dense'] = r['step_time_s'] / rows[0]['step_time_s']
         r['flop_rate_vs_dense'] = r['achieved_flops'] / rows[0]['achieved_flops']
-
     _print_train_table(rows, args, dtype, devices)
-    upcycle = None
-    if not args.skip_upcycle:
-        from bam_jax.benchmarks import upcycle as upcycle_bench
-        print('\ntiming upcycle (bam) and a copy of its inputs ...', flush=True)
-        upcycle = upcycle_bench.run()
-        upcycle_bench.print_table(upcycle)
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({'train_step': rows, 'upcycle': upcycle}, indent=1))
-    print(f'saved {out}')
+    return rows
 
 
 if __name__ == '__main__':

@@ -95,7 +95,9 @@ def decode_loop(graphdef, state: dict, params, eos_id, *, steps: int, sampling: 
 class Engine:
     """Compiled prefill, decode step and decode loop for one model, on an optional mesh.
 
-    params must be placed as the model's parameter shardings on that mesh (or unplaced
+    prefill, decode_step, start (prefill and the first token) and loop (decode_loop) are the
+    module's functions jit-compiled with the cache (or the loop state) donated; generate drives
+    them. params must be placed as the model's parameter shardings on that mesh (or unplaced
     without one). Compilations are cached per shape: prompt widths are rounded up to a
     multiple of `bucket`.
     """
@@ -104,8 +106,8 @@ class Engine:
         self.graphdef, self.config, self.mesh, self.bucket = graphdef, config, mesh, bucket
         self.prefill = jax.jit(functools.partial(prefill, graphdef), donate_argnums=3)
         self.decode_step = jax.jit(functools.partial(decode_step, graphdef), donate_argnums=3)
-        self._start = jax.jit(functools.partial(start, graphdef), static_argnames='sampling', donate_argnums=3)
-        self._loop = jax.jit(functools.partial(decode_loop, graphdef), static_argnames=('steps', 'sampling'),
+        self.start = jax.jit(functools.partial(start, graphdef), static_argnames='sampling', donate_argnums=3)
+        self.loop = jax.jit(functools.partial(decode_loop, graphdef), static_argnames=('steps', 'sampling'),
                              donate_argnums=0)
 
     def new_cache(self, batch: int, max_len: int):
@@ -146,7 +148,7 @@ class Engine:
         cache = self.new_cache(batch, tokens.shape[1] + int(max_new.max()))
         keys = jax.vmap(lambda b: jax.random.fold_in(jax.random.key(seed), b))(jnp.arange(batch))
         with jax.set_mesh(self.mesh) if self.mesh else contextlib.nullcontext():
-            state = self._start(params, self.put(tokens), self.put(lengths), cache, keys, self.put(max_new),
+            state = self.start(params, self.put(tokens), self.put(lengths), cache, keys, self.put(max_new),
                                 eos_id, sampling=sampling)
             outputs = [[int(t)] for t in np.asarray(state['token'])]
             done = np.asarray(state['done']).copy()
@@ -155,7 +157,7 @@ class Engine:
                 if done.all():
                     break
                 state['done'] = self.put(done)
-                state, new = self._loop(state, params, eos_id, steps=steps_per_call, sampling=sampling)
+                state, new = self.loop(state, params, eos_id, steps=steps_per_call, sampling=sampling)
                 for row, chunk in zip(outputs, np.asarray(new)):
                     row.extend(int(t) for t in chunk if t != NOTHING)
                 done = np.asarray(state['done']).copy()

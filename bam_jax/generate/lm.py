@@ -51,7 +51,10 @@ class LanguageModel:
 
     max_length: the longest sequence it is used on (a run's training length): contexts are cut
     from the left to fit, and generation stops there.
+    Every text the model reads starts with START, as every document did in training (the
+    inputs are the targets shifted right, with 0 in front); ids given and returned exclude it.
     """
+    START = 0
 
     def __init__(self, config: ModelConfig, graphdef: nnx.GraphDef, params, vocabulary, max_length: int,
                  mesh: Mesh | None = None, batch_size: int = 16):
@@ -104,15 +107,15 @@ class LanguageModel:
         """For each (context ids, continuation ids): (log P(continuation | context), whether
         greedy decoding gives exactly the continuation).
 
-        context + continuation is cut from the left to max_length + 1 tokens (the first is
-        only read), so long contexts lose their oldest tokens. An empty context reads as [EOS].
+        START + context + continuation is cut from the left to max_length + 1 tokens (the
+        first is only read), so long contexts lose their oldest tokens.
         A Lory model merges its experts from the context, as it does from a prompt.
         """
         rows = []
         for context, continuation in requests:
             if not continuation:
                 raise BamJaxError('loglikelihood: a request has an empty continuation')
-            whole = ([*context] or [self.eos_id]) + [*continuation]
+            whole = [self.START, *context, *continuation]
             whole = whole[-(self.max_length + 1):]
             scored = min(len(continuation), len(whole) - 1)
             rows.append((whole, scored))
@@ -143,7 +146,8 @@ class LanguageModel:
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, *, sampling: Sampling = GREEDY,
                  seed: int = 0, stop: Sequence[str] = (), progress: Callable[[str], None] | None = None
                  ) -> list[Completion]:
-        """A completion per prompt (token ids, each non-empty and shorter than max_length).
+        """A completion per prompt (token ids, each non-empty; with START and one new token, at
+        most max_length).
 
         Generation stops at EOS, at any of the `stop` strings, after max_new_tokens, or when the
         sequence reaches max_length. Prompts run in batches of batch_size, longest first;
@@ -154,13 +158,14 @@ class LanguageModel:
         for i, prompt in enumerate(prompts):
             if not prompt:
                 raise BamJaxError(f'prompt {i} is empty')
-            if len(prompt) >= self.max_length:
+            if len(prompt) + 2 > self.max_length:
                 raise BamJaxError(f'prompt {i} has {len(prompt)} tokens; this model takes at most '
-                                  f'{self.max_length - 1} (its length is {self.max_length})')
+                                  f'{self.max_length - 2} (its length is {self.max_length}, less a start '
+                                  'token and one new token)')
         results: list[Completion | None] = [None] * len(prompts)
         finished = 0
         for batch in self._batches(prompts, key=len):
-            rows = [list(prompts[i]) for i in batch]
+            rows = [[self.START, *prompts[i]] for i in batch]
             limits = [min(max_new_tokens, self.max_length - len(r)) for r in rows]
             stopped = (lambda b, ids: self._stop_at(ids, stop) is not None) if stop else None
             what = f'prompts {finished + 1}-{finished + len(rows)} of {len(prompts)}'
@@ -169,7 +174,7 @@ class LanguageModel:
             outputs = self.engine.generate(self.params, rows, limits, eos_id=self.eos_id, sampling=sampling,
                                            seed=seed, stopped=stopped, progress=tokens)
             for i, row, out in zip(batch, rows, outputs):
-                results[i] = self._completion(row, out, stop)
+                results[i] = self._completion(row[1:], out, stop)
             finished += len(batch)
         return results
 
