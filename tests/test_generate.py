@@ -69,14 +69,15 @@ def model_of(config):
     prompt_len [B]) is the full pass without a cache (Lory merges from the first prompt_len tokens)."""
     graphdef, params = split_params(build_model(config, seed=1))
     forward = jax.jit(lambda p, t, n: merge_params(graphdef, p)(t, prompt_len=n))
-    return params, Engine(graphdef, config, bucket=16), forward
+    return params, Engine(graphdef, config, bucket=4, prefill_chunk=4), forward
 
 
 @pytest.mark.parametrize('parallel', [True, False], ids=['parallel', 'sequential'])
 @pytest.mark.parametrize('name', list(ARCHS))
 def test_prefill_and_decode_equal_full_forward(name, parallel):
-    """Rows of 12 tokens: prompts of 5 and 2 tokens prefilled, then one token per decode step;
-    each step's logits are the full pass's at that position (Lory: merged from the prompt)."""
+    """Rows of 12 tokens: prompts of 5 and 2 tokens prefilled (in two chunks of 4, but Lory's at
+    once), then one token per decode step; each step's logits are the full pass's at that
+    position (Lory: merged from the prompt)."""
     params, engine, forward = model_of(arch(name, parallel))
     rows = random_tokens((2, 12))
     lengths = np.array([5, 2], np.int32)
@@ -127,7 +128,7 @@ def test_mesh_equals_one_device():
     want = engine.generate(params, prompts, 6, eos_id=-2)
     mesh = create_mesh(MeshConfig(data=2, expert=4))
     graphdef, _ = split_params(build_model(config, seed=1))
-    on_mesh = Engine(graphdef, config, mesh, bucket=16)
+    on_mesh = Engine(graphdef, config, mesh, bucket=4, prefill_chunk=4)
     placed = jax.device_put(params, param_shardings(build_model(config), mesh))
     assert placed['layers']['0']['ffn']['experts']['wi_gate'].sharding.spec[0] == 'expert'
     assert on_mesh.generate(placed, prompts, 6, eos_id=-2) == want

@@ -28,19 +28,26 @@ from bam_jax.parallel.sharding import logical_to_spec
 NOTHING = -1  # in a row's output after it stopped
 
 
-def prefill(graphdef: nnx.GraphDef, params, tokens, lengths, cache):
-    """Runs the prompts in one forward pass and fills the cache.
+def prefill(graphdef: nnx.GraphDef, params, tokens, lengths, cache, offset=0, logits=None):
+    """Runs the prompts' tokens offset .. offset + C - 1 in one forward pass and fills the cache.
 
-    tokens: [B, P] int, row b's prompt in its first lengths[b] entries; lengths: [B] >= 1.
-    Returns (logits [B, V] float32 of each row's next token, cache).
+    tokens: [B, C] int, those tokens of the right-padded prompts; lengths: [B] >= 1, the whole
+    prompts' lengths. A long prompt goes in chunks (Engine.prefill), each attending to the cache
+    the earlier ones filled; a Lory model needs the whole prompt in one (its merge reads it all).
+    logits: [B, V], what earlier chunks found (None: none yet).
+    Returns (logits [B, V] float32 of each row's next token, where its prompt ends in this chunk,
+    else the given ones; cache).
     """
     batch, width = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(width), (batch, width))
+    positions = offset + jnp.broadcast_to(jnp.arange(width), (batch, width))
     segment_ids = (positions < lengths[:, None]).astype(jnp.int32)  # padding: 0 (Lory's merge skips it)
     model = merge_params(graphdef, params)
     hidden, cache = model.hidden(tokens, segment_ids, positions, prompt_len=lengths, cache=cache)
-    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, D]
-    return model.logits(last)[:, 0], cache
+    last = lengths - 1 - offset
+    found = model.logits(jnp.take_along_axis(hidden, jnp.clip(last, 0, width - 1)[:, None, None], axis=1))[:, 0]
+    if logits is None:
+        return found, cache
+    return jnp.where(((last >= 0) & (last < width))[:, None], found, logits), cache
 
 
 def decode_step(graphdef: nnx.GraphDef, params, tokens, positions, cache):
@@ -54,11 +61,10 @@ def _step_keys(keys, count):
     return jax.vmap(jax.random.fold_in)(keys, count)
 
 
-def start(graphdef, params, tokens, lengths, cache, keys, max_new, eos_id, *, sampling: Sampling):
-    """prefill and the first new token. Returns the loop state: {'cache', 'token' [B] (the last
-    new token), 'position' [B] (its slot), 'count' [B] (new tokens so far), 'max_new' [B],
-    'done' [B], 'keys' [B]}."""
-    logits, cache = prefill(graphdef, params, tokens, lengths, cache)
+def first_token(logits, cache, lengths, keys, max_new, eos_id, *, sampling: Sampling):
+    """The first new token, from prefill's logits. Returns the loop state: {'cache', 'token' [B]
+    (the last new token), 'position' [B] (its slot), 'count' [B] (new tokens so far),
+    'max_new' [B], 'done' [B], 'keys' [B]}."""
     token = sample(logits, _step_keys(keys, jnp.zeros_like(lengths)), sampling)
     count = jnp.ones_like(lengths)
     return {'cache': cache, 'token': token, 'position': lengths, 'count': count, 'max_new': max_new,
@@ -95,20 +101,44 @@ def decode_loop(graphdef, state: dict, params, eos_id, *, steps: int, sampling: 
 class Engine:
     """Compiled prefill, decode step and decode loop for one model, on an optional mesh.
 
-    prefill, decode_step, start (prefill and the first token) and loop (decode_loop) are the
-    module's functions jit-compiled with the cache (or the loop state) donated; generate drives
-    them. params must be placed as the model's parameter shardings on that mesh (or unplaced
-    without one). Compilations are cached per shape: prompt widths are rounded up to a
-    multiple of `bucket`.
+    decode_step, start (prefill and the first token) and loop (decode_loop) run the module's
+    functions, jit-compiled with the cache (or the loop state) donated; generate drives them.
+    params must be placed as the model's parameter shardings on that mesh (or unplaced without
+    one). Prompt widths are rounded up to a multiple of `bucket`, so compilations are shared;
+    prompts are prefilled in chunks of `prefill_chunk` tokens (a multiple of bucket), which
+    bounds the attention scores' memory at long context.
     """
 
-    def __init__(self, graphdef: nnx.GraphDef, config: ModelConfig, mesh: Mesh | None = None, bucket: int = 64):
-        self.graphdef, self.config, self.mesh, self.bucket = graphdef, config, mesh, bucket
-        self.prefill = jax.jit(functools.partial(prefill, graphdef), donate_argnums=3)
+    def __init__(self, graphdef: nnx.GraphDef, config: ModelConfig, mesh: Mesh | None = None, bucket: int = 64,
+                 prefill_chunk: int = 256):
+        if prefill_chunk % bucket:
+            raise ValueError(f'prefill_chunk {prefill_chunk} is not a multiple of bucket {bucket}')
+        self.graphdef, self.config, self.mesh = graphdef, config, mesh
+        self.bucket, self.prefill_chunk = bucket, prefill_chunk
+        self._prefill = jax.jit(functools.partial(prefill, graphdef), donate_argnums=3)
+        self._first_token = jax.jit(first_token, static_argnames='sampling', donate_argnums=1)
         self.decode_step = jax.jit(functools.partial(decode_step, graphdef), donate_argnums=3)
-        self.start = jax.jit(functools.partial(start, graphdef), static_argnames='sampling', donate_argnums=3)
         self.loop = jax.jit(functools.partial(decode_loop, graphdef), static_argnames=('steps', 'sampling'),
-                             donate_argnums=0)
+                            donate_argnums=0)
+
+    def prefill(self, params, tokens: np.ndarray, lengths: np.ndarray, cache):
+        """prefill over the whole right-padded prompts [B, P], chunk by chunk (Lory: at once).
+        Returns (logits [B, V] of each row's next token, cache)."""
+        width = tokens.shape[1]
+        chunk = width if self.config.lory else min(width, self.prefill_chunk)
+        logits = jnp.zeros((tokens.shape[0], self.config.vocab_size), jnp.float32)
+        lengths = self.put(lengths)
+        for offset in range(0, width, chunk):
+            logits, cache = self._prefill(params, self.put(tokens[:, offset:offset + chunk]), lengths, cache,
+                                          offset, logits)
+        return logits, cache
+
+    def start(self, params, tokens: np.ndarray, lengths: np.ndarray, cache, keys, max_new: np.ndarray, eos_id: int,
+              sampling: Sampling = GREEDY) -> dict:
+        """prefill and the first new token: the decode loop's state (first_token)."""
+        logits, cache = self.prefill(params, tokens, lengths, cache)
+        return self._first_token(logits, cache, self.put(lengths), keys, self.put(max_new), eos_id,
+                                 sampling=sampling)
 
     def new_cache(self, batch: int, max_len: int):
         """A zero cache for `batch` rows of up to `max_len` tokens, placed on the mesh."""
@@ -148,8 +178,7 @@ class Engine:
         cache = self.new_cache(batch, tokens.shape[1] + int(max_new.max()))
         keys = jax.vmap(lambda b: jax.random.fold_in(jax.random.key(seed), b))(jnp.arange(batch))
         with jax.set_mesh(self.mesh) if self.mesh else contextlib.nullcontext():
-            state = self.start(params, self.put(tokens), self.put(lengths), cache, keys, self.put(max_new),
-                                eos_id, sampling=sampling)
+            state = self.start(params, tokens, lengths, cache, keys, max_new, eos_id, sampling)
             outputs = [[int(t)] for t in np.asarray(state['token'])]
             done = np.asarray(state['done']).copy()
             while not done.all():
