@@ -69,7 +69,7 @@ def model_of(config):
     prompt_len [B]) is the full pass without a cache (Lory merges from the first prompt_len tokens)."""
     graphdef, params = split_params(build_model(config, seed=1))
     forward = jax.jit(lambda p, t, n: merge_params(graphdef, p)(t, prompt_len=n))
-    return params, Engine(graphdef, config, bucket=4, prefill_chunk=4), forward
+    return params, Engine(graphdef, config, bucket=4, prefill_chunk=4, cache_bucket=32), forward
 
 
 @pytest.mark.parametrize('parallel', [True, False], ids=['parallel', 'sequential'])
@@ -93,12 +93,11 @@ def test_prefill_and_decode_equal_full_forward(name, parallel):
         close(logits, want[[0, 1], position])
 
 
-def naive_greedy(config, prompt, new_tokens):
+def naive_greedy(config, prompt, new_tokens, width=32):
     """Greedy decoding without a cache: the full pass over the growing sequence, each time."""
     params, _, forward = model_of(config)
-    width = len(prompt) + new_tokens
     seq = list(prompt)
-    while len(seq) < width:
+    while len(seq) < len(prompt) + new_tokens:
         row = np.zeros((1, width), np.int32)  # padding after the sequence: causal, so never read
         row[0, :len(seq)] = seq
         logits = forward(params, jnp.asarray(row), jnp.asarray([len(prompt)]))
@@ -128,7 +127,7 @@ def test_mesh_equals_one_device():
     want = engine.generate(params, prompts, 6, eos_id=-2)
     mesh = create_mesh(MeshConfig(data=2, expert=4))
     graphdef, _ = split_params(build_model(config, seed=1))
-    on_mesh = Engine(graphdef, config, mesh, bucket=4, prefill_chunk=4)
+    on_mesh = Engine(graphdef, config, mesh, bucket=4, prefill_chunk=4, cache_bucket=32)
     placed = jax.device_put(params, param_shardings(build_model(config), mesh))
     assert placed['layers']['0']['ffn']['experts']['wi_gate'].sharding.spec[0] == 'expert'
     assert on_mesh.generate(placed, prompts, 6, eos_id=-2) == want

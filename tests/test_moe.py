@@ -16,7 +16,14 @@ from jax.sharding import PartitionSpec as P
 from bam_jax.models import ModelConfig, abstract_model, param_shardings
 from bam_jax.models.config import MoEConfig
 from bam_jax.models.layers import SwiGLU
-from bam_jax.models.moe import MoEFeedForward, assign_slots, dense_experts, dispatch_group, expert_capacity
+from bam_jax.models.moe import (
+    MoEFeedForward,
+    assign_slots,
+    dense_experts,
+    dispatch_group,
+    dropless_group,
+    expert_capacity,
+)
 from bam_jax.models.routing import call_with_aux, combine_weights, route, router_aux
 from bam_jax.parallel import MeshConfig, create_mesh
 
@@ -272,6 +279,25 @@ def test_dispatch_group_equals_numpy_loop(factor):
         assert np.bincount(index[want_keep], minlength=e).max() == capacity
     else:
         assert want_keep.all()
+
+
+@pytest.mark.parametrize('shape', [(1, 2), (2, 8)], ids=['chosen-weights', 'grouped-matmul'])
+def test_dropless_group_equals_numpy_loop(shape):
+    """Random distinct top-2 choices of 4 experts, no capacity: 4 assignments (no more than the
+    experts: each one's expert weights gathered) or 32 (sorted, one grouped matmul)."""
+    e, k = 4, 2
+    n = shape[0] * shape[1]
+    _, params, _ = make_layer(MoEConfig(num_experts=e, top_k=k), seed=4)
+    rng = np.random.default_rng(5)
+    index = np.argsort(rng.normal(size=(n, e)), axis=-1)[:, :k]
+    gate = rng.uniform(0.1, 1.0, (n, k))
+    x = random_x((*shape, D), seed=6)
+    weights = tuple(params['experts'][name] for name in ('wi_gate', 'wi_up', 'wo'))
+    y = jax.jit(dropless_group)(x, jnp.asarray(index.reshape(*shape, k), jnp.int32),
+                                jnp.asarray(gate.reshape(*shape, k), jnp.float32), weights)
+    want, keep = np_moe(np.asarray(x, np.float64).reshape(n, D), index, gate, np_params(params))
+    assert keep.all()
+    close(np.asarray(y).reshape(n, D), want)
 
 
 # ---------------------------------------------------------------------------------------

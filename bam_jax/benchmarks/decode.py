@@ -28,7 +28,7 @@ def time_decode(config: ModelConfig, prompt_len: int, new_tokens: int, batch: in
     token) and of the decode loop that makes the other new_tokens - 1."""
     graphdef, _ = split_params(abstract_model(config))
     params = init_params(config, 0)
-    engine = Engine(graphdef, config, bucket=64)
+    engine = Engine(graphdef, config, bucket=64)  # prompts of 256 and 2048: no padding
     prompts = np.random.default_rng(0).integers(3, config.vocab_size, (batch, prompt_len)).tolist()
     tokens, lengths = engine.pad_prompts(prompts)
     max_new = np.full(batch, new_tokens, np.int32)

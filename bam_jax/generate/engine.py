@@ -104,17 +104,18 @@ class Engine:
     decode_step, start (prefill and the first token) and loop (decode_loop) run the module's
     functions, jit-compiled with the cache (or the loop state) donated; generate drives them.
     params must be placed as the model's parameter shardings on that mesh (or unplaced without
-    one). Prompt widths are rounded up to a multiple of `bucket`, so compilations are shared;
-    prompts are prefilled in chunks of `prefill_chunk` tokens (a multiple of bucket), which
-    bounds the attention scores' memory at long context.
+    one). Prompt widths are rounded up to a multiple of `bucket` and cache lengths to one of
+    `cache_bucket`, so batches of similar shapes share their compilations; prompts are
+    prefilled in chunks of `prefill_chunk` tokens (a multiple of bucket), which bounds the
+    attention scores' memory at long context.
     """
 
     def __init__(self, graphdef: nnx.GraphDef, config: ModelConfig, mesh: Mesh | None = None, bucket: int = 64,
-                 prefill_chunk: int = 256):
+                 prefill_chunk: int = 256, cache_bucket: int = 64):
         if prefill_chunk % bucket:
             raise ValueError(f'prefill_chunk {prefill_chunk} is not a multiple of bucket {bucket}')
         self.graphdef, self.config, self.mesh = graphdef, config, mesh
-        self.bucket, self.prefill_chunk = bucket, prefill_chunk
+        self.bucket, self.prefill_chunk, self.cache_bucket = bucket, prefill_chunk, cache_bucket
         self._prefill = jax.jit(functools.partial(prefill, graphdef), donate_argnums=3)
         self._first_token = jax.jit(first_token, static_argnames='sampling', donate_argnums=1)
         self.decode_step = jax.jit(functools.partial(decode_step, graphdef), donate_argnums=3)
@@ -175,7 +176,8 @@ class Engine:
         batch = len(prompts)
         max_new = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (batch,)).copy()
         tokens, lengths = self.pad_prompts(prompts)
-        cache = self.new_cache(batch, tokens.shape[1] + int(max_new.max()))
+        cache = self.new_cache(batch, -(-(tokens.shape[1] + int(max_new.max())) // self.cache_bucket)
+                               * self.cache_bucket)
         keys = jax.vmap(lambda b: jax.random.fold_in(jax.random.key(seed), b))(jnp.arange(batch))
         with jax.set_mesh(self.mesh) if self.mesh else contextlib.nullcontext():
             state = self.start(params, tokens, lengths, cache, keys, max_new, eos_id, sampling)

@@ -14,10 +14,12 @@ Three computations of the same function:
   dropless  inference's token choice (evaluation, log-likelihoods, decoding): every assignment is
             computed, so a token's output never depends on its batch-mates or the device count.
             The assignments are sorted by expert and each projection is one grouped matmul
-            (jax.lax.ragged_dot): N*K rows are computed, and each expert's weights are read once,
-            or not at all when no token chose it. With the experts spread over the mesh axis
-            `expert`, each device gathers that axis's tokens, runs its own experts on the
-            assignments they received, and a reduce-scatter returns each token's sum home.
+            (jax.lax.ragged_dot): N*K rows are computed. A handful of assignments (no more than
+            there are experts: decoding a few rows) instead gathers each one's expert weights
+            and multiplies them directly, so a step reads only the chosen experts' weights. With
+            the experts spread over the mesh axis `expert`, each device gathers that axis's
+            tokens, runs its own experts on the assignments they received, and a reduce-scatter
+            returns each token's sum home.
   dense     every expert on every token, weighted by the gates (zero for unchosen experts).
             It is the algorithm for soft routing, and the reference the tests check dispatch by.
 """
@@ -133,22 +135,35 @@ def dropless_group(x, expert_index, gate, weights, *, expert_axis: str | None = 
     first = jax.lax.axis_index(expert_axis) * local if expert_axis else 0
     index = index - first
     mine = (index >= 0) & (index < local)
-    index = jnp.where(mine, index, local)  # other devices' experts sort last, in no group
-    order = jnp.argsort(index, stable=True)
-    token = order // k  # assignment a is token a // K's choice a % K
-    sizes = jnp.sum(jax.nn.one_hot(index, local, dtype=jnp.int32), axis=0)
-    wi_gate, wi_up, wo = weights
-    sorted_rows = rows[token]
-    hidden = (jax.nn.silu(jax.lax.ragged_dot(sorted_rows, wi_gate, sizes))
-              * jax.lax.ragged_dot(sorted_rows, wi_up, sizes))
-    out = jax.lax.ragged_dot(hidden, wo, sizes).astype(jnp.float32)
-    weight = jnp.where(mine, gate, 0.0)[order]
-    y = jnp.zeros((rows.shape[0], d), jnp.float32).at[token].add(out * weight[:, None])
+    weight = jnp.where(mine, gate, 0.0)
+    token = jnp.arange(index.shape[0]) // k  # assignment a is token a // K's choice a % K
+    if index.shape[0] <= local:  # a handful: read the chosen experts' weights only
+        out = _chosen_swiglu(rows[token], jnp.where(mine, index, 0), weights)
+    else:
+        order = jnp.argsort(jnp.where(mine, index, local), stable=True)  # others' experts sort last
+        token, weight = token[order], weight[order]
+        sizes = jnp.sum(jax.nn.one_hot(index, local, dtype=jnp.int32), axis=0)  # others' in no group
+        out = _grouped_swiglu(rows[token], sizes, weights)
+    y = jnp.zeros((rows.shape[0], d), jnp.float32).at[token].add(out.astype(jnp.float32) * weight[:, None])
     if expert_axis:  # each token's partial sums, from every device, back to its own device
         y = jax.lax.psum_scatter(y, expert_axis, scatter_dimension=0, tiled=True)
     if tensor_axis:
         y = jax.lax.psum(y, tensor_axis)
     return y.astype(x.dtype).reshape(b, t, d)
+
+
+def _grouped_swiglu(rows, sizes, weights):
+    """Rows sorted by expert, sizes[e] of them for expert e (rows past them: zeros). [A, D] -> [A, D]."""
+    wi_gate, wi_up, wo = weights
+    hidden = jax.nn.silu(jax.lax.ragged_dot(rows, wi_gate, sizes)) * jax.lax.ragged_dot(rows, wi_up, sizes)
+    return jax.lax.ragged_dot(hidden, wo, sizes)
+
+
+def _chosen_swiglu(rows, expert, weights):
+    """Row a through expert[a], with that expert's weights gathered. [A, D] -> [A, D]."""
+    wi_gate, wi_up, wo = (w[expert] for w in weights)
+    hidden = jax.nn.silu(jnp.einsum('ad,adf->af', rows, wi_gate)) * jnp.einsum('ad,adf->af', rows, wi_up)
+    return jnp.einsum('af,afd->ad', hidden, wo)
 
 
 def _over_mesh(group_fn, x, expert_index, gate, weights, num_outputs: int):
