@@ -15,7 +15,6 @@ from bam_jax.errors import BamJaxError
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-
 def resolve_gin_file(name: str) -> str:
     for base in (pathlib.Path.cwd(), REPO_ROOT):
         path = base / name

@@ -9,6 +9,7 @@ random router spread over all experts at batch 16, as trained routers do).
 
 from __future__ import annotations
 
+import math
 import time
 
 import jax
@@ -16,11 +17,31 @@ import numpy as np
 
 from bam_jax.generate import Engine, cache_bytes, cache_spec
 from bam_jax.generate.sampling import GREEDY
-from bam_jax.models import ModelConfig, abstract_model, init_params, split_params
+from bam_jax.models import ModelConfig, abstract_model, flatten, init_params, split_params
 
 SETTINGS = (('paper', 256, 16), ('long', 2048, 16))  # (name, prompt tokens, new tokens)
 BATCHES = (1, 16)
 NEVER = -2  # an EOS id no row ever samples
+
+
+def bytes_per_step(config: ModelConfig, batch: int, cache_len: int) -> float:
+    """Bytes one decode step must read at least: every weight it uses, once (the token embedding
+    only for the batch's rows; of top-k FFN experts, the expected number of distinct experts the
+    batch chooses under uniform routing; Lory's experts not at all, their per-row merge being in
+    the cache), plus the whole cache (a query reads every allocated slot, masked)."""
+    _, params = split_params(abstract_model(config))
+    total = 0.0
+    for path, leaf in flatten(params).items():
+        size = leaf.size * leaf.dtype.itemsize
+        if path == 'embed/embedding' and not config.tie_embeddings:
+            size *= batch / config.vocab_size
+        elif '/ffn/experts/' in path and config.lory:
+            size = 0
+        elif '/ffn/experts/' in path:
+            experts = config.moe.num_routed_experts
+            size *= 1 - (1 - config.moe.experts_per_token / experts) ** batch  # the share of experts used
+        total += size
+    return total + cache_bytes(cache_spec(config, batch, cache_len))
 
 
 def time_decode(config: ModelConfig, prompt_len: int, new_tokens: int, batch: int, repeats: int = 2) -> dict:
@@ -49,7 +70,8 @@ def time_decode(config: ModelConfig, prompt_len: int, new_tokens: int, batch: in
     decode_s = min(decode[1:])
     return {'prefill_s': min(prefill[1:]), 'decode_s': decode_s,
             'decode_tokens_per_s': batch * (new_tokens - 1) / decode_s,
-            'cache_bytes': cache_bytes(cache_spec(config, batch, tokens.shape[1] + new_tokens))}
+            'cache_bytes': cache_bytes(cache_spec(config, batch, tokens.shape[1] + new_tokens)),
+            'bytes_per_token': bytes_per_step(config, batch, tokens.shape[1] + new_tokens) / batch}
 
 
 def run(configs: dict[str, ModelConfig], progress=print) -> list[dict]:
@@ -65,20 +87,29 @@ def run(configs: dict[str, ModelConfig], progress=print) -> list[dict]:
     for row in rows:
         btx = next((r for r in rows if r['arch'] == 'btx' and r['setting'] == row['setting']), None)
         for batch in BATCHES:
-            speed = row[f'batch_{batch}']['decode_tokens_per_s']
-            row[f'batch_{batch}']['vs_btx'] = speed / btx[f'batch_{batch}']['decode_tokens_per_s'] if btx else None
+            mine, base = row[f'batch_{batch}'], btx and btx[f'batch_{batch}']
+            mine['vs_btx'] = mine['decode_tokens_per_s'] / base['decode_tokens_per_s'] if base else None
+            # What a memory-bound device would give: BTX's bytes read per token over this model's.
+            mine['bytes_vs_btx'] = base['bytes_per_token'] / mine['bytes_per_token'] if base else None
     return rows
 
 
+def _ratio(x) -> str:
+    return '-' if x is None or math.isnan(x) else f'{x:.2f}x'
+
+
 def print_table(rows: list[dict], description: str) -> None:
-    header = (f'{"model":<15} {"setting":<8} {"prefill b1 ms":>13} {"prefill b16 ms":>14} {"tok/s b1":>9} '
-              f'{"tok/s b16":>10} {"cache b16 MiB":>13} {"b1 vs BTX":>9} {"b16 vs BTX":>10}')
+    header = (f'{"model":<14} {"setting":<7} {"prefill ms b1/b16":>18} {"tok/s b1":>9} {"tok/s b16":>9} '
+              f'{"cache MiB b16":>13} {"MiB/tok b1/b16":>15} {"vs BTX b1/b16":>14} {"bytes vs BTX":>13}')
     print(header)
     print('-' * len(header))
     for r in rows:
         one, many = r['batch_1'], r['batch_16']
-        ratio = (lambda x: f'{x:.2f}x' if x is not None else '-')  # noqa: E731
-        print(f'{r["arch"]:<15} {r["setting"]:<8} {one["prefill_s"] * 1e3:>13.1f} {many["prefill_s"] * 1e3:>14.1f} '
-              f'{one["decode_tokens_per_s"]:>9.1f} {many["decode_tokens_per_s"]:>10.1f} '
-              f'{many["cache_bytes"] / 2**20:>13.1f} {ratio(one["vs_btx"]):>9} {ratio(many["vs_btx"]):>10}')
+        prefill = '{:.0f}/{:.0f}'.format(one['prefill_s'] * 1e3, many['prefill_s'] * 1e3)
+        read = '{:.1f}/{:.1f}'.format(one['bytes_per_token'] / 2**20, many['bytes_per_token'] / 2**20)
+        speed = f'{_ratio(one["vs_btx"])}/{_ratio(many["vs_btx"])}'
+        ideal = f'{_ratio(one["bytes_vs_btx"])}/{_ratio(many["bytes_vs_btx"])}'
+        print(f'{r["arch"]:<14} {r["setting"]:<7} {prefill:>18} {one["decode_tokens_per_s"]:>9.1f} '
+              f'{many["decode_tokens_per_s"]:>9.1f} {many["cache_bytes"] / 2**20:>13.1f} {read:>15} '
+              f'{speed:>14} {ideal:>13}')
     print(description)

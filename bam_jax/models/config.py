@@ -19,13 +19,13 @@ import jax.numpy as jnp
 from bam_jax.errors import BamJaxError
 
 ROUTING_MODES = ('top_k', 'soft', 'sample_top1')
+GATE_FORMS = ('softmax', 'renormalize')
 
 # Settings that earlier versions stored (in a checkpoint's model record and a run's config.gin)
 # and that no longer exist, with the reason. Reading an older run skips them.
 RETIRED_SETTINGS = {
     'MoEConfig': {'capacity_factor_eval': 'inference never drops tokens, so it has no capacity'},
 }
-GATE_FORMS = ('softmax', 'renormalize')
 
 
 @dataclasses.dataclass(frozen=True)
