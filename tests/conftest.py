@@ -1,6 +1,7 @@
 """Tests run on an emulated 8-device CPU mesh: the flag must be set before jax is imported.
 Every test starts and ends with gin's global bindings empty."""
 
+import json
 import os
 
 import gin  # neither gin nor pytest imports jax
@@ -25,3 +26,24 @@ def no_gin_bindings():
     gin.clear_config()
     yield
     gin.clear_config()
+
+
+@pytest.fixture(scope='session')
+def bam_run(tmp_path_factory):
+    """One tiny BAM run (2 layers, trained 1 step on 64-token rows) and its `bam-jax eval --json`,
+    made once per session and shared by the xdist workers (a file lock): {'run': workdir, 'cli':
+    {'status', 'stdout', 'stderr'} of the eval, 'result': its parsed output}. Tests that write
+    into the run work on a copy of it."""
+    from helpers import finish, shared, start_eval, train_run
+
+    def make(directory):
+        train_run(['gin/models/tiny.gin', 'gin/arch/bam.gin', 'gin/seed.gin'], directory / 'run')
+        gin.clear_config()
+        eval_cli = finish(start_eval(f'--workdir={directory / "run"}', '--json'))
+        (directory / 'cli.json').write_text(json.dumps(eval_cli))
+
+    directory = shared(tmp_path_factory, 'bam_run', make)
+    out = {'run': directory / 'run', 'cli': json.loads((directory / 'cli.json').read_text())}
+    assert out['cli']['status'] == 0, out['cli']['stderr'][-3000:]
+    out['result'] = json.loads(out['cli']['stdout'])  # stdout holds the JSON and nothing else
+    return out

@@ -2,8 +2,10 @@
 errors, checkpoints, layers with numpy-drawn weights and random inputs. `from helpers import ...`
 (tests/ has no __init__.py, so pytest puts tests/ itself on sys.path)."""
 
+import fcntl
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -63,6 +65,20 @@ def cli_in_process(monkeypatch, capsys, *args):
     return status, out, err
 
 
+EVAL_DEVICES = 2  # CPU devices of an eval subprocess
+
+
+def start_eval(*args) -> subprocess.Popen:
+    """`bam-jax eval ARGS`, started in a subprocess on EVAL_DEVICES devices."""
+    return start_cli('eval', *args, devices=EVAL_DEVICES)
+
+
+def finish(proc: subprocess.Popen) -> dict:
+    """{'status', 'stdout', 'stderr'} of a started CLI process, once it ends."""
+    stdout, stderr = proc.communicate(timeout=300)
+    return {'status': proc.returncode, 'stdout': stdout, 'stderr': stderr}
+
+
 def assert_one_line_error(result, *patterns):
     """A user error: exit status 1 and exactly one `error:` line on stderr, holding every pattern,
     and no traceback. result: a finished process (subprocess.CompletedProcess, or anything with
@@ -96,6 +112,22 @@ def train_run(files, workdir, *bindings):
 
     parse_gin(files, [*SMALL_RUN, *bindings])
     assert train(workdir)['step'] == 1
+
+
+def shared(tmp_path_factory, name, make):
+    """DIR, made by make(DIR) once for all the xdist workers of this session."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get('PYTEST_XDIST_WORKER'):
+        root = root.parent  # the session's directory, above each worker's own
+    directory = root / name
+    with open(root / f'{name}.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (directory / 'done').exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            make(directory)
+            (directory / 'done').touch()
+    return directory
 
 
 # ---------------------------------------------------------------------------------------

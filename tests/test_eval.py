@@ -1,18 +1,15 @@
 """`bam-jax eval`: per-domain perplexity, the routing map, overrides, and errors as one line.
 
-One tiny BAM run (2 layers, trained 1 step) and its `eval --json` are made once per session and
-shared by the xdist workers (a file lock); tests that evaluate again work on a copy of it. The two
-tests that use it come first: xdist's load scheduler hands the first two tests to one worker, so
-the other one trains and evaluates the dense run meanwhile instead of waiting for the lock.
+The session's tiny BAM run and its `eval --json` (conftest.bam_run) are checked here; tests that
+evaluate again work on a copy of it. The two tests that use it come first: xdist's load scheduler
+hands the first two tests to one worker, so the other one trains and evaluates the dense run
+meanwhile instead of waiting for the lock.
 """
 
-import fcntl
 import json
 import math
-import os
 import pathlib
 import shutil
-import subprocess
 
 import gin
 import jax
@@ -24,57 +21,11 @@ from bam_jax.gin_config import parse_gin
 from bam_jax.models import ModelConfig, abstract_model, merge_params, split_params
 from bam_jax.train import TrainConfig
 
-from helpers import assert_one_line_error, cli_in_process, restore, start_cli, train_run
+from helpers import assert_one_line_error, cli_in_process, finish, restore, start_eval, train_run
 
 DOMAINS = ('general', 'code', 'law', 'math')
-BAM = ['gin/models/tiny.gin', 'gin/arch/bam.gin', 'gin/seed.gin']
 DENSE = ['gin/models/tiny.gin', 'gin/seed.gin']
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
-EVAL_DEVICES = 2  # the eval subprocess's CPU devices
-
-
-def start_eval(*args) -> subprocess.Popen:
-    """`bam-jax eval ARGS`, started in a subprocess on EVAL_DEVICES devices."""
-    return start_cli('eval', *args, devices=EVAL_DEVICES)
-
-
-def shared(tmp_path_factory, name, make):
-    """DIR, made by make(DIR) once for all the xdist workers of this session."""
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get('PYTEST_XDIST_WORKER'):
-        root = root.parent  # the session's directory, above each worker's own
-    directory = root / name
-    with open(root / f'{name}.lock', 'w') as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (directory / 'done').exists():
-            shutil.rmtree(directory, ignore_errors=True)
-            directory.mkdir()
-            make(directory)
-            (directory / 'done').touch()
-    return directory
-
-
-def finish(proc: subprocess.Popen) -> dict:
-    stdout, stderr = proc.communicate(timeout=300)
-    return {'status': proc.returncode, 'stdout': stdout, 'stderr': stderr}
-
-
-def make_bam(directory):
-    train_run(BAM, directory / 'run')
-    (directory / 'cli.json').write_text(json.dumps(finish(start_eval(f'--workdir={directory / "run"}', '--json'))))
-
-
-@pytest.fixture(scope='module')
-def bam(tmp_path_factory):
-    """{'run': workdir, 'cli': {'status', 'stdout', 'stderr'} of `bam-jax eval --workdir=RUN --json`,
-    'result': its parsed output}."""
-    directory = shared(tmp_path_factory, 'eval_bam', make_bam)
-    out = {'run': directory / 'run', 'cli': json.loads((directory / 'cli.json').read_text())}
-    assert out['cli']['status'] == 0, out['cli']['stderr'][-3000:]
-    out['result'] = json.loads(out['cli']['stdout'])  # stdout holds the JSON and nothing else
-    return out
-
-
 def independent_losses(run: pathlib.Path, step: int, domains) -> dict[str, tuple[float, float]]:
     """{domain: (mean NLL, tokens)} of the eval batches, from the restored weights, in plain JAX."""
     step_dir = run / 'checkpoints' / str(step)
@@ -102,9 +53,9 @@ def independent_losses(run: pathlib.Path, step: int, domains) -> dict[str, tuple
     return losses
 
 
-def test_eval_json(bam):
+def test_eval_json(bam_run):
     """`eval --json`: the schema, eval.json, the routing map, and perplexities checked independently."""
-    result = bam['result']
+    result = bam_run['result']
     perplexity = result['perplexity']
     assert list(perplexity) == [*DOMAINS, 'average']
     for name, value in perplexity.items():
@@ -114,7 +65,7 @@ def test_eval_json(bam):
         assert perplexity[domain] == pytest.approx(math.exp(result['loss'][domain]), rel=1e-12)
         assert result['tokens'][domain] > 0
     assert result['step'] == 1
-    assert pathlib.Path(result['checkpoint']) == bam['run'] / 'checkpoints' / '1'
+    assert pathlib.Path(result['checkpoint']) == bam_run['run'] / 'checkpoints' / '1'
     assert result['overrides'] == []
 
     layers = {f'layers/{i}/{kind}' for i in range(2) for kind in ('ffn', 'attn')}
@@ -127,31 +78,31 @@ def test_eval_json(bam):
             assert sum(fractions) == pytest.approx(1.0, abs=1e-5), (domain, layer)
     # Progress went to stderr.
     for domain in DOMAINS:
-        assert f'{domain}: perplexity' in bam['cli']['stderr']
-    assert 'wrote' in bam['cli']['stderr']
+        assert f'{domain}: perplexity' in bam_run['cli']['stderr']
+    assert 'wrote' in bam_run['cli']['stderr']
 
-    assert json.loads((bam['run'] / 'eval.json').read_text()) == result
-    png = bam['run'] / 'routing_map.png'
+    assert json.loads((bam_run['run'] / 'eval.json').read_text()) == result
+    png = bam_run['run'] / 'routing_map.png'
     assert png.read_bytes()[:8] == PNG_MAGIC
     import matplotlib.image
     image = matplotlib.image.imread(png)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
 
-    for domain, (loss, tokens) in independent_losses(bam['run'], 1, ('law', 'math')).items():
+    for domain, (loss, tokens) in independent_losses(bam_run['run'], 1, ('law', 'math')).items():
         assert tokens == result['tokens'][domain]
         assert result['loss'][domain] == pytest.approx(loss, rel=1e-4)
         assert perplexity[domain] == pytest.approx(math.exp(loss), rel=1e-4)
 
 
-def test_gin_overrides(bam, tmp_path, monkeypatch, capsys):
+def test_gin_overrides(bam_run, tmp_path, monkeypatch, capsys):
     run = tmp_path / 'run'
-    shutil.copytree(bam['run'], run)
+    shutil.copytree(bam_run['run'], run)
     status, out, err = cli_in_process(monkeypatch, capsys, 'eval', f'--workdir={run}',
                                       "--gin.MoEConfig.routing='soft'")
     assert status == 0, err[-3000:]
     result = json.loads((run / 'eval.json').read_text())
     assert result['overrides'] == ["MoEConfig.routing = 'soft'"]
-    before, after = bam['result']['perplexity'], result['perplexity']
+    before, after = bam_run['result']['perplexity'], result['perplexity']
     assert any(abs(after[d] - before[d]) > 1e-3 * before[d] for d in DOMAINS), (before, after)
     # The table: the perplexity row, then the routing sections.
     assert out.index('| step | general | code | law | math | average |') < out.index('ffn experts')

@@ -7,7 +7,6 @@ import functools
 import json
 import shutil
 
-import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +21,7 @@ from bam_jax.models.config import LoryConfig, MoAConfig, MoEConfig
 from bam_jax.parallel import MeshConfig, create_mesh
 
 import references
-from helpers import assert_one_line_error, cli_in_process, restore, train_run
+from helpers import assert_one_line_error, cli_in_process, restore
 
 # Prefill and decode compute the same sums as the full pass in another grouping (one position
 # against all of them, a cache against the sequence): float32 rounding, nothing more.
@@ -242,30 +241,23 @@ def test_generate_stops_at_stop_strings():
     assert lm.decode(cut.completion_ids) == cut.text
 
 
-@pytest.fixture(scope='module')
-def btx_run(tmp_path_factory):
-    """A tiny BTX (top-2) run trained one step on 64-token rows."""
-    workdir = tmp_path_factory.mktemp('generate') / 'btx'
-    train_run(['gin/models/tiny.gin', 'gin/arch/btx.gin', 'gin/seed.gin'], workdir)
-    gin.clear_config()
-    return workdir
-
-
-def test_cli_json_equals_cache_free_greedy(btx_run, tmp_path, monkeypatch, capsys):
-    """`generate --prompts=FILE --json`: one object per prompt, whose completion is the cache-free
-    greedy loop's over the restored checkpoint, decoded by the run's byte vocabulary."""
+def test_cli_json_equals_cache_free_greedy(bam_run, tmp_path, monkeypatch, capsys):
+    """`generate --prompts=FILE --json` on the session's tiny BAM run: one object per prompt, whose
+    completion is the cache-free greedy loop's over the restored checkpoint, decoded by the run's
+    byte vocabulary."""
+    run_dir = bam_run['run']
     prompts = tmp_path / 'prompts.jsonl'
     prompts.write_text(json.dumps({'prompt': 'def main('}) + '\n\n' + json.dumps('The licensee') + '\n')
-    status, out, err = cli_in_process(monkeypatch, capsys, 'generate', f'--workdir={btx_run}',
+    status, out, err = cli_in_process(monkeypatch, capsys, 'generate', f'--workdir={run_dir}',
                                       f'--prompts={prompts}', '--max_new_tokens=8', '--json')
     assert status == 0, err
     lines = [json.loads(line) for line in out.splitlines()]
     assert [line['prompt'] for line in lines] == ['def main(', 'The licensee']
     vocab = seqio.ByteVocabulary()
-    load_run_config(btx_run, [])
+    load_run_config(run_dir, [])
     config = ModelConfig()
     graphdef, _ = split_params(abstract_model(config))
-    params = restore(btx_run / 'checkpoints' / '1' / 'params')
+    params = restore(run_dir / 'checkpoints' / '1' / 'params')
     forward = jax.jit(lambda p, t: merge_params(graphdef, p)(t))
     for line in lines:
         assert set(line) >= {'prompt', 'completion', 'prompt_ids', 'completion_ids', 'stop_reason'}
@@ -284,21 +276,22 @@ def test_cli_json_equals_cache_free_greedy(btx_run, tmp_path, monkeypatch, capsy
     assert 'new tokens' in err  # progress, on stderr
 
 
-def test_cli_text_and_errors(btx_run, tmp_path, monkeypatch, capsys):
-    status, out, err = cli_in_process(monkeypatch, capsys, 'generate', f'--workdir={btx_run}', '--prompt=Licen',
+def test_cli_text_and_errors(bam_run, tmp_path, monkeypatch, capsys):
+    run_dir = bam_run['run']
+    status, out, err = cli_in_process(monkeypatch, capsys, 'generate', f'--workdir={run_dir}', '--prompt=Licen',
                                       '--max_new_tokens=3', '--temperature=0.8', '--top_k=5', '--seed=3')
     assert status == 0, err
     assert out.startswith('--- 1/1: 5 + ') and '\nLicen' in out
     run = functools.partial(cli_in_process, monkeypatch, capsys, 'generate')
-    assert_one_line_error(run(f'--workdir={btx_run}', '--prompt=')[::2], 'prompt 0 is empty')
-    assert_one_line_error(run(f'--workdir={btx_run}', '--prompt=' + 'x' * 63)[::2], 'prompt 0 has 63 tokens',
+    assert_one_line_error(run(f'--workdir={run_dir}', '--prompt=')[::2], 'prompt 0 is empty')
+    assert_one_line_error(run(f'--workdir={run_dir}', '--prompt=' + 'x' * 63)[::2], 'prompt 0 has 63 tokens',
                           'at most 62')
-    assert_one_line_error(run(f'--workdir={btx_run}')[::2], 'either as --prompt')
+    assert_one_line_error(run(f'--workdir={run_dir}')[::2], 'either as --prompt')
     bad = tmp_path / 'bad.jsonl'
     bad.write_text('{"prompt": "ok"}\n{"prompt": 3}\n')
-    assert_one_line_error(run(f'--workdir={btx_run}', f'--prompts={bad}')[::2], 'bad.jsonl:2')
+    assert_one_line_error(run(f'--workdir={run_dir}', f'--prompts={bad}')[::2], 'bad.jsonl:2')
     empty_run = tmp_path / 'no_checkpoint'
     empty_run.mkdir()
-    shutil.copy(btx_run / 'config.gin', empty_run / 'config.gin')
+    shutil.copy(run_dir / 'config.gin', empty_run / 'config.gin')
     assert_one_line_error(run(f'--workdir={empty_run}', '--prompt=a')[::2], 'is not a bam_jax checkpoint')
-    assert_one_line_error(run(f'--workdir={btx_run}', '--prompt=a', '--top_p=0')[::2], 'top_p must be in (0, 1]')
+    assert_one_line_error(run(f'--workdir={run_dir}', '--prompt=a', '--top_p=0')[::2], 'top_p must be in (0, 1]')
