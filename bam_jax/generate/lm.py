@@ -103,7 +103,7 @@ class LanguageModel:
         return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
     def loglikelihood(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
-                      progress: Callable[[int, int], None] | None = None) -> list[tuple[float, bool]]:
+                      progress: Callable[[str], None] | None = None) -> list[tuple[float, bool]]:
         """For each (context ids, continuation ids): (log P(continuation | context), whether
         greedy decoding gives exactly the continuation).
 
@@ -137,7 +137,7 @@ class LanguageModel:
                 for r, i in enumerate(batch):
                     results[i] = (float(logp[r]), bool(greedy[r]))
                 if progress:
-                    progress(min((done + 1) * self.batch_size, len(rows)), len(rows))
+                    progress(f'log-likelihoods: {min((done + 1) * self.batch_size, len(rows))}/{len(rows)} requests')
         return results
 
     def _mesh(self):
