@@ -28,13 +28,13 @@ from bam_jax.parallel.sharding import logical_to_spec
 NOTHING = -1  # in a row's output after it stopped
 
 
-def prefill(graphdef: nnx.GraphDef, params, tokens, lengths, cache, offset=0, logits=None):
+def prefill(graphdef: nnx.GraphDef, params, tokens, lengths, cache, offset, logits):
     """Runs the prompts' tokens offset .. offset + C - 1 in one forward pass and fills the cache.
 
     tokens: [B, C] int, those tokens of the right-padded prompts; lengths: [B] >= 1, the whole
     prompts' lengths. A long prompt goes in chunks (Engine.prefill), each attending to the cache
     the earlier ones filled; a Lory model needs the whole prompt in one (its merge reads it all).
-    logits: [B, V], what earlier chunks found (None: none yet).
+    logits: [B, V], what earlier chunks found (zeros before the first).
     Returns (logits [B, V] float32 of each row's next token, where its prompt ends in this chunk,
     else the given ones; cache).
     """
@@ -45,8 +45,6 @@ def prefill(graphdef: nnx.GraphDef, params, tokens, lengths, cache, offset=0, lo
     hidden, cache = model.hidden(tokens, segment_ids, positions, prompt_len=lengths, cache=cache)
     last = lengths - 1 - offset
     found = model.logits(jnp.take_along_axis(hidden, jnp.clip(last, 0, width - 1)[:, None, None], axis=1))[:, 0]
-    if logits is None:
-        return found, cache
     return jnp.where(((last >= 0) & (last < width))[:, None], found, logits), cache
 
 
@@ -146,6 +144,10 @@ class Engine:
         spec = cache_spec(self.config, batch, max_len)
         return init_cache(spec, cache_shardings(spec, self.mesh) if self.mesh else None)
 
+    def on_mesh(self):
+        """The context to run under: the engine's mesh (the expert layers dispatch over it), if any."""
+        return jax.set_mesh(self.mesh) if self.mesh else contextlib.nullcontext()
+
     def put(self, array: np.ndarray):
         """A host batch array onto the mesh, split over the data-parallel axes where it divides."""
         if self.mesh is None:
@@ -179,7 +181,7 @@ class Engine:
         cache = self.new_cache(batch, -(-(tokens.shape[1] + int(max_new.max())) // self.cache_bucket)
                                * self.cache_bucket)
         keys = jax.vmap(lambda b: jax.random.fold_in(jax.random.key(seed), b))(jnp.arange(batch))
-        with jax.set_mesh(self.mesh) if self.mesh else contextlib.nullcontext():
+        with self.on_mesh():
             state = self.start(params, tokens, lengths, cache, keys, max_new, eos_id, sampling)
             outputs = [[int(t)] for t in np.asarray(state['token'])]
             done = np.asarray(state['done']).copy()

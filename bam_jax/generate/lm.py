@@ -6,7 +6,6 @@ score is a function of its own request only, whatever the batch or the device co
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import pathlib
@@ -120,7 +119,7 @@ class LanguageModel:
             scored = min(len(continuation), len(whole) - 1)
             rows.append((whole, scored))
         results: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
-        with self._mesh():
+        with self.engine.on_mesh():
             for done, batch in enumerate(self._batches(rows, key=lambda r: len(r[0]))):
                 width = -(-max(len(rows[i][0]) - 1 for i in batch) // self.engine.bucket) * self.engine.bucket
                 arrays = np.zeros((4, self.batch_size, width), np.int32)  # tokens, targets, weights, segments
@@ -139,9 +138,6 @@ class LanguageModel:
                 if progress:
                     progress(f'log-likelihoods: {min((done + 1) * self.batch_size, len(rows))}/{len(rows)} requests')
         return results
-
-    def _mesh(self):
-        return jax.set_mesh(self.mesh) if self.mesh else contextlib.nullcontext()
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, *, sampling: Sampling = GREEDY,
                  seed: int = 0, stop: Sequence[str] = (), progress: Callable[[str], None] | None = None

@@ -5,11 +5,11 @@ Weights (docs/checkpoint_format.md): router/kernel [D, E]; experts/wi_gate and e
 [E, D, F]; experts/wo [E, F, D]. With expert_split C, E = num_experts * C and F = d_ff / C.
 
 Three computations of the same function:
-  dispatch  training's token choice with a capacity (top_k, sample_top1). Inside jax.shard_map every device
-            sorts its own tokens (one dispatch group) into per-expert buffers of `capacity`
-            slots; jax.lax.all_to_all over the mesh axis `expert` sends each buffer to the device
-            that holds the expert, the experts run, a second all_to_all brings the outputs back,
-            and each token sums its experts' outputs. An assignment past its expert's capacity
+  dispatch  training's token choice with a capacity (top_k, sample_top1). Inside
+            jax.shard_map every device sorts its own tokens (one dispatch group) into per-expert
+            buffers of `capacity` slots; jax.lax.all_to_all over the mesh axis `expert` sends
+            each buffer to the device that holds the expert, the experts run, a second
+            all_to_all brings the outputs back, and each token sums its experts' outputs. An assignment past its expert's capacity
             is dropped: it adds nothing, so the token passes on the residual alone.
   dropless  inference's token choice (evaluation, log-likelihoods, decoding): every assignment is
             computed, so a token's output never depends on its batch-mates or the device count.
