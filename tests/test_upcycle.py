@@ -34,17 +34,22 @@ DENSE = {
     'vocab512': (dataclasses.replace(MODEL, vocab_size=512), 5),
     'rope': (dataclasses.replace(MODEL, rope_theta=500.0), 6),
     'sequential': (dataclasses.replace(MODEL, parallel_block=False, tie_embeddings=True), 7),
+    # every per-projection extra of the imported families, and the window shorter than a document
+    'extras': (dataclasses.replace(MODEL, qkv_bias=True, qk_norm=True, head_dim=16, sliding_window=8,
+                                   rope_scaling='llama3', rope_scaling_factor=8.0, rope_original_max_len=64), 8),
 }
+DENSE['extras2'] = (DENSE['extras'][0], 9)
 FFN = ('wi_gate', 'wi_up', 'wo')
-ATTN = ('wq', 'wk', 'wv', 'wo')
+ATTN = ('wq', 'wk', 'wv', 'wo', 'bq', 'bk', 'bv', 'q_norm', 'k_norm')
 
 
 def random_params(config: ModelConfig, seed: int) -> dict:
     """Flat float32 weights of the model's exact tree; norm scales around 1, so averages matter."""
     rng = np.random.default_rng(seed)
     shapes = {k: v.shape for k, v in flatten(split_params(abstract_model(config))[1]).items()}
-    return {k: (rng.standard_normal(s) * (0.1 if k.endswith('/scale') else 0.2)
-                + (1.0 if k.endswith('/scale') else 0.0)).astype(np.float32) for k, s in shapes.items()}
+    scale = ('/scale', '_norm')
+    return {k: (rng.standard_normal(s) * (0.1 if k.endswith(scale) else 0.2)
+                + (1.0 if k.endswith(scale) else 0.0)).astype(np.float32) for k, s in shapes.items()}
 
 
 def read_params(step_dir: pathlib.Path) -> dict:
@@ -157,7 +162,8 @@ def logits_of(config: ModelConfig, params: dict, batch):
 
 
 @pytest.mark.parametrize('method, base', [('btx', 'seed'), ('bam', 'seed'), ('bam_shared_kv', 'seed'),
-                                          ('sparse_upcycle', 'seed'), ('bam', 'sequential')])
+                                          ('sparse_upcycle', 'seed'), ('bam', 'sequential'),
+                                          ('bam', 'extras'), ('bam_shared_kv', 'extras')])
 def test_copies_of_one_dense_model_compute_the_dense_logits(dense, upcycled, method, base):
     config, _ = DENSE[base]
     if method == 'sparse_upcycle':
@@ -190,6 +196,21 @@ def test_copies_of_one_dense_model_compute_the_dense_logits(dense, upcycled, met
 def test_expert_slices_are_the_source_tensors(dense, upcycled, method):
     out, params = upcycled(method, ['code', 'law'], seed='seed')
     sources = [dense[name][1] for name in ('seed', 'code', 'law')]  # seed first, then in the order given
+    check_expert_slices(params, sources, method)
+    summary = json.loads((out / 'upcycle.json').read_text())
+    assert summary['expert_models'] == ['seed', str(dense['code'][0]), str(dense['law'][0])]
+    assert summary['method'] == method and summary['tensors'] == len(params)
+
+
+@pytest.mark.parametrize('method', ['btx', 'bam', 'bam_shared_kv'])
+def test_biases_and_qk_norms_follow_their_projections(dense, upcycled, method):
+    _, params = upcycled(method, ['extras2', 'extras'], seed='extras')
+    check_expert_slices(params, [dense[name][1] for name in ('extras', 'extras2', 'extras')], method)
+
+
+def check_expert_slices(params: dict, sources: list[dict], method: str):
+    """FFNs (and BAM's attention projections, with their biases and q/k norms) are stacked
+    from the sources bit for bit; every other tensor is their mean."""
     for layer in range(MODEL.num_layers):
         for name in FFN:
             stacked = params[f'layers/{layer}/ffn/experts/{name}']
@@ -197,8 +218,10 @@ def test_expert_slices_are_the_source_tensors(dense, upcycled, method):
             for i, source in enumerate(sources):
                 np.testing.assert_array_equal(stacked[i], source[f'layers/{layer}/ffn/{name}'])
             assert f'layers/{layer}/ffn/{name}' not in params
-        stacked_attn = {'btx': (), 'bam': ATTN, 'bam_shared_kv': ('wq', 'wo')}[method]
+        stacked_attn = {'btx': (), 'bam': ATTN, 'bam_shared_kv': ('wq', 'wo', 'bq', 'q_norm')}[method]
         for name in ATTN:
+            if f'layers/{layer}/attn/{name}' not in sources[0]:
+                continue  # an extra this model has not
             if name in stacked_attn:
                 for i, source in enumerate(sources):
                     np.testing.assert_array_equal(params[f'layers/{layer}/attn/experts/{name}'][i],
@@ -208,9 +231,6 @@ def test_expert_slices_are_the_source_tensors(dense, upcycled, method):
                 np.testing.assert_array_equal(params[f'layers/{layer}/attn/{name}'],
                                               mean([s[f'layers/{layer}/attn/{name}'] for s in sources]))
                 assert f'layers/{layer}/attn/experts/{name}' not in params
-    summary = json.loads((out / 'upcycle.json').read_text())
-    assert summary['expert_models'] == ['seed', str(dense['code'][0]), str(dense['law'][0])]
-    assert summary['method'] == method and summary['tensors'] == len(params)
 
 
 def test_no_seed_expert_keeps_the_seed_in_the_averages_only(dense, upcycled):

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from bam_jax.errors import BamJaxError
 
 ROUTING_MODES = ('top_k', 'soft', 'sample_top1')
+ROPE_SCALINGS = ('none', 'linear', 'llama3')
 GATE_FORMS = ('softmax', 'renormalize')
 
 # Settings that earlier versions stored (in a checkpoint's model record and a run's config.gin)
@@ -166,7 +167,18 @@ class ModelConfig:
     d_ff: int = 512
     parallel_block: bool = True  # x + attn(norm(x)) + ffn(norm(x)), as in BAM/PaLM
     tie_embeddings: bool = False
+    qkv_bias: bool = False       # biases on the q, k, v projections (Qwen2)
+    qk_norm: bool = False        # RMSNorm over each head of q and k before RoPE (Qwen3)
     rope_theta: float = 10_000.0
+    # RoPE frequency scaling for long contexts: 'linear' divides every frequency by the factor;
+    # 'llama3' divides the low ones only, blending in between (the rope_low/high_freq_factor bands
+    # of wavelengths against rope_original_max_len).
+    rope_scaling: str = 'none'
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    sliding_window: int = 0      # > 0: a query reads only the last `sliding_window` positions (Mistral)
     norm_eps: float = 1e-6
     init_std: float = 0.02
     dtype: str = 'bfloat16'
@@ -183,6 +195,15 @@ class ModelConfig:
                               f'({self.num_heads}); set head_dim')
         if self.resolved_head_dim % 2:
             raise BamJaxError(f'head_dim must be even for RoPE, got {self.resolved_head_dim}')
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise BamJaxError(f'ModelConfig.rope_scaling={self.rope_scaling!r} is not one of {ROPE_SCALINGS}')
+        if self.rope_scaling != 'none' and self.rope_scaling_factor <= 0:
+            raise BamJaxError(f'ModelConfig.rope_scaling_factor must be > 0, got {self.rope_scaling_factor}')
+        if self.rope_scaling == 'llama3' and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise BamJaxError('llama3 RoPE scaling needs 0 < rope_low_freq_factor < rope_high_freq_factor, got '
+                              f'{self.rope_low_freq_factor} and {self.rope_high_freq_factor}')
+        if self.sliding_window < 0:
+            raise BamJaxError(f'ModelConfig.sliding_window must be >= 0, got {self.sliding_window}')
         for name in ('dtype', 'param_dtype'):
             try:
                 jnp.dtype(getattr(self, name))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from bam_jax.models.config import ModelConfig
@@ -21,6 +22,13 @@ def param(rngs: nnx.Rngs, init, shape, dtype, names) -> nnx.Param:
     return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names)
 
 
+def rms_norm(x, scale, eps: float):
+    """x / rms(x) * scale over the last axis, in float32. scale broadcasts against x."""
+    x = x.astype(jnp.float32)
+    y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    return y * scale.astype(jnp.float32)
+
+
 class RMSNorm(nnx.Module):
     """y = x / rms(x) * scale, computed in float32."""
 
@@ -30,37 +38,69 @@ class RMSNorm(nnx.Module):
         self.scale = param(rngs, nnx.initializers.ones, (dim,), config.weight_dtype, ('norm',))
 
     def __call__(self, x):
-        x = x.astype(jnp.float32)
-        y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+        return rms_norm(x, self.scale[...], self.eps).astype(self.dtype)
 
 
-def rope(x, positions, theta: float):
-    """Rotary position embedding (rotate-half form). x: [B, T, N, Dh], positions: [B, T]."""
-    half = x.shape[-1] // 2
-    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+def rope_frequencies(config: ModelConfig) -> np.ndarray:
+    """RoPE's inverse frequencies [Dh/2] (float32), after the config's scaling.
+
+    theta^(-2i/Dh); 'linear' divides them all by the factor; 'llama3' divides those whose
+    wavelength exceeds original_len / low_freq_factor, keeps those under original_len /
+    high_freq_factor, and blends linearly (in original_len / wavelength) in between.
+    """
+    half = config.resolved_head_dim // 2
+    freqs = config.rope_theta ** (-np.arange(half, dtype=np.float64) / half)
+    factor = config.rope_scaling_factor
+    if config.rope_scaling == 'linear':
+        freqs = freqs / factor
+    elif config.rope_scaling == 'llama3':
+        low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+        ratio = config.rope_original_max_len / (2 * np.pi / freqs)  # original length in wavelengths
+        smooth = np.clip((ratio - low) / (high - low), 0.0, 1.0)  # 0: long wavelengths, 1: short
+        freqs = (1 - smooth) * freqs / factor + smooth * freqs
+    return freqs.astype(np.float32)
+
+
+def rope(x, positions, freqs):
+    """Rotary position embedding (rotate-half form). x: [B, T, N, Dh], positions: [B, T],
+    freqs: [Dh/2] (rope_frequencies)."""
     angles = positions.astype(jnp.float32)[..., None, None] * freqs  # [B, T, 1, Dh/2]
     sin, cos = jnp.sin(angles), jnp.cos(angles)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention_mask(segment_ids):
-    """Causal mask that also keeps packed documents apart. segment_ids: [B, T] -> [B, 1, T, T]."""
+def attention_mask(segment_ids, window: int = 0):
+    """Causal mask that also keeps packed documents apart and, with window > 0, lets a query
+    read only the last `window` positions. segment_ids: [B, T] -> [B, 1, T, T]."""
     length = segment_ids.shape[-1]
-    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+    offset = jnp.arange(length)[:, None] - jnp.arange(length)[None, :]  # query - key
+    allowed = (offset >= 0) & ((offset < window) if window else True)
     same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (causal[None] & same_doc)[:, None]
+    return (allowed[None] & same_doc)[:, None]
 
 
-def cache_mask(positions, cache_len: int):
-    """What a query may read from a KV cache: the slots up to its own position.
+def cache_mask(positions, cache_len: int, window: int = 0):
+    """What a query may read from a KV cache: the slots up to its own position (the last
+    `window` of them when window > 0).
 
     A row's token at position p sits in cache slot p, so this is the causal mask over the
     cache; slots past the position (padding, or not yet written) are never read.
     positions: [B, T] -> [B, 1, T, S].
     """
-    return (jnp.arange(cache_len)[None, None, :] <= positions[:, :, None])[:, None]
+    offset = positions[:, :, None] - jnp.arange(cache_len)[None, None, :]
+    return ((offset >= 0) & ((offset < window) if window else True))[:, None]
+
+
+def head_extras(h, bias, norm_scale, eps: float):
+    """A q/k/v projection's per-head extras: h [..., heads, Dh] + bias, then, given a scale,
+    RMSNorm over Dh (Qwen3's q/k norm). bias and norm_scale broadcast against h (None: skip);
+    the result keeps h's dtype."""
+    if bias is not None:
+        h = h + bias.astype(h.dtype)
+    if norm_scale is not None:
+        h = rms_norm(h, norm_scale, eps).astype(h.dtype)
+    return h
 
 
 def write_cache(cache, k, v, positions):
@@ -72,16 +112,16 @@ def write_cache(cache, k, v, positions):
     return {'k': put(cache['k'], k), 'v': put(cache['v'], v)}
 
 
-def attend(q, k, v, positions, mask, cache=None, gate=None):
+def attend(q, k, v, positions, mask, cache=None, gate=None, window: int = 0):
     """dot_product_attention over the step's own K/V, or through a KV cache.
 
     With a cache ({'k', 'v'} [B, S, K, Dh], see bam_jax/generate/cache.py), k and v are written
-    at their positions first and q reads the whole cache under cache_mask (mask is unused).
-    Returns (out [B, T, H, Dh], the updated cache or None).
+    at their positions first and q reads the whole cache under cache_mask(window) (mask is
+    unused). Returns (out [B, T, H, Dh], the updated cache or None).
     """
     if cache is not None:
         cache = write_cache(cache, k, v, positions)
-        k, v, mask = cache['k'], cache['v'], cache_mask(positions, cache['k'].shape[1])
+        k, v, mask = cache['k'], cache['v'], cache_mask(positions, cache['k'].shape[1], window)
     return dot_product_attention(q, k, v, mask, gate), cache
 
 
@@ -106,7 +146,8 @@ def dot_product_attention(q, k, v, mask, gate=None):
 
 
 class Attention(nnx.Module):
-    """Multi-head attention with grouped K/V heads and RoPE; weights wq, wk, wv, wo."""
+    """Multi-head attention with grouped K/V heads and RoPE; weights wq, wk, wv, wo, and
+    bq [H, Dh], bk, bv [K, Dh] (qkv_bias), q_norm, k_norm [Dh] (qk_norm)."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         d, h, k, dh = config.d_model, config.num_heads, config.num_kv_heads, config.resolved_head_dim
@@ -119,19 +160,36 @@ class Attention(nnx.Module):
         # Scaled down with depth so the residual stream's variance stays bounded.
         out_init = nnx.initializers.normal(config.init_std / (2 * config.num_layers) ** 0.5)
         self.wo = param(rngs, out_init, (h, dh, d), wd, ('q_heads', 'head_dim', 'embed'))
+        if config.qkv_bias:
+            zeros = nnx.initializers.zeros
+            self.bq = param(rngs, zeros, (h, dh), wd, ('q_heads', 'head_dim'))
+            self.bk = param(rngs, zeros, (k, dh), wd, ('kv_heads', 'head_dim'))
+            self.bv = param(rngs, zeros, (k, dh), wd, ('kv_heads', 'head_dim'))
+        if config.qk_norm:
+            self.q_norm = param(rngs, nnx.initializers.ones, (dh,), wd, ('head_dim',))
+            self.k_norm = param(rngs, nnx.initializers.ones, (dh,), wd, ('head_dim',))
 
     def __call__(self, x, positions, mask, *, train: bool = False, rng=None, cache=None):
         """x: [B, T, D] -> [B, T, D], or (y, cache) when a KV cache ({'k', 'v'} [B, S, K, Dh])
         is given (see attend). train, rng: the routed layers' interface; unused here."""
-        dt = self.config.compute_dtype
+        config, dt = self.config, self.config.compute_dtype
         x = x.astype(dt)
-        q = jnp.einsum('btd,dhk->bthk', x, self.wq[...].astype(dt))
-        k = jnp.einsum('btd,dhk->bthk', x, self.wk[...].astype(dt))
-        v = jnp.einsum('btd,dhk->bthk', x, self.wv[...].astype(dt))
-        theta = self.config.rope_theta
-        out, cache = attend(rope(q, positions, theta), rope(k, positions, theta), v, positions, mask, cache)
+
+        def heads(w, bias=None, norm=None):
+            h = jnp.einsum('btd,dhk->bthk', x, getattr(self, w)[...].astype(dt))
+            return head_extras(h, optional(self, bias), optional(self, norm), config.norm_eps)
+
+        freqs = rope_frequencies(config)
+        q, k = rope(heads('wq', 'bq', 'q_norm'), positions, freqs), rope(heads('wk', 'bk', 'k_norm'), positions, freqs)
+        out, cache = attend(q, k, heads('wv', 'bv'), positions, mask, cache, window=config.sliding_window)
         y = jnp.einsum('bthk,hkd->btd', out, self.wo[...].astype(dt))
         return y if cache is None else (y, cache)
+
+
+def optional(module: nnx.Module, name: str | None):
+    """The value of the module's weight `name`, or None if it has none (a config option off)."""
+    weight = getattr(module, name, None) if name else None
+    return None if weight is None else weight[...]
 
 
 class SwiGLU(nnx.Module):

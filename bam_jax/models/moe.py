@@ -9,8 +9,9 @@ Three computations of the same function:
             jax.shard_map every device sorts its own tokens (one dispatch group) into per-expert
             buffers of `capacity` slots; jax.lax.all_to_all over the mesh axis `expert` sends
             each buffer to the device that holds the expert, the experts run, a second
-            all_to_all brings the outputs back, and each token sums its experts' outputs. An assignment past its expert's capacity
-            is dropped: it adds nothing, so the token passes on the residual alone.
+            all_to_all brings the outputs back, and each token sums its experts' outputs. An
+            assignment past its expert's capacity is dropped: it adds nothing, so the token
+            passes on the residual alone.
   dropless  inference's token choice (evaluation, log-likelihoods, decoding): every assignment is
             computed, so a token's output never depends on its batch-mates or the device count.
             The assignments are sorted by expert and each projection is one grouped matmul

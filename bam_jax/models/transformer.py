@@ -115,7 +115,7 @@ class DecoderLM(nnx.Module):
             segment_ids = jnp.ones_like(tokens)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
-        mask = attention_mask(segment_ids) if cache is None else None
+        mask = attention_mask(segment_ids, self.config.sliding_window) if cache is None else None
         x = self.embed(tokens)
         new_cache = []
         for i, block in enumerate(self.layers):

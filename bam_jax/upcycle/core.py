@@ -4,8 +4,9 @@ Every output tensor has a recipe (`plan`) that names the input tensors it is mad
   average  the uniform mean over every input model (attention, embeddings, norms, unembedding,
            and for shared K/V the K/V projections)
   stack    one slice per expert, taken from that expert's model, on a new leading axis
-           (FFNs; for BAM also the attention projections); with expert_split C each dense FFN
-           gives C consecutive experts, chunk c holding hidden units c*F/C .. (c+1)*F/C - 1
+           (FFNs; for BAM also the attention projections, each with its bias and q/k norm
+           scale); with expert_split C each dense FFN gives C consecutive experts, chunk c
+           holding hidden units c*F/C .. (c+1)*F/C - 1
   router   fresh random weights, normal(0, init_std), from the router seed and the path
 `upcycle` runs the plan on trees in memory; bam_jax.upcycle.io runs the same plan one tensor
 at a time between checkpoints. Methods:
@@ -29,7 +30,8 @@ from bam_jax.errors import BamJaxError
 from bam_jax.models.config import LoryConfig, MoAConfig, ModelConfig, MoEConfig
 
 _FFN = re.compile(r'^layers/(\d+)/ffn/(wi_gate|wi_up|wo)$')
-_ATTN = re.compile(r'^layers/(\d+)/attn/(wq|wk|wv|wo)$')
+# Attention projections with the bias and q/k norm scale that belong to each (qkv_bias, qk_norm).
+_ATTN = re.compile(r'^layers/(\d+)/attn/(wq|wk|wv|wo|bq|bk|bv|q_norm|k_norm)$')
 # Hidden-unit axis of each dense FFN weight: wi_* [D, F], wo [F, D].
 _FFN_HIDDEN_AXIS = {'wi_gate': 1, 'wi_up': 1, 'wo': 0}
 
@@ -52,7 +54,8 @@ def _lory(n: int, split: int) -> dict:
 # attention experts (none: attention is averaged).
 _LAYERS: dict[str, Callable[[int, int], dict]] = {
     'btx': _btx, 'bam': _bam(False), 'bam_shared_kv': _bam(True), 'sparse_upcycle': _btx, 'lory': _lory}
-_STACKED_ATTENTION = {'bam': ('wq', 'wk', 'wv', 'wo'), 'bam_shared_kv': ('wq', 'wo')}
+_STACKED_ATTENTION = {'bam': ('wq', 'wk', 'wv', 'wo', 'bq', 'bk', 'bv', 'q_norm', 'k_norm'),
+                      'bam_shared_kv': ('wq', 'wo', 'bq', 'q_norm')}
 METHODS = tuple(_LAYERS)
 
 
