@@ -6,6 +6,9 @@
   bam-jax generate --workdir=DIR (--prompt=TEXT [--prompt=TEXT ...] | --prompts=FILE.jsonl)
                    [--max_new_tokens=N] [--temperature=T] [--top_k=K] [--top_p=P] [--seed=S]
                    [--stop=TEXT ...] [--json] [--gin.NAME=VALUE ...]
+  bam-jax import-hf --hf_dir=DIR --out=DIR [--dtype=float32|bfloat16] [--overwrite]
+  bam-jax export-hf --workdir=DIR --out=DIR [--format=auto|llama|...|bam_jax] [--dtype=bfloat16|float32]
+                    [--max_shard_mb=N] [--overwrite] [--gin.NAME=VALUE ...]
 
 Errors a user can fix print one line, `error: ...`, and exit with status 1.
 """
@@ -97,7 +100,60 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument('--json', action='store_true',
                           help='one JSON object per prompt on stdout: prompt, completion, prompt_ids, '
                                'completion_ids, stop_reason')
+    _hf_parsers(commands)
     return parser
+
+
+def _hf_parsers(commands) -> None:
+    import_hf = commands.add_parser(
+        'import-hf', help='a Hugging Face Llama, Mistral, Qwen2 or Qwen3 model as a bam_jax checkpoint',
+        description='Reads config.json, the safetensors weights and tokenizer.json of a Hugging Face model '
+                    'directory and writes a bam_jax checkpoint directory: use it as INIT_CHECKPOINT, as '
+                    '--seed/--experts of upcycle, or with eval and generate.')
+    import_hf.add_argument('--hf_dir', required=True, help='the Hugging Face model directory')
+    import_hf.add_argument('--out', required=True, help='output directory (written atomically)')
+    import_hf.add_argument('--dtype', default='float32', help='stored dtype: float32 (default) or bfloat16')
+    import_hf.add_argument('--overwrite', action='store_true', help='replace OUT if it exists')
+    export_hf = commands.add_parser(
+        'export-hf', help="a run's latest checkpoint as a Hugging Face model directory",
+        description='Writes config.json, safetensors weights, the tokenizer and generation_config.json. '
+                    '--format=auto picks the standard family that computes the model exactly, or bam_jax '
+                    '(this project\'s modeling file, shipped in OUT: load with trust_remote_code=True).')
+    export_hf.add_argument('--workdir', required=True, help='the run directory (or an upcycled/imported one)')
+    export_hf.add_argument('--out', required=True, help='output directory (written atomically)')
+    export_hf.add_argument('--format', default='auto', help='auto (default), llama, mistral, qwen2, qwen3, '
+                                                            'mixtral, qwen3_moe, qwen2_moe or bam_jax')
+    export_hf.add_argument('--dtype', default='bfloat16', help='bfloat16 (default) or float32')
+    export_hf.add_argument('--max_shard_mb', type=int, default=5120,
+                           help='largest safetensors file before sharding, in MiB (default 5120)')
+    export_hf.add_argument('--overwrite', action='store_true', help='replace OUT if it exists')
+
+
+def _import_hf(args, bindings) -> int:
+    if bindings:
+        raise BamJaxError('import-hf takes no --gin overrides')
+    os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # host work only
+    from bam_jax.hf import import_hf
+    record = import_hf(args.hf_dir, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f'{record["architecture"]}: {record["tensors"]} tensors, {record["bytes_written"] / 2**20:.1f} MiB '
+          f'({record["dtype"]}) in {record["seconds"]:.1f} s')
+    print(f'wrote {args.out}; next: bam-jax upcycle --seed={args.out} --experts=... , or '
+          f'bam-jax generate --workdir={args.out} --prompt=...')
+    return 0
+
+
+def _export_hf(args, bindings) -> int:
+    if args.max_shard_mb < 1:
+        raise BamJaxError(f'--max_shard_mb must be >= 1, got {args.max_shard_mb}')
+    os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+    from bam_jax.hf import export_hf
+    record = export_hf(args.workdir, args.out, fmt=args.format, dtype=args.dtype, bindings=bindings,
+                       overwrite=args.overwrite, max_shard_bytes=args.max_shard_mb * 2**20)
+    remote = ' (load with trust_remote_code=True)' if record['format'] == 'bam_jax' else ''
+    print(f'{record["architecture"]}{remote}: {record["tensors"]} tensors in {len(record["files"])} file(s), '
+          f'{record["bytes_written"] / 2**20:.1f} MiB ({record["dtype"]}) in {record["seconds"]:.1f} s')
+    print(f'wrote {args.out}')
+    return 0
 
 
 def _generate(args, bindings) -> int:
@@ -159,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rest, bindings = _split_gin_overrides(argv)
         args = _parser().parse_args(rest)
-        commands = {'train': _train, 'upcycle': _upcycle, 'eval': _eval, 'generate': _generate}
+        commands = {'train': _train, 'upcycle': _upcycle, 'eval': _eval, 'generate': _generate,
+                    'import-hf': _import_hf, 'export-hf': _export_hf}
         return commands[args.command](args, bindings)
     except BamJaxError as e:
         # Everything worth keeping is already saved or was never written. Skip the interpreter's

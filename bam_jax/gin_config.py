@@ -84,12 +84,15 @@ def _check_override_macros(bindings: list[str]) -> None:
 
 
 def load_run_config(workdir: pathlib.Path, bindings: list[str]) -> None:
-    """Parses a run directory's operative gin config (config.gin), then the overrides."""
+    """Parses a run directory's operative gin config (config.gin), or the model.gin of an
+    upcycled or imported model that has not been trained, then the overrides."""
     from bam_jax.workdir import files
 
-    config = workdir / files.CONFIG
     if not workdir.is_dir():
         raise BamJaxError(f'workdir {workdir} does not exist')
+    config = workdir / files.CONFIG
     if not config.is_file():
-        raise BamJaxError(f'{workdir} has no {files.CONFIG}: is it a bam_jax run directory?')
+        config = workdir / files.MODEL_GIN
+    if not config.is_file():
+        raise BamJaxError(f'{workdir} has no {files.CONFIG} (nor {files.MODEL_GIN}): is it a bam_jax run directory?')
     parse_gin([str(config)], bindings)

@@ -298,7 +298,7 @@ def test_shared_tensors_are_the_means_of_the_inputs(dense, upcycled, method):
     _, params = upcycled(method, ['code', 'law'], seed='seed')
     sources = [dense[name][1] for name in ('seed', 'code', 'law')]
     averaged = [p for p in sources[0] if p in params]  # kept under its dense name
-    attention = {'btx': ATTN, 'bam': (), 'bam_shared_kv': ('wk', 'wv')}[method]
+    attention = {'btx': ('wq', 'wk', 'wv', 'wo'), 'bam': (), 'bam_shared_kv': ('wk', 'wv')}[method]
     assert sorted(averaged) == sorted(['embed/embedding', 'unembed/kernel', 'final_norm/scale'] + [
         f'layers/{i}/{name}' for i in range(MODEL.num_layers)
         for name in ['norm/scale', *(f'attn/{a}' for a in attention)]])

@@ -11,6 +11,11 @@ from bam_jax.data.corpora import (
     load_corpus,
     normalise,
 )
+from bam_jax.data.hf_tokenizer import (
+    HFTokenizerVocabulary,
+    copy_tokenizer_files,
+    write_byte_tokenizer,
+)
 from bam_jax.data.math_problems import problem as math_problem
 from bam_jax.data.pipeline import (
     DataConfig,
@@ -27,6 +32,7 @@ from bam_jax.data.tasks import (
     task_name,
 )
 from bam_jax.data.user_domains import DomainSpec, text_domain
+from bam_jax.data.vocab import start_id
 
 __all__ = [
     'BUILTIN_DOMAINS',
@@ -36,6 +42,8 @@ __all__ = [
     'DataConfig',
     'Document',
     'DomainSpec',
+    'HFTokenizerVocabulary',
+    'copy_tokenizer_files',
     'eval_batches',
     'eval_domain_names',
     'load_corpus',
@@ -43,8 +51,10 @@ __all__ = [
     'normalise',
     'register_all',
     'resolve_source',
+    'start_id',
     'task_name',
     'text_domain',
     'train_batches',
     'vocabulary',
+    'write_byte_tokenizer',
 ]

@@ -1,8 +1,10 @@
 """Packed numpy batches for training and evaluation.
 
 Every batch is a dict of numpy arrays shaped [batch, seq_len]:
-    inputs        int32    decoder input: targets shifted right, 0 at each
-                           segment start
+    inputs        int32    decoder input: targets shifted right, with
+                           start_id(vocabulary) at each segment start (0 for
+                           bytes and SentencePiece; a Hugging Face
+                           tokenizer's BOS, or its EOS when it has none)
     targets       int32
     segment_ids   int32    0 = padding, 1.. = the packed documents of a row
     positions     int32    position within its document (chunk)
@@ -10,6 +12,7 @@ Every batch is a dict of numpy arrays shaped [batch, seq_len]:
 """
 
 import dataclasses
+import functools
 
 import gin
 import numpy as np
@@ -18,7 +21,7 @@ import tensorflow as tf
 
 from bam_jax.data import corpora, tasks
 from bam_jax.data.user_domains import DomainSpec
-from bam_jax.data.vocab import make_vocabulary
+from bam_jax.data.vocab import make_vocabulary, start_id
 from bam_jax.errors import BamJaxError
 
 _FEATURES = {'inputs': 'decoder_input_tokens',
@@ -38,6 +41,10 @@ class DataConfig:
       any registered seqio task or mixture with a 'targets' feature.
     eval_domains: domains evaluated on their validation split; user domains
       are evaluated only when named here.
+    spm_path: a SentencePiece model (.model) as the vocabulary.
+    tokenizer_path: a Hugging Face tokenizer as the vocabulary: a directory
+      with tokenizer.json (a model's directory), or that file. Not with
+      spm_path. Neither: the byte vocabulary (vocab.py).
     eval_batches: cap on validation batches per domain (0: no cap).
     user_domains: DomainSpecs from `text_domain(...)`.
     max_file_bytes, max_domain_bytes: size limits of the built-in corpora.
@@ -49,6 +56,7 @@ class DataConfig:
     source: str = 'seed'
     eval_domains: tuple = ('general', 'code', 'law', 'math')
     spm_path: str | None = None
+    tokenizer_path: str | None = None
     validation_fraction: float = 0.05
     shuffle_buffer: int = 1000
     eval_batches: int = 8
@@ -70,6 +78,9 @@ class DataConfig:
                               'entries only')
         if len(set(names)) != len(names):
             raise BamJaxError(f'user domain names repeat: {names}')
+        if self.spm_path is not None and self.tokenizer_path is not None:
+            raise BamJaxError('set DataConfig.spm_path or '
+                              'DataConfig.tokenizer_path, not both')
         if self.shuffle_buffer < 1:
             raise BamJaxError(f'shuffle_buffer must be >= 1, got '
                               f'{self.shuffle_buffer}')
@@ -85,8 +96,9 @@ class DataConfig:
 
 
 def vocabulary(config):
-    """The seqio vocabulary of `config`: bytes, or its SentencePiece model."""
-    return make_vocabulary(config.spm_path)
+    """The seqio vocabulary of `config`: bytes, its SentencePiece model or its
+    Hugging Face tokenizer."""
+    return make_vocabulary(config.spm_path, config.tokenizer_path)
 
 
 def _task_names(config):
@@ -120,12 +132,25 @@ def resolve_source(config):
                       'domains, or a registered seqio task or mixture')
 
 
-def _model_features(batch):
-    """seqio decoder_* features -> the names and dtypes the model uses."""
+def _model_features(batch, start=0):
+    """seqio decoder_* features -> the names and dtypes the model uses.
+
+    seqio's shift right leaves 0 at the start of every segment (a document
+    or a chunk of one: position 0, segment id > 0); `start` goes there
+    instead."""
     out = {k: tf.cast(batch[v], tf.int32) for k, v in _FEATURES.items()}
     out['loss_weights'] = tf.cast(batch[_FEATURES['loss_weights']],
                                   tf.float32)
+    if start:
+        first = (out['positions'] == 0) & (out['segment_ids'] > 0)
+        out['inputs'] = tf.where(first, tf.constant(start, tf.int32),
+                                 out['inputs'])
     return out
+
+
+def _features_fn(config):
+    return functools.partial(_model_features,
+                             start=start_id(vocabulary(config)))
 
 
 def _options():
@@ -165,7 +190,7 @@ def train_batches(config, batch_size, seq_len, seed, start_batch=0,
     ds = _packed(name, 'train', seq_len, shuffle=True, seed=int(seed),
                  num_epochs=None, shard_info=shard_info)
     ds = (ds.batch(batch_size, drop_remainder=True)
-          .map(_model_features)
+          .map(_features_fn(config))
           .skip(start_batch)
           .prefetch(2)
           .with_options(_options()))
@@ -208,7 +233,7 @@ def eval_batches(config, domain, batch_size, seq_len):
         stride = max(1, count // (config.eval_batches * batch_size))
         chunks = chunks.shard(stride, 0)  # chunks 0, k, 2k, ...
     ds = seqio.DecoderFeatureConverter(pack=True)(chunks, lengths)
-    ds = ds.batch(batch_size).map(_model_features)
+    ds = ds.batch(batch_size).map(_features_fn(config))
     if config.eval_batches:
         ds = ds.take(config.eval_batches)
     batches = list(ds.with_options(_options()).as_numpy_iterator())

@@ -154,9 +154,9 @@ def register_task(domain, config):
     else:
         args.pop('math_documents')
     group_bytes = int(config.similarity_group_bytes) if config.similarity_batching else 0
-    key = (domain, vocabulary_key(config.spm_path),
+    key = (domain, vocabulary_key(config.spm_path, config.tokenizer_path),
            tuple(sorted(args.items())), int(config.shuffle_buffer), group_bytes)
-    vocab = make_vocabulary(config.spm_path)
+    vocab = make_vocabulary(config.spm_path, config.tokenizer_path)
 
     def add():
         seqio.TaskRegistry.add(

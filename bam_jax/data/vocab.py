@@ -1,4 +1,13 @@
-"""Vocabularies: bytes by default, a SentencePiece model when configured."""
+"""Vocabularies: bytes by default, a SentencePiece model or a Hugging Face tokenizer when configured.
+
+    bytes          seqio.ByteVocabulary(): 259 ids, pad 0, eos 1, unk 2, byte b -> b + 3
+    spm_path       seqio.SentencePieceVocabulary of a .model file
+    tokenizer_path HFTokenizerVocabulary of a Hugging Face tokenizer directory (tokenizer.json)
+
+Every document's decoder input starts with `start_id(vocabulary)`: 0 for bytes and SentencePiece
+(seqio's shift right puts it there), the tokenizer's BOS for a Hugging Face tokenizer, or its EOS
+when it has no BOS (the token that separates its documents, as in Qwen).
+"""
 
 import functools
 import os
@@ -6,32 +15,52 @@ import os
 import seqio
 from google.protobuf import message
 
+from bam_jax.data.hf_tokenizer import HFTokenizerVocabulary
 from bam_jax.errors import BamJaxError
 
 
-def _model_path(spm_path):
-    return os.path.abspath(os.path.expanduser(str(spm_path)))
+def _model_path(path):
+    return os.path.abspath(os.path.expanduser(str(path)))
+
+
+def vocabulary_key(spm_path=None, tokenizer_path=None):
+    """A hashable identity of the vocabulary, for task registration:
+    ('bytes',), ('spm', absolute path) or ('hf', absolute path)."""
+    if spm_path is not None and tokenizer_path is not None:
+        raise BamJaxError('set DataConfig.spm_path or DataConfig.tokenizer_path, not both')
+    if tokenizer_path is not None:
+        return ('hf', _model_path(tokenizer_path))
+    return ('bytes',) if spm_path is None else ('spm', _model_path(spm_path))
+
+
+def make_vocabulary(spm_path=None, tokenizer_path=None):
+    """seqio.ByteVocabulary(), the SentencePiece model at `spm_path` or the Hugging Face tokenizer
+    at `tokenizer_path` (a directory with tokenizer.json, or that file). Cached: one object per
+    model, so tasks registered with it compare equal. Loads the model now, so that a missing or
+    broken one is a BamJaxError here rather than an error inside tf.data."""
+    return _load(vocabulary_key(spm_path, tokenizer_path))
 
 
 @functools.cache
-def make_vocabulary(spm_path=None):
-    """seqio.ByteVocabulary() (259 ids: pad 0, eos 1, unk 2, bytes 3..258),
-    or the SentencePiece model at `spm_path`. Cached: one object per model,
-    so tasks registered with it compare equal."""
-    if spm_path is None:
+def _load(key):
+    kind, path = key[0], key[-1]
+    if kind == 'bytes':
         return seqio.ByteVocabulary()
-    path = _model_path(spm_path)
+    if kind == 'hf':
+        return HFTokenizerVocabulary(path)
     if not os.path.isfile(path):
-        raise BamJaxError(f'SentencePiece model not found: {spm_path}')
+        raise BamJaxError(f'SentencePiece model not found: {path}')
     vocab = seqio.SentencePieceVocabulary(path)
     try:
         _ = vocab.vocab_size  # loads the model now, not inside tf.data
     except (message.Error, RuntimeError, OSError) as e:
-        raise BamJaxError(f'cannot load SentencePiece model {spm_path}: '
-                          f'{e}') from None
+        raise BamJaxError(f'cannot load SentencePiece model {path}: {e}') from None
     return vocab
 
 
-def vocabulary_key(spm_path=None):
-    """A hashable identity of the vocabulary, for task registration."""
-    return ('bytes',) if spm_path is None else ('spm', _model_path(spm_path))
+def start_id(vocabulary):
+    """The id in front of every document (and chunk) a model reads: 0 for the byte and
+    SentencePiece vocabularies; for a Hugging Face tokenizer its BOS, or its EOS when it has none."""
+    if isinstance(vocabulary, HFTokenizerVocabulary):
+        return vocabulary.bos_id if vocabulary.bos_id is not None else vocabulary.eos_id
+    return 0

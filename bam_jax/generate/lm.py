@@ -50,15 +50,17 @@ class LanguageModel:
 
     max_length: the longest sequence it is used on (a run's training length): contexts are cut
     from the left to fit, and generation stops there.
-    Every text the model reads starts with START, as every document did in training (the
-    inputs are the targets shifted right, with 0 in front); ids given and returned exclude it.
+    Every text the model reads starts with `start_id`, as every document did in training (the
+    inputs are the targets shifted right, with data.start_id(vocabulary) in front: 0 for bytes and
+    SentencePiece, a Hugging Face tokenizer's BOS, or its EOS when it has none); ids given and
+    returned exclude it.
     """
-    START = 0
 
     def __init__(self, config: ModelConfig, graphdef: nnx.GraphDef, params, vocabulary, max_length: int,
                  mesh: Mesh | None = None, batch_size: int = 16):
         self.config, self.graphdef, self.params, self.mesh = config, graphdef, params, mesh
         self.vocabulary, self.max_length, self.batch_size = vocabulary, max_length, batch_size
+        self.start_id = data.start_id(vocabulary)
         self.engine = Engine(graphdef, config, mesh)
         self.step_dir: pathlib.Path | None = None  # set by restore
         self.settings_changed: dict = {}
@@ -106,7 +108,7 @@ class LanguageModel:
         """For each (context ids, continuation ids): (log P(continuation | context), whether
         greedy decoding gives exactly the continuation).
 
-        START + context + continuation is cut from the left to max_length + 1 tokens (the
+        start_id + context + continuation is cut from the left to max_length + 1 tokens (the
         first is only read), so long contexts lose their oldest tokens.
         A Lory model merges its experts from the context, as it does from a prompt.
         """
@@ -114,7 +116,7 @@ class LanguageModel:
         for context, continuation in requests:
             if not continuation:
                 raise BamJaxError('loglikelihood: a request has an empty continuation')
-            whole = [self.START, *context, *continuation]
+            whole = [self.start_id, *context, *continuation]
             whole = whole[-(self.max_length + 1):]
             scored = min(len(continuation), len(whole) - 1)
             rows.append((whole, scored))
@@ -142,7 +144,7 @@ class LanguageModel:
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, *, sampling: Sampling = GREEDY,
                  seed: int = 0, stop: Sequence[str] = (), progress: Callable[[str], None] | None = None
                  ) -> list[Completion]:
-        """A completion per prompt (token ids, each non-empty; with START and one new token, at
+        """A completion per prompt (token ids, each non-empty; with the start token and one new token, at
         most max_length).
 
         Generation stops at EOS, at any of the `stop` strings, after max_new_tokens, or when the
@@ -161,7 +163,7 @@ class LanguageModel:
         results: list[Completion | None] = [None] * len(prompts)
         finished = 0
         for batch in self._batches(prompts, key=len):
-            rows = [[self.START, *prompts[i]] for i in batch]
+            rows = [[self.start_id, *prompts[i]] for i in batch]
             limits = [min(max_new_tokens, self.max_length - len(r)) for r in rows]
             stopped = (lambda b, ids: self._stop_at(ids, stop) is not None) if stop else None
             what = f'prompts {finished + 1}-{finished + len(rows)} of {len(prompts)}'

@@ -1,10 +1,10 @@
 """Upcycling between checkpoints, one tensor at a time.
 
 Each output tensor is built from its recipe (bam_jax.upcycle.core) by reading just the input
-tensors it needs (Orbax partial restore: TensorStore reads that array only) and written at
-once with Orbax partial saving, so host memory stays near (inputs + 1) x the largest tensor
-whatever the model size. Everything is written under a hidden temporary directory next to
-the output and renamed into place at the end: an interrupted run leaves no output directory.
+tensors it needs and written at once (bam_jax.workdir.stream), so host memory stays near
+(inputs + 1) x the largest tensor whatever the model size. Everything is written under a hidden
+temporary directory next to the output and renamed into place at the end: an interrupted run
+leaves no output directory.
 
 Output (usable as INIT_CHECKPOINT, or as a gin file for `bam-jax train`):
   OUT/checkpoints/0/params   the MoE parameters (Orbax PyTree, the run checkpoint layout)
@@ -18,51 +18,18 @@ from __future__ import annotations
 import math
 import pathlib
 import shutil
-import sys
 import time
 
 import numpy as np
-import orbax.checkpoint as ocp
-from orbax.checkpoint.experimental.v1 import partial as partial_save
-from tqdm import tqdm
 
 from bam_jax import workdir
 from bam_jax.errors import BamJaxError
 from bam_jax.models.config import ModelConfig, first_difference
-from bam_jax.models.params import unflatten
 from bam_jax.upcycle.core import UpcycleSpec, build, model_config, plan
 from bam_jax.upcycle.gin_file import model_gin
-from bam_jax.workdir import files
+from bam_jax.workdir import files, stream
 
 STEP = 0
-
-
-def _nest(path: str, value) -> dict:
-    tree = value
-    for key in reversed(path.split('/')):
-        tree = {key: tree}
-    return tree
-
-
-class CheckpointReader:
-    """Reads single parameter tensors of one checkpoint step as numpy arrays."""
-
-    def __init__(self, step_dir: pathlib.Path):
-        self.step_dir = step_dir
-        self.bytes_read = 0
-        self._checkpointer = ocp.PyTreeCheckpointer()
-
-    def read(self, path: str) -> np.ndarray:
-        target = _nest(path, ocp.RestoreArgs(restore_type=np.ndarray))
-        try:
-            tree = self._checkpointer.restore(self.step_dir / 'params', args=ocp.args.PyTreeRestore(
-                item=_nest(path, 0), restore_args=target, partial_restore=True))
-        except Exception as e:  # noqa: BLE001 - a damaged checkpoint, whatever orbax calls it
-            raise BamJaxError(f'cannot read {path} from {self.step_dir}: {str(e).splitlines()[0]}') from None
-        for key in path.split('/'):
-            tree = tree[key]
-        self.bytes_read += tree.nbytes
-        return tree
 
 
 def _read_input(directory: str, what: str) -> tuple[pathlib.Path, ModelConfig, dict]:
@@ -119,25 +86,21 @@ def upcycle_checkpoints(method: str, experts: list[str], out: str | pathlib.Path
         if len(expert_models) < 2:
             raise BamJaxError(f'{method} needs at least two expert models, got {len(expert_models)}')
     spec = UpcycleSpec(method, len(named), expert_models, expert_split, router_seed)
-    if out.exists() and not overwrite:
-        raise BamJaxError(f'{out} exists; pass --overwrite to replace it')
+    stream.check_output(out, overwrite)
     inputs = [(name, *_read_input(directory, name)) for name, directory in named]
     _check_same_architecture(inputs)
     dense = inputs[0][2]
     recipes = plan(spec, dense, {k: v[0] for k, v in inputs[0][3].items()})
     moe_config = model_config(dense, spec)
 
-    tmp = out.parent / f'.{out.name}.upcycle-tmp'
-    if tmp.exists():  # left by an interrupted run
-        shutil.rmtree(tmp)
+    tmp = stream.staging_dir(out, 'upcycle')
     try:
-        readers = [CheckpointReader(step_dir) for _, step_dir, _, _ in inputs]
-        written, largest = _write_params(tmp, recipes, readers, spec.num_models,
-                                         budget=max(_nbytes(*v) for v in inputs[0][3].values()),
-                                         desc=f'upcycle {method}', progress=progress)
-        with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
-            checkpointer.save(tmp / files.CHECKPOINTS / str(STEP) / 'model',
-                              args=ocp.args.JsonSave(moe_config.to_dict()))
+        readers = [stream.CheckpointReader(step_dir) for _, step_dir, _, _ in inputs]
+        bar = stream.progress_bar(recipes.items(), f'upcycle {method}', 'tensor', progress)
+        built = ((path, build(recipe, lambda i, p: readers[i].read(p), spec.num_models)) for path, recipe in bar)
+        written, largest = stream.write_params(tmp, built, budget=max(_nbytes(*v) for v in inputs[0][3].values()),
+                                               step=STEP)
+        stream.write_model_config(tmp, moe_config, step=STEP)
         (tmp / files.MODEL_GIN).write_text(model_gin(moe_config, out, f'bam-jax upcycle --method={method}'))
         summary = {
             'method': method, 'out': str(out),
@@ -151,57 +114,9 @@ def upcycle_checkpoints(method: str, experts: list[str], out: str | pathlib.Path
     except BaseException:  # a damaged input, an interrupt: leave nothing behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _publish(tmp, out)
+    stream.publish(tmp, out, 'upcycle')
     return summary
 
 
 def _nbytes(shape, dtype) -> int:
     return math.prod(shape) * np.dtype(dtype).itemsize
-
-
-def _write_params(tmp: pathlib.Path, recipes: dict, readers: list[CheckpointReader], num_models: int, *,
-                  budget: int, desc: str, progress: bool) -> tuple[int, int]:
-    """Builds every tensor and writes them as tmp/checkpoints/0/params; returns (bytes, largest).
-
-    Tensors are saved in groups of at most `budget` bytes (the largest input tensor): each
-    partial save has a fixed cost, and the group never outgrows the memory bound.
-    """
-    staging = tmp / 'params'
-    written, largest, group, group_bytes = 0, 0, {}, 0
-    bar = tqdm(recipes.items(), desc=desc, unit='tensor', disable=not progress,
-               mininterval=0.5 if sys.stderr.isatty() else 30)
-    for path, recipe in bar:
-        tensor = build(recipe, lambda i, p: readers[i].read(p), num_models)
-        if group and group_bytes + tensor.nbytes > budget:
-            partial_save.save(staging, unflatten(group))
-            group, group_bytes = {}, 0
-        group[path] = tensor
-        group_bytes += tensor.nbytes
-        written, largest = written + tensor.nbytes, max(largest, tensor.nbytes)
-        bar.set_postfix_str(path, refresh=False)
-    if group:
-        partial_save.save(staging, unflatten(group))
-    partial_save.finalize(staging)
-    step_dir = tmp / files.CHECKPOINTS / str(STEP)
-    step_dir.mkdir(parents=True)
-    (staging / 'state').rename(step_dir / 'params')
-    shutil.rmtree(staging)
-    return written, largest
-
-
-def _publish(tmp: pathlib.Path, out: pathlib.Path) -> None:
-    """Renames tmp to out; an existing out is moved aside first and deleted only afterwards."""
-    old = out.parent / f'.{out.name}.upcycle-old'
-    _remove(old)
-    if out.exists() or out.is_symlink():
-        out.rename(old)
-    tmp.rename(out)
-    _remove(old)
-
-
-def _remove(path: pathlib.Path) -> None:
-    """Deletes a directory tree, or a file or link (OUT may have been one)."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()

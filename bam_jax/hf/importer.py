@@ -1,0 +1,121 @@
+"""`bam-jax import-hf`: a Hugging Face dense model becomes a bam_jax checkpoint directory.
+
+Output, usable as INIT_CHECKPOINT (branch.gin), as --seed/--experts of `bam-jax upcycle`, and as
+--workdir of `bam-jax eval` and `bam-jax generate`:
+  OUT/checkpoints/0/params, model   the weights (float32 by default) and the ModelConfig
+  OUT/model.gin                     the model, its tokenizer (DataConfig.tokenizer_path) and the
+                                    length eval and generate use, as gin bindings
+  OUT/tokenizer/                    the model's tokenizer files, copied
+  OUT/import.json                   what was imported: source, architecture, dtype, tensor count,
+                                    and the source's config.json
+Tensors stream one at a time from the safetensors files into the checkpoint, so memory stays
+near the largest tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import shutil
+import time
+
+import numpy as np
+
+from bam_jax import workdir
+from bam_jax.data import copy_tokenizer_files
+from bam_jax.errors import BamJaxError
+from bam_jax.hf import families
+from bam_jax.hf.safetensors_files import SafetensorsReader
+from bam_jax.models import abstract_model, flatten, split_params
+from bam_jax.upcycle.gin_file import model_gin
+from bam_jax.workdir import files, stream
+
+IMPORT_RECORD = 'import.json'
+TOKENIZER_DIR = 'tokenizer'
+DTYPES = ('float32', 'bfloat16')
+# The length `bam-jax eval` and `generate` use on an imported model unless told otherwise: the
+# model's own limit can be far longer than one host evaluates at once.
+DEFAULT_SEQ_LEN = 2048
+
+
+def read_hf_config(hf_dir: pathlib.Path) -> dict:
+    path = hf_dir / 'config.json'
+    if not hf_dir.is_dir():
+        raise BamJaxError(f'{hf_dir} is not a directory')
+    if not path.is_file():
+        raise BamJaxError(f'{hf_dir} has no config.json: is it a Hugging Face model directory?')
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise BamJaxError(f'cannot read {path}: {e}') from None
+
+
+def _hf_tensors(reader: SafetensorsReader, mapping: list[families.Tensor], family: str,
+                tied: bool) -> list[families.Tensor]:
+    """The mapping, checked against the files: every tensor there, none left over."""
+    names = set(reader.names())
+    missing = [t.hf for t in mapping if t.hf not in names]
+    if missing:
+        raise BamJaxError(f'missing weights: {missing[0]} (and {len(missing) - 1} more) not in {reader.directory}'
+                          if len(missing) > 1 else f'missing weights: {missing[0]} not in {reader.directory}')
+    expected = {t.hf for t in mapping} | ({'lm_head.weight'} if tied else set())  # tied files may carry a copy
+    unknown = sorted(n for n in names - expected if not n.endswith('rotary_emb.inv_freq'))
+    if unknown:
+        raise BamJaxError(f'{family}: unexpected tensor {unknown[0]} ({len(unknown)} in all); '
+                          'the checkpoint does not match its config.json')
+    return mapping
+
+
+def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, dtype: str = 'float32',
+              overwrite: bool = False, progress: bool = True) -> dict:
+    """Imports the model in hf_dir into out; returns the record also saved as OUT/import.json."""
+    start = time.perf_counter()
+    hf_dir = pathlib.Path(hf_dir).expanduser().absolute()
+    out = pathlib.Path(out).expanduser().absolute()
+    if dtype not in DTYPES:
+        raise BamJaxError(f'--dtype={dtype!r} is not one of {DTYPES}')
+    hf = read_hf_config(hf_dir)
+    config, family = families.model_config(hf, param_dtype=dtype)
+    tokenizer = hf_dir / 'tokenizer.json'
+    if not tokenizer.is_file():
+        raise BamJaxError(f'{hf_dir} has no tokenizer.json (the model\'s Hugging Face tokenizer)')
+    stream.check_output(out, overwrite)
+    reader = SafetensorsReader(hf_dir)
+    _, abstract = split_params(abstract_model(config))
+    shapes = {path: tuple(v.shape) for path, v in flatten(abstract).items()}
+    mapping = _hf_tensors(reader, families.tensors(config, family), family, config.tie_embeddings)
+
+    def converted():
+        for tensor in stream.progress_bar(mapping, f'import {family}', 'tensor', progress):
+            shape = shapes[tensor.bam]
+            hf_value = reader.read(tensor.hf)
+            if hf_value.shape != tensor.hf_shape(shape):
+                raise BamJaxError(f'{tensor.hf} has shape {hf_value.shape}; config.json implies '
+                                  f'{tensor.hf_shape(shape)}')
+            yield tensor.bam, np.ascontiguousarray(tensor.to_bam(hf_value, shape).astype(dtype))
+
+    tmp = stream.staging_dir(out, 'import')
+    try:
+        largest = max(math.prod(s) for s in shapes.values()) * np.dtype(dtype).itemsize
+        written, _ = stream.write_params(tmp, converted(), budget=largest)
+        stream.write_model_config(tmp, config)
+        copied = copy_tokenizer_files(hf_dir, tmp / TOKENIZER_DIR)
+        seq_len = min(int(hf.get('max_position_embeddings') or DEFAULT_SEQ_LEN), DEFAULT_SEQ_LEN)
+        gin = model_gin(config, out, f'bam-jax import-hf --hf_dir={hf_dir}')
+        gin += (f'DataConfig.tokenizer_path = {str(out / TOKENIZER_DIR)!r}\n'
+                f'# The length eval and generate read; a training stage sets its own (SEQ_LEN).\n'
+                f'TrainConfig.seq_len = {seq_len}\n')
+        (tmp / files.MODEL_GIN).write_text(gin)
+        record = {
+            'source': str(hf_dir), 'architecture': families.ARCHITECTURE[family], 'family': family,
+            'dtype': dtype, 'tensors': len(mapping), 'bytes_read': reader.bytes_read, 'bytes_written': written,
+            'largest_tensor_bytes': largest, 'tokenizer_files': copied, 'model': config.to_dict(),
+            'hf_config': hf, 'seconds': time.perf_counter() - start,
+        }
+        workdir.write_json_atomic(tmp / IMPORT_RECORD, record)
+    except BaseException:  # a damaged input, an interrupt: leave nothing behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    stream.publish(tmp, out, 'import')
+    return record
