@@ -3,7 +3,8 @@
 #   seed -> one branch per domain -> upcycle (btx, bam, bam_shared_kv, lory) -> mix finetunes -> eval
 #   -> comparison (OUT/comparison.md and .json).
 #
-#   launch/pipeline.sh [--dry-run] [STAGE ...]     (STAGE: seed branch upcycle mix eval compare; default all)
+#   launch/pipeline.sh [--dry-run] [STAGE ...]
+#     STAGE: seed branch upcycle mix eval compare (the default), import, export
 #
 # Mix runs: btx_top1 is the BAM paper's baseline (BAM's top-1 FFN routing, no attention experts)
 # and every other mix is matched to it; btx_top2 is BTX with its own top-2 routing, for
@@ -23,12 +24,27 @@
 # BATCH_SIZE, SEQ_LEN, DOMAINS, MIXES (the mix runs, default all; btx_top1 is required), RERUNS
 # (e.g. "btx_top1 bam"), EXTRA (more train flags, e.g.
 # '--gin.TrainConfig.warmup_steps=20').
+#
+# From Hugging Face models: HF_SEED=DIR HF_EXPERTS=DIR,DIR,... (a base model and its finetunes)
+# replace the seed and branch stages by `bam-jax import-hf` (stage `import`); the experts are named
+# by DOMAINS, in order (default: their directory names). The mixes then train on the models' own
+# tokenizer, and a last stage `export` writes each mix run as a Hugging Face model to OUT/hf/NAME
+# (EXPORT_DTYPE, default bfloat16). MODEL is not read: the imported models carry their shape.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 dry_run=()
 if [[ "${1:-}" == "--dry-run" ]]; then dry_run=(--dry-run); shift; fi
 stages=("$@")
+HF_SEED="${HF_SEED:-}"
+IFS=, read -r -a HF_EXPERTS <<< "${HF_EXPERTS:-}"
+if [[ -n "$HF_SEED" ]]; then
+  [[ ${#HF_EXPERTS[@]} -ge 1 ]] || { echo "error: HF_SEED needs HF_EXPERTS=DIR,DIR,... (the finetunes)" >&2; exit 2; }
+  [[ -n "${DOMAINS:-}" ]] || DOMAINS="$(for d in "${HF_EXPERTS[@]}"; do basename "$d"; done | tr '\n' ' ')"
+  [[ ${#stages[@]} -eq 0 ]] && stages=(import upcycle mix eval compare export)
+elif [[ ${#HF_EXPERTS[@]} -gt 0 ]]; then
+  echo "error: HF_EXPERTS needs HF_SEED=DIR (the base model they were finetuned from)" >&2; exit 2
+fi
 [[ ${#stages[@]} -eq 0 ]] && stages=(seed branch upcycle mix eval compare)
 
 OUT="${OUT:-runs/pipeline}"
@@ -53,6 +69,9 @@ declare -A GIN=([btx_top1]=mix_btx_top1 [btx_top2]=mix_btx [bam]=mix_bam [bam_co
 declare -A MATCH=([btx_top1]=none [btx_top2]=tokens [bam]=tokens [bam_compute]=flops
                   [bam_shared_kv]=tokens [bam_shared_kv_compute]=flops [lory]=tokens)
 all_in() { local x; for x in $1; do [[ " $2 " == *" $x "* ]] || return 1; done; }  # all_in "A B" "LIST"
+if [[ -n "$HF_SEED" && ${#HF_EXPERTS[@]} -ne ${#DOMAINS[@]} ]]; then
+  echo "error: DOMAINS names ${#DOMAINS[@]} experts but HF_EXPERTS has ${#HF_EXPERTS[@]}" >&2; exit 2
+fi
 all_in "${MIXES[*]}" "${!INIT[*]}" || { echo "error: MIXES='${MIXES[*]}': mix runs are ${!INIT[*]}" >&2; exit 2; }
 all_in "btx_top1" "${MIXES[*]}" || { echo "error: MIXES must hold btx_top1: the other mixes match it" >&2; exit 2; }
 all_in "${RERUNS[*]}" "${MIXES[*]}" || { echo "error: RERUNS='${RERUNS[*]}' must name runs in MIXES" >&2; exit 2; }
@@ -73,6 +92,14 @@ run() {
   "$@"
   mkdir -p "$OUT/.done" && touch "$(done_marker "$name")"
 }
+
+if wants import; then  # host work, run here: Hugging Face models become the seed and the experts
+  run import_seed .venv/bin/bam-jax import-hf --hf_dir="$HF_SEED" --out="$OUT/seed" --overwrite
+  for i in "${!DOMAINS[@]}"; do
+    run "import_${DOMAINS[$i]}" .venv/bin/bam-jax import-hf --hf_dir="${HF_EXPERTS[$i]}" \
+      --out="$OUT/${DOMAINS[$i]}" --overwrite
+  done
+fi
 
 if wants seed; then
   run seed launch/run.sh "${dry_run[@]}" train "${common[@]}" --gin_file=gin/seed.gin \
@@ -130,7 +157,8 @@ if wants eval; then  # one process for every run not evaluated yet: they share t
   done
   if [[ ${#todo[@]} -gt 0 ]]; then
     echo "== eval ${todo[*]}"
-    cmd=(.venv/bin/bam-jax eval "${todo[@]/#/--workdir=$OUT/}")
+    # At the training length: an imported model's own gin file sets a longer one.
+    cmd=(.venv/bin/bam-jax eval "${todo[@]/#/--workdir=$OUT/}" --gin.TrainConfig.seq_len="$SEQ_LEN")
     if [[ ${#dry_run[@]} -gt 0 ]]; then printf '%q ' "${cmd[@]}"; echo; else
       "${cmd[@]}"
       mkdir -p "$OUT/.done" && for name in "${todo[@]}"; do touch "$(done_marker "eval_$name")"; done
@@ -147,4 +175,11 @@ if wants compare; then  # cheap: never skipped
   for name in "${RERUNS[@]}"; do cmd+=(--rerun "$name=$OUT/${name}_seed1"); done
   echo "== compare"
   if [[ ${#dry_run[@]} -gt 0 ]]; then printf '%q ' "${cmd[@]}"; echo; else "${cmd[@]}"; fi
+fi
+
+if wants export; then  # every mix run as a Hugging Face model (the format that computes it exactly)
+  for name in "${MIXES[@]}"; do
+    run "export_$name" .venv/bin/bam-jax export-hf --workdir="$OUT/$name" --out="$OUT/hf/$name" \
+      --dtype="${EXPORT_DTYPE:-bfloat16}" --overwrite
+  done
 fi

@@ -21,8 +21,10 @@ from bam_jax.upcycle import upcycle_checkpoints
 
 from helpers import assert_one_line_error, cli_in_process
 
+# The special ids are those of the byte tokenizer the models are saved with (write_byte_tokenizer).
 COMMON = dict(vocab_size=384, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1)
+              num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1, bos_token_id=0,
+              eos_token_id=1, pad_token_id=0)
 LLAMA3_ROPE = {'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
                'original_max_position_embeddings': 16}
 # family: (model class, config, the bam_jax setting that turns off what the config adds, where that
@@ -117,6 +119,38 @@ def test_import_then_export_is_tensor_exact(models, family, tmp_path):
     np.testing.assert_allclose(hf_logits(out), hf_logits(hf_dir), **TOLERANCE)
 
 
+def hf_greedy(directory, prompt: str, max_new_tokens: int, **kwargs) -> list[int]:
+    """transformers' greedy completion ids of the prompt, tokenized by the directory's tokenizer."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs).eval()
+    ids = tokenizer(prompt, return_tensors='pt').input_ids
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False)
+    completion = out[0, ids.shape[1]:].tolist()
+    return completion[:completion.index(1) + 1] if 1 in completion else completion  # through the EOS
+
+
+def bam_greedy(monkeypatch, capsys, directory, prompt: str, max_new_tokens: int) -> list[int]:
+    """`bam-jax generate`'s greedy completion ids (the EOS included, where it stopped there)."""
+    status, out, err = cli_in_process(monkeypatch, capsys, 'generate', f'--workdir={directory}', f'--prompt={prompt}',
+                                      f'--max_new_tokens={max_new_tokens}', '--json',
+                                      "--gin.ModelConfig.dtype='float32'")
+    assert status == 0, err
+    (result,) = [json.loads(line) for line in out.splitlines()]
+    return result['completion_ids'] + ([1] if result['stop_reason'] == 'eos' else [])
+
+
+@pytest.mark.parametrize('family', ['mistral', 'qwen3'])
+def test_generate_with_the_imported_tokenizer_equals_transformers(models, family, monkeypatch, capsys):
+    # mistral: the sliding window (6) over the KV cache; qwen3: q/k norm and an explicit head_dim.
+    hf_dir, imported = models[family]
+    prompt = 'The court held that'
+    expected = hf_greedy(hf_dir, prompt, 16)
+    assert len(expected) > 8  # long enough to cross the window
+    assert bam_greedy(monkeypatch, capsys, imported, prompt, 16) == expected
+
+
 def test_sharded_weights_with_an_index_import_and_export(models, tmp_path):
     hf_dir, imported = models['llama']
     out = tmp_path / 'sharded'
@@ -158,6 +192,9 @@ def test_btx_exports_to_a_standard_moe_family(mixed, tmp_path, routing, expected
     record = export_hf(mixed['btx'], out, dtype='float32', bindings=routing, progress=False)
     assert record['format'] == expected_format
     np.testing.assert_allclose(hf_logits(out), bam_logits(mixed['btx'], *routing), **TOLERANCE)
+    # The experts' tokenizer travels: upcycled model, its gin file, the export.
+    assert f"DataConfig.tokenizer_path = '{mixed['btx'] / 'tokenizer'}'" in (mixed['btx'] / 'model.gin').read_text()
+    assert (out / 'tokenizer.json').read_bytes() == (mixed['btx'] / 'tokenizer' / 'tokenizer.json').read_bytes()
 
 
 def test_a_standard_class_never_gets_a_model_it_would_compute_differently(mixed, models, tmp_path, monkeypatch,
@@ -209,11 +246,18 @@ def test_import_errors_are_one_line_and_write_nothing(models, tmp_path, monkeypa
 
 
 def test_experts_of_other_vocabularies_are_refused(models, tmp_path, monkeypatch, capsys):
-    other = save_hf(transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**COMMON, 'vocab_size': 400})),
-                    tmp_path / 'vocab400')
-    import_hf(other, tmp_path / 'vocab400_bam', progress=False)
-    out = tmp_path / 'out'
-    status, _, err = cli_in_process(monkeypatch, capsys, 'upcycle', '--method=btx', f'--seed={models["llama"][1]}',
-                                    f'--experts={models["llama"][1]},{tmp_path / "vocab400_bam"}', f'--out={out}')
-    assert_one_line_error((status, err), 'different vocabularies')
-    assert not out.exists()
+    save_hf(transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**COMMON, 'vocab_size': 400})),
+            tmp_path / 'vocab400')
+    renamed = tmp_path / 'renamed'  # the same shapes, another tokenizer: one token's text differs
+    shutil.copytree(models['llama'][0], renamed)
+    tokenizer = json.loads((renamed / 'tokenizer.json').read_text())
+    tokenizer['added_tokens'][0]['content'] = '<start>'
+    (renamed / 'tokenizer.json').write_text(json.dumps(tokenizer))
+    for name, message in (('vocab400', 'different vocabularies'), ('renamed', 'different tokenizers')):
+        import_hf(tmp_path / name, tmp_path / f'{name}_bam', progress=False)
+        out = tmp_path / 'out'
+        status, _, err = cli_in_process(monkeypatch, capsys, 'upcycle', '--method=btx',
+                                        f'--seed={models["llama"][1]}',
+                                        f'--experts={models["llama"][1]},{tmp_path / f"{name}_bam"}', f'--out={out}')
+        assert_one_line_error((status, err), message)
+        assert not out.exists()

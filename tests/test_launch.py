@@ -56,8 +56,8 @@ def test_pipeline_dry_run_lists_every_stage_in_order():
     rerun = cmds['mix_bam_seed1']
     assert '--gin_file=out/bam_seed1_init/model.gin' in rerun and '--gin.TrainConfig.seed=1' in rerun
     assert "--gin.TrainConfig.match='tokens'" in rerun and '--workdir=out/bam_seed1' in rerun
-    assert cmds['eval ' + stages[-2][5:]] == ['.venv/bin/bam-jax', 'eval', *[
-        f'--workdir=out/{r}' for r in ['seed', 'code', 'math', *mixes]]]  # one process: shared validation batches
+    assert cmds['eval ' + stages[-2][5:]] == ['.venv/bin/bam-jax', 'eval', *[  # one process: shared batches
+        f'--workdir=out/{r}' for r in ['seed', 'code', 'math', *mixes]], '--gin.TrainConfig.seq_len=256']
     compare = cmds['compare']
     assert '--rerun' in compare and 'bam=out/bam_seed1' in compare
     orders = [compare[i + 1] for i, arg in enumerate(compare) if arg == '--order']
@@ -79,8 +79,27 @@ def test_pipeline_runs_only_the_chosen_mixes():
     assert '--method=lory' in cmds['upcycle_lory_seed1'] and '--gin_file=gin/mix_lory.gin' in cmds['mix_lory_seed1']
 
 
+def test_pipeline_from_hugging_face_models_imports_instead_of_training_the_seed_and_branches():
+    lines = dry_run('pipeline', OUT='out', HF_SEED='/m/base', HF_EXPERTS='/m/base-coder,/m/base-math',
+                    MIXES='btx_top1 bam')
+    stages = [line[3:] for line in lines if line.startswith('== ')]
+    assert stages == ['import_seed', 'import_base-coder', 'import_base-math', 'upcycle_btx', 'upcycle_bam',
+                      'mix_btx_top1', 'mix_bam', 'eval seed base-coder base-math btx_top1 bam', 'compare',
+                      'export_btx_top1', 'export_bam']
+    cmds = dict(zip(stages, commands(lines)))
+    assert cmds['import_base-coder'][1:] == ['import-hf', '--hf_dir=/m/base-coder', '--out=out/base-coder',
+                                             '--overwrite']
+    assert '--experts=out/base-coder,out/base-math' in cmds['upcycle_bam']
+    assert cmds['export_bam'][1:] == ['export-hf', '--workdir=out/bam', '--out=out/hf/bam', '--dtype=bfloat16',
+                                      '--overwrite']
+    named = dry_run('pipeline', 'import', OUT='out', HF_SEED='/m/base', HF_EXPERTS='/m/a,/m/b', DOMAINS='code math')
+    assert [line[3:] for line in named if line.startswith('== ')] == ['import_seed', 'import_code', 'import_math']
+
+
 def test_pipeline_refuses_unknown_mixes():
-    for env in ({'MIXES': 'btx_top1 moe'}, {'MIXES': 'bam'}, {'MIXES': 'btx_top1', 'RERUNS': 'lory'}):
+    for env in ({'MIXES': 'btx_top1 moe'}, {'MIXES': 'bam'}, {'MIXES': 'btx_top1', 'RERUNS': 'lory'},
+                {'HF_EXPERTS': '/m/a'}, {'HF_SEED': '/m/s'},
+                {'HF_SEED': '/m/s', 'HF_EXPERTS': '/m/a', 'DOMAINS': 'a b'}):
         proc = subprocess.run(['bash', 'launch/pipeline.sh', '--dry-run'], cwd=REPO, capture_output=True, text=True,
                               env={**os.environ, 'OUT': 'out', **env}, timeout=60)
         assert proc.returncode == 2 and proc.stderr.startswith('error: ') and proc.stdout == '', env

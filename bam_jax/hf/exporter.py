@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import re
 import shutil
 import time
 
@@ -91,9 +90,6 @@ def choose_format(config: ModelConfig, requested: str, origin: str | None) -> st
 
 # --- where a run came from ----------------------------------------------------------------------
 
-_INIT = re.compile(r"^(?:INIT_CHECKPOINT|TrainConfig\.init_checkpoint)\s*=\s*'([^']+)'", re.MULTILINE)
-
-
 def import_record(directory: pathlib.Path, depth: int = 8) -> dict | None:
     """The import.json of the Hugging Face model a run descends from, following its
     INIT_CHECKPOINT and an upcycled model's inputs (the first that has one); None if none does."""
@@ -101,10 +97,8 @@ def import_record(directory: pathlib.Path, depth: int = 8) -> dict | None:
         return None
     if (directory / IMPORT_RECORD).is_file():
         return json.loads((directory / IMPORT_RECORD).read_text())
-    parents = []
-    for name in (files.CONFIG, files.MODEL_GIN):
-        if (directory / name).is_file():
-            parents += [pathlib.Path(p) for p in _INIT.findall((directory / name).read_text())]
+    inits = files.string_bindings(directory, 'INIT_CHECKPOINT', 'TrainConfig.init_checkpoint')
+    parents = [pathlib.Path(p) for p in inits]
     if (directory / files.UPCYCLE).is_file():
         inputs = json.loads((directory / files.UPCYCLE).read_text())['inputs']
         parents += [pathlib.Path(i['step_dir']).parents[1] for i in inputs]  # <workdir>/checkpoints/<step>

@@ -30,9 +30,9 @@ from bam_jax.hf.safetensors_files import SafetensorsReader
 from bam_jax.models import abstract_model, flatten, split_params
 from bam_jax.upcycle.gin_file import model_gin
 from bam_jax.workdir import files, stream
+from bam_jax.workdir.files import TOKENIZER_DIR
 
 IMPORT_RECORD = 'import.json'
-TOKENIZER_DIR = 'tokenizer'
 DTYPES = ('float32', 'bfloat16')
 # The length `bam-jax eval` and `generate` use on an imported model unless told otherwise: the
 # model's own limit can be far longer than one host evaluates at once.
@@ -102,9 +102,8 @@ def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, dtype: str
         stream.write_model_config(tmp, config)
         copied = copy_tokenizer_files(hf_dir, tmp / TOKENIZER_DIR)
         seq_len = min(int(hf.get('max_position_embeddings') or DEFAULT_SEQ_LEN), DEFAULT_SEQ_LEN)
-        gin = model_gin(config, out, f'bam-jax import-hf --hf_dir={hf_dir}')
-        gin += (f'DataConfig.tokenizer_path = {str(out / TOKENIZER_DIR)!r}\n'
-                f'# The length eval and generate read; a training stage sets its own (SEQ_LEN).\n'
+        gin = model_gin(config, out, f'bam-jax import-hf --hf_dir={hf_dir}', tokenizer=out / TOKENIZER_DIR)
+        gin += ('# The length eval and generate read; a training stage sets its own (SEQ_LEN).\n'
                 f'TrainConfig.seq_len = {seq_len}\n')
         (tmp / files.MODEL_GIN).write_text(gin)
         record = {

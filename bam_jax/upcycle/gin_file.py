@@ -16,9 +16,11 @@ def _bindings(name: str, config, fields) -> list[str]:
     return [f'{name}.{field} = {getattr(config, field)!r}' for field in fields]
 
 
-def model_gin(config: ModelConfig, checkpoint: pathlib.Path, written_by: str) -> str:
+def model_gin(config: ModelConfig, checkpoint: pathlib.Path, written_by: str,
+              tokenizer: pathlib.Path | None = None) -> str:
     """ModelConfig's fields and the expert layers' architecture (MoEConfig, MoAConfig,
-    LoryConfig), and INIT_CHECKPOINT, as a gin file's text."""
+    LoryConfig), INIT_CHECKPOINT, and the model's Hugging Face tokenizer (if it has one: the
+    vocabulary its data must be read with), as a gin file's text."""
     lines = [f'# Written by `{written_by}`: the model and the checkpoint that initialises it.',
              '# Routing comes from the run file: bam-jax train --gin_file=THIS --gin_file=gin/mix_<method>.gin ...',
              *_bindings('ModelConfig', config, [f.name for f in dataclasses.fields(config)
@@ -29,4 +31,6 @@ def model_gin(config: ModelConfig, checkpoint: pathlib.Path, written_by: str) ->
         if sub:
             lines += _bindings(kind, sub, sub.ARCHITECTURE)
     lines.append(f'INIT_CHECKPOINT = {str(checkpoint)!r}')
+    if tokenizer is not None:
+        lines.append(f'DataConfig.tokenizer_path = {str(tokenizer)!r}')
     return '\n'.join(lines) + '\n'

@@ -11,10 +11,13 @@ Output (usable as INIT_CHECKPOINT, or as a gin file for `bam-jax train`):
   OUT/checkpoints/0/model    the MoE ModelConfig (Orbax JSON)
   OUT/model.gin              the model config as gin bindings, and INIT_CHECKPOINT = OUT
   OUT/upcycle.json           what was built from what
+  OUT/tokenizer/             the inputs' Hugging Face tokenizer, if they read their data with one
+                             (model.gin points DataConfig.tokenizer_path here)
 """
 
 from __future__ import annotations
 
+import json
 import math
 import pathlib
 import shutil
@@ -38,6 +41,24 @@ def _read_input(directory: str, what: str) -> tuple[pathlib.Path, ModelConfig, d
     if config.moe is not None or config.moa is not None or config.lory is not None:
         raise BamJaxError(f'{what} {step_dir} is already a mixture-of-experts model; upcycle dense models')
     return step_dir, config, workdir.read_param_shapes(step_dir)
+
+
+def _tokenizer(inputs: list[tuple[str, pathlib.Path, ModelConfig, dict]]) -> pathlib.Path | None:
+    """The Hugging Face tokenizer the dense models read their data with (DataConfig.tokenizer_path
+    in their gin config), the same for all of them; None for bam_jax's own vocabularies."""
+    found = []
+    for name, step_dir, _, _ in inputs:
+        paths = files.string_bindings(step_dir.parents[1], 'DataConfig.tokenizer_path')  # <run>/checkpoints/<step>
+        found.append((name, pathlib.Path(paths[-1]) if paths else None))
+
+    def content(path):  # the parsed tokenizer.json: formatting aside, the same tokenizer
+        return None if path is None else json.loads((path / 'tokenizer.json' if path.is_dir() else path).read_text())
+    (first_name, first), described = found[0], lambda p: p or 'no Hugging Face tokenizer'  # noqa: E731
+    for name, path in found[1:]:
+        if content(path) != content(first):
+            raise BamJaxError(f'different tokenizers: {first_name} reads {described(first)}, '
+                              f'{name} reads {described(path)}')
+    return first
 
 
 def _check_same_architecture(inputs: list[tuple[str, pathlib.Path, ModelConfig, dict]]) -> None:
@@ -89,6 +110,7 @@ def upcycle_checkpoints(method: str, experts: list[str], out: str | pathlib.Path
     stream.check_output(out, overwrite)
     inputs = [(name, *_read_input(directory, name)) for name, directory in named]
     _check_same_architecture(inputs)
+    tokenizer = _tokenizer(inputs)
     dense = inputs[0][2]
     recipes = plan(spec, dense, {k: v[0] for k, v in inputs[0][3].items()})
     moe_config = model_config(dense, spec)
@@ -101,7 +123,11 @@ def upcycle_checkpoints(method: str, experts: list[str], out: str | pathlib.Path
         written, largest = stream.write_params(tmp, built, budget=max(_nbytes(*v) for v in inputs[0][3].values()),
                                                step=STEP)
         stream.write_model_config(tmp, moe_config, step=STEP)
-        (tmp / files.MODEL_GIN).write_text(model_gin(moe_config, out, f'bam-jax upcycle --method={method}'))
+        if tokenizer is not None:  # the output carries its own copy, as an imported model does
+            from bam_jax.data import copy_tokenizer_files
+            copy_tokenizer_files(tokenizer if tokenizer.is_dir() else tokenizer.parent, tmp / files.TOKENIZER_DIR)
+        (tmp / files.MODEL_GIN).write_text(model_gin(moe_config, out, f'bam-jax upcycle --method={method}',
+                                                     tokenizer=tokenizer and out / files.TOKENIZER_DIR))
         summary = {
             'method': method, 'out': str(out),
             'inputs': [{'name': name, 'step_dir': str(d)} for name, d, _, _ in inputs],

@@ -11,6 +11,8 @@ A workdir (`bam-jax train --workdir=DIR`, or the output of `bam-jax upcycle`) ho
   dense_warmup/         Lory from scratch: the dense warm-up's own workdir
   model.gin             upcycled outputs: the model as gin bindings, INIT_CHECKPOINT = DIR
   upcycle.json          upcycled outputs: what was built from what
+  tokenizer/            upcycled and imported outputs: the model's Hugging Face tokenizer, if it has one
+  import.json           imported outputs: what was imported from where (bam_jax.hf.importer)
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 
 CHECKPOINTS = 'checkpoints'
 CONFIG = 'config.gin'
@@ -29,6 +32,7 @@ TENSORBOARD = 'tb'
 DENSE_WARMUP = 'dense_warmup'
 MODEL_GIN = 'model.gin'
 UPCYCLE = 'upcycle.json'
+TOKENIZER_DIR = 'tokenizer'
 
 
 def write_json_atomic(path: pathlib.Path, value) -> None:
@@ -36,3 +40,13 @@ def write_json_atomic(path: pathlib.Path, value) -> None:
     tmp = path.with_name(path.name + '.tmp')
     tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
     os.replace(tmp, path)
+
+
+def string_bindings(directory: pathlib.Path, *names: str) -> list[str]:
+    """The string values bound to any of `names` (gin: `NAME = 'value'`) in a run directory's
+    config.gin, or in the model.gin of an upcycled or imported model, in file order."""
+    for file in (CONFIG, MODEL_GIN):
+        if (directory / file).is_file():
+            pattern = re.compile(rf"^(?:{'|'.join(map(re.escape, names))})\s*=\s*'([^']*)'", re.MULTILINE)
+            return pattern.findall((directory / file).read_text())
+    return []
