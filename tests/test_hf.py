@@ -57,6 +57,7 @@ def save_hf(model, directory: pathlib.Path) -> pathlib.Path:
 
 
 def hf_logits(directory, tokens=TOKENS, **kwargs) -> np.ndarray:
+    """transformers' float32 logits of the tokens (kwargs: trust_remote_code for bam_jax's own model)."""
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs).eval()
     with torch.no_grad():
         return model(torch.tensor(tokens)).logits.numpy()
@@ -131,13 +132,20 @@ def hf_greedy(directory, prompt: str, max_new_tokens: int, **kwargs) -> list[int
     return completion[:completion.index(1) + 1] if 1 in completion else completion  # through the EOS
 
 
-def bam_greedy(monkeypatch, capsys, directory, prompt: str, max_new_tokens: int) -> list[int]:
-    """`bam-jax generate`'s greedy completion ids (the EOS included, where it stopped there)."""
+def bam_generate(monkeypatch, capsys, directory, prompt: str, max_new_tokens: int) -> dict:
+    """`bam-jax generate --json`'s greedy completion of one prompt (float32)."""
+    capsys.readouterr()  # what transformers printed before
     status, out, err = cli_in_process(monkeypatch, capsys, 'generate', f'--workdir={directory}', f'--prompt={prompt}',
                                       f'--max_new_tokens={max_new_tokens}', '--json',
                                       "--gin.ModelConfig.dtype='float32'")
     assert status == 0, err
     (result,) = [json.loads(line) for line in out.splitlines()]
+    return result
+
+
+def bam_greedy(monkeypatch, capsys, directory, prompt: str, max_new_tokens: int) -> list[int]:
+    """`bam-jax generate`'s greedy completion ids (the EOS included, where it stopped there)."""
+    result = bam_generate(monkeypatch, capsys, directory, prompt, max_new_tokens)
     return result['completion_ids'] + ([1] if result['stop_reason'] == 'eos' else [])
 
 
@@ -195,6 +203,36 @@ def test_btx_exports_to_a_standard_moe_family(mixed, tmp_path, routing, expected
     # The experts' tokenizer travels: upcycled model, its gin file, the export.
     assert f"DataConfig.tokenizer_path = '{mixed['btx'] / 'tokenizer'}'" in (mixed['btx'] / 'model.gin').read_text()
     assert (out / 'tokenizer.json').read_bytes() == (mixed['btx'] / 'tokenizer' / 'tokenizer.json').read_bytes()
+
+
+@pytest.mark.parametrize('method', ['bam', 'bam_shared_kv'])
+def test_bam_exports_to_its_own_hugging_face_model(mixed, method, tmp_path, monkeypatch, capsys):
+    out = tmp_path / method
+    assert export_hf(mixed[method], out, dtype='float32', progress=False)['format'] == 'bam_jax'
+    np.testing.assert_allclose(hf_logits(out, trust_remote_code=True), bam_logits(mixed[method]), **TOLERANCE)
+    # transformers' generate() with the model's own cache, against bam-jax generate
+    prompt = 'def add(a, b):'
+    expected = bam_greedy(monkeypatch, capsys, mixed[method], prompt, 12)
+    assert len(expected) > 4 and hf_greedy(out, prompt, 12, trust_remote_code=True) == expected
+
+
+def test_a_model_trained_here_on_bytes_exports_and_reloads(bam_run, tmp_path, monkeypatch, capsys):
+    run, out = bam_run['run'], tmp_path / 'bam'
+    status, stdout, err = cli_in_process(monkeypatch, capsys, 'export-hf', f'--workdir={run}', f'--out={out}',
+                                         '--dtype=float32')
+    assert status == 0, err
+    assert 'BamJaxForCausalLM (load with trust_remote_code=True)' in stdout
+    assert {'config.json', 'generation_config.json', 'model.safetensors', 'tokenizer.json', 'export.json',
+            'modeling_bam_jax.py', 'configuration_bam_jax.py'} <= {p.name for p in out.iterdir()}
+    tokens = np.asarray(transformers.AutoTokenizer.from_pretrained(out)(['Permission is hereby granted, free'])
+                        .input_ids)
+    assert tokens[0, 0] == 0  # the start token every bam_jax text begins with
+    np.testing.assert_allclose(hf_logits(out, tokens, trust_remote_code=True), bam_logits(run, tokens=tokens),
+                               **TOLERANCE)
+    expected = bam_generate(monkeypatch, capsys, run, 'The licensor grants', 16)
+    ids = hf_greedy(out, 'The licensor grants', 16, trust_remote_code=True)
+    assert ids == expected['completion_ids'] + ([1] if expected['stop_reason'] == 'eos' else [])
+    assert transformers.AutoTokenizer.from_pretrained(out).decode(ids) == expected['completion']
 
 
 def test_a_standard_class_never_gets_a_model_it_would_compute_differently(mixed, models, tmp_path, monkeypatch,

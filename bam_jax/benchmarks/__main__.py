@@ -1,10 +1,10 @@
-"""`make bench`: speed of the train step and of decoding for dense, BTX, BAM and Lory models, and
-of the upcycler, as three tables and JSON ({"train_step": [rows], "decode": [rows], "upcycle": {...}},
-null for a table not run).
+"""`make bench`: speed of the train step and of decoding for dense, BTX, BAM and Lory models, of
+the upcycler, and of the Hugging Face import and export, as four tables and JSON ({"train_step":
+[rows], "decode": [rows], "upcycle": {...}, "hf_io": {...}}, null for a table not run).
 
   python -m bam_jax.benchmarks [--model gin/models/X.gin] [--archs dense,btx,bam,bam_shared_kv,lory4,lory8]
                                [--decode_archs dense,btx,bam,bam_shared_kv,lory4]
-                               [--batch N] [--seq_len T] [--steps S] [--tables train,decode,upcycle]
+                               [--batch N] [--seq_len T] [--steps S] [--tables train,decode,upcycle,hf_io]
 
 Every architecture is timed in the same run on the same model size. BTX has 4 FFN experts
 with top-1 routing, so its active parameters are the dense model's (plus a router); BAM adds
@@ -14,6 +14,8 @@ FFN, shown as "merge"). The decode table (decode.py) times prefill and the decod
 generation engine, at batch 1 and 16, in the BAM paper's setting and at long context, with each
 model's cache size and its decode speed relative to BTX. The upcycle table (upcycle.py) times
 a BAM upcycle of 4 dense checkpoints against a copy of their files and measures its peak memory.
+The hf_io table (hf_io.py) does the same for `import-hf` of a Llama model and `export-hf` of the
+result, against copies of its safetensors file.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import pathlib
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 ARCHS = ('dense', 'btx', 'bam', 'bam_shared_kv', 'lory4', 'lory8')
-TABLES = ('train', 'decode', 'upcycle')
+TABLES = ('train', 'decode', 'upcycle', 'hf_io')
 
 
 def arch_config(dense, arch: str, lory_segment_len: int = 64):
@@ -116,7 +118,7 @@ def main() -> None:
         name = 'bench_14m'
 
     devices = f'{jax.device_count()} x {jax.devices()[0].device_kind}'
-    results = {'train_step': None, 'decode': None, 'upcycle': None}
+    results = {'train_step': None, 'decode': None, 'upcycle': None, 'hf_io': None}
     if 'train' in args.tables:
         results['train_step'] = _train_table(dense, name, dtype, devices, args)
     if 'decode' in args.tables:
@@ -132,6 +134,11 @@ def main() -> None:
         print('\ntiming upcycle (bam) and a copy of its inputs ...', flush=True)
         results['upcycle'] = upcycle_bench.run()
         upcycle_bench.print_table(results['upcycle'])
+    if 'hf_io' in args.tables:
+        from bam_jax.benchmarks import hf_io
+        print('\ntiming import-hf and export-hf (llama) and copies of their input ...', flush=True)
+        results['hf_io'] = hf_io.run()
+        hf_io.print_table(results['hf_io'])
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))

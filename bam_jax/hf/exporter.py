@@ -142,7 +142,7 @@ def _tensor_specs(config: ModelConfig, fmt: str, shapes: dict, reader: stream.Ch
                                     lambda t=tensor: np.zeros(t.zeros_shape, dtype)))
         else:
             specs.append(TensorSpec(tensor.hf, tensor.hf_shape(shapes[tensor.bam]), dtype,
-                                    lambda t=tensor: t.to_hf(source(t.bam)).astype(dtype)))
+                                    lambda t=tensor: t.to_hf(source(t.bam)).astype(dtype, order='C')))
     return specs
 
 

@@ -93,7 +93,7 @@ def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, dtype: str
             if hf_value.shape != tensor.hf_shape(shape):
                 raise BamJaxError(f'{tensor.hf} has shape {hf_value.shape}; config.json implies '
                                   f'{tensor.hf_shape(shape)}')
-            yield tensor.bam, np.ascontiguousarray(tensor.to_bam(hf_value, shape).astype(dtype))
+            yield tensor.bam, tensor.to_bam(hf_value, shape).astype(dtype, order='C')  # one copy, transposed
 
     tmp = stream.staging_dir(out, 'import')
     try:

@@ -116,10 +116,10 @@ def _write_file(path: pathlib.Path, specs: list[TensorSpec], metadata: dict[str,
         f.write(struct.pack('<Q', len(text)))
         f.write(text)
         for spec in specs:
-            tensor = np.ascontiguousarray(spec.build(), dtype=spec.dtype)
+            tensor = np.ascontiguousarray(spec.build(), dtype=spec.dtype)  # no copy when already so
             if tensor.shape != tuple(spec.shape):
                 raise BamJaxError(f'{spec.name}: built shape {tensor.shape}, expected {tuple(spec.shape)}')
-            f.write(tensor.tobytes())
+            f.write(tensor.reshape(-1).view(np.uint8))  # the buffer itself, not a bytes copy
             done(spec)
 
 

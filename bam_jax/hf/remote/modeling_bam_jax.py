@@ -347,7 +347,8 @@ class LoryFeedForward(nn.Module):
     """Lory's merged experts: one SwiGLU whose weights are the experts' averaged by a router softmax.
 
     Without a cache every segment of segment_len tokens uses the merge routed from the previous
-    segment's mean hidden state (the first from its own). At prefill one merge per row, routed from
+    segment's mean hidden state (the first from its own); segments count from the first slot, so
+    they are bam_jax's for unpadded or right-padded rows. At prefill one merge per row, routed from
     the mean of the whole prompt, serves every position, and is kept in the cache for the tokens
     that follow. Parameters: router.kernel [D, E], experts.* [E, D, F], [E, F, D].
     """
@@ -482,6 +483,11 @@ class BamJaxForCausalLM(BamJaxPreTrainedModel, GenerationMixin):
         if not model['tie_embeddings']:
             self.unembed = Unembed(model['d_model'], model['vocab_size'])
         self.post_init()
+        if any(name.endswith('router.kernel') for name, _ in self.named_parameters()):
+            # Routers stay float32 when the model is loaded in half precision, as bam_jax keeps
+            # them. Set on the instance, after post_init: transformers rejects names a model lacks.
+            self._keep_in_fp32_modules = {'router'}
+            self._keep_in_fp32_modules_strict = {'router'}
 
     def get_input_embeddings(self):
         return self.embed
@@ -517,7 +523,7 @@ class BamJaxForCausalLM(BamJaxPreTrainedModel, GenerationMixin):
         mask = key_real[:, None, :] & (slots[None, None, :] <= slots[past:, None])  # [B, T, S]
         window = self.model_config.get('sliding_window') or 0
         if window:
-            mask &= key_positions[:, None, :] >= positions[:, :, None] - window
+            mask &= key_positions[:, None, :] > positions[:, :, None] - window
         lory = 'segments' if not cache_given else 'decode' if past else 'prefill'
         # Computed per call, not a buffer: models built on the meta device drop non-persistent buffers.
         inv_freq = rope_frequencies(self.model_config).to(device)
@@ -530,8 +536,8 @@ class BamJaxForCausalLM(BamJaxPreTrainedModel, GenerationMixin):
         logits_to_keep positions when that is > 0), the cache (use_cache), and the mean
         next-token cross-entropy when labels [B, T] are given (-100: not scored).
 
-        cache (past_key_values before transformers 5): a transformers Cache holding the earlier
-        tokens, or None. A Lory model merges its experts per segment without one; with one it
+        cache (past_key_values before transformers 5): a DynamicCache holding the earlier tokens,
+        or None. A Lory model merges its experts per segment without one; with one it
         merges them from the tokens of the first call (the prompt) and keeps that merge.
         """
         if input_ids is None:
@@ -539,12 +545,14 @@ class BamJaxForCausalLM(BamJaxPreTrainedModel, GenerationMixin):
         if kwargs.get('inputs_embeds') is not None:
             raise ValueError('BamJaxForCausalLM does not take inputs_embeds')
         cache = cache if cache is not None else past_key_values
+        if getattr(cache, 'is_compileable', False):  # fixed-size buffers: the masks here span the tokens seen
+            raise ValueError('BamJaxForCausalLM decodes with a DynamicCache; static caches are not supported')
         cache_given = cache is not None
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache()
         step = self.step(input_ids, attention_mask, position_ids, cache, cache_given)
-        x = self.embed(input_ids).to(self.embed.embedding.dtype)
+        x = self.embed(input_ids)
         for block in self.layers:
             x = block(x, step)
         x = self.final_norm(x)
@@ -555,4 +563,5 @@ class BamJaxForCausalLM(BamJaxPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                    ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache if use_cache else None})
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache if use_cache else None})
+        return out.to_tuple() if return_dict is False else out
