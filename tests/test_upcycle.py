@@ -114,7 +114,7 @@ def upcycled(tmp_path_factory, dense):
 
 
 # --- 8. the mix stage starts from the upcycled checkpoint -------------------------------------
-# First in the file: it is the longest test, and with -n 2 the other worker runs the rest meanwhile.
+# First in the file: it is the longest test.
 
 def test_mix_stage_trains_from_the_upcycled_checkpoint_with_a_fresh_optimizer(upcycled, tmp_path):
     out, upcycled_params = upcycled('bam', ['code', 'law'], seed='seed')
