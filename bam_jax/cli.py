@@ -152,6 +152,9 @@ def _export_hf(args, bindings) -> int:
     remote = ' (load with trust_remote_code=True)' if record['format'] == 'bam_jax' else ''
     print(f'{record["architecture"]}{remote}: {record["tensors"]} tensors in {len(record["files"])} file(s), '
           f'{record["bytes_written"] / 2**20:.1f} MiB ({record["dtype"]}) in {record["seconds"]:.1f} s')
+    if not record['tokenizer_files']:
+        print('no tokenizer written: the run reads a SentencePiece model (DataConfig.spm_path), which has no '
+              'exact Hugging Face tokenizer here; ship it beside the export', file=sys.stderr)
     print(f'wrote {args.out}')
     return 0
 

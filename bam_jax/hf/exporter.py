@@ -17,7 +17,6 @@ export.json (what was exported from where), and for bam_jax the modeling files.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 import shutil
@@ -204,7 +203,7 @@ def export_hf(run: str | pathlib.Path, out: str | pathlib.Path, *, fmt: str = 'a
             'architecture': hf_config['architectures'][0], 'tensors': len(specs),
             'bytes_read': reader.bytes_read, 'bytes_written': index['metadata']['total_size'],
             'files': sorted(set(index['weight_map'].values())), 'tokenizer_files': tokenizer,
-            'imported_from': origin and origin['source'], 'model': dataclasses.asdict(config),
+            'imported_from': origin and origin['source'], 'model': config.to_dict(),
             'seconds': time.perf_counter() - start,
         }
         workdir.write_json_atomic(tmp / EXPORT_RECORD, record)
