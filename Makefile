@@ -14,10 +14,8 @@ $(STAMP): setup.cfg
 
 install: $(STAMP)
 
-# Two workers, each taking whole test files: a module's fixtures (trained runs, imported models)
-# are built once, not once per worker.
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadfile -q tests
+	$(BIN)/python -m pytest -n 2 -q tests
 
 demo: $(STAMP)
 	bash launch/demo.sh

@@ -29,7 +29,8 @@ def cli_args(command, *args):
 
 
 def cli_env(devices=CLI_DEVICES):
-    return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    from conftest import FAST_COMPILE
+    return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices} {FAST_COMPILE}')
 
 
 def run_cli(command, *args, timeout=300, check=False) -> subprocess.CompletedProcess:
