@@ -81,6 +81,22 @@ def _check_same_architecture(inputs: list[tuple[str, pathlib.Path, ModelConfig, 
                               f'but {value!r} in {name}')
 
 
+def _expert_models(method: str, num_models: int, skip_seed: bool, num_experts: int) -> tuple[int, ...]:
+    """For each expert, the index of the input model it comes from (the seed, if any, is input 0)."""
+    if method == 'sparse_upcycle':
+        if num_models != 1:
+            raise BamJaxError(f'sparse_upcycle takes exactly one dense model, got {num_models}')
+        if num_experts < 2:
+            raise BamJaxError(f'sparse_upcycle needs --num_experts >= 2, got {num_experts}')
+        if skip_seed:
+            raise BamJaxError('--no_seed_expert does not apply to sparse_upcycle, which copies its one model')
+        return (0,) * num_experts
+    expert_models = tuple(range(1 if skip_seed else 0, num_models))
+    if len(expert_models) < 2:
+        raise BamJaxError(f'{method} needs at least two expert models, got {len(expert_models)}')
+    return expert_models
+
+
 def upcycle_checkpoints(method: str, experts: list[str], out: str | pathlib.Path, *, seed: str | None = None,
                         seed_expert: bool = True, overwrite: bool = False, num_experts: int = 4,
                         expert_split: int = 1, router_seed: int = 0,
@@ -94,18 +110,7 @@ def upcycle_checkpoints(method: str, experts: list[str], out: str | pathlib.Path
     start = time.perf_counter()
     out = pathlib.Path(out).expanduser().absolute()
     named = ([('seed', seed)] if seed else []) + [(d, d) for d in experts]
-    if method == 'sparse_upcycle':
-        if len(named) != 1:
-            raise BamJaxError(f'sparse_upcycle takes exactly one dense model, got {len(named)}')
-        if num_experts < 2:
-            raise BamJaxError(f'sparse_upcycle needs --num_experts >= 2, got {num_experts}')
-        if not seed_expert:
-            raise BamJaxError('--no_seed_expert does not apply to sparse_upcycle, which copies its one model')
-        expert_models = (0,) * num_experts
-    else:
-        expert_models = tuple(range(0 if seed_expert or not seed else 1, len(named)))
-        if len(expert_models) < 2:
-            raise BamJaxError(f'{method} needs at least two expert models, got {len(expert_models)}')
+    expert_models = _expert_models(method, len(named), seed is not None and not seed_expert, num_experts)
     spec = UpcycleSpec(method, len(named), expert_models, expert_split, router_seed)
     stream.check_output(out, overwrite)
     inputs = [(name, *_read_input(directory, name)) for name, directory in named]
