@@ -2,7 +2,8 @@
 
   bam-jax train --gin_file=F [--gin_file=F2 ...] [--gin.NAME=VALUE ...] --workdir=DIR
   bam-jax upcycle --method=M [--seed=DIR] --experts=DIR,DIR,... --out=DIR [--no_seed_expert] [--overwrite]
-  bam-jax eval --workdir=DIR [--workdir=DIR ...] [--gin.NAME=VALUE ...] [--json]
+  bam-jax eval --workdir=DIR [--workdir=DIR ...] [--tasks=a,b [--num_fewshot=N] [--limit=N]]
+               [--gin.NAME=VALUE ...] [--json]
   bam-jax generate --workdir=DIR (--prompt=TEXT [--prompt=TEXT ...] | --prompts=FILE.jsonl)
                    [--max_new_tokens=N] [--temperature=T] [--top_k=K] [--top_p=P] [--seed=S]
                    [--stop=TEXT ...] [--json] [--gin.NAME=VALUE ...]
@@ -81,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
                           help='the run directory; repeat it to evaluate several runs in one process')
     evaluate.add_argument('--json', action='store_true',
                           help='print the results as JSON on stdout, one object per line and run')
+    evaluate.add_argument('--tasks', default='',
+                          help='downstream tasks through lm-evaluation-harness, comma-separated: bam_jax\'s '
+                               'offline bam_math, bam_code, bam_law, bam_general (group bam_domains) or any of '
+                               'the harness\'s; scores go into eval.json under "tasks"')
+    evaluate.add_argument('--num_fewshot', type=int, default=None, help='few-shot examples (default: each task\'s)')
+    evaluate.add_argument('--limit', type=int, default=None, help='at most this many items per task')
     generate = commands.add_parser(
         'generate', help="complete prompts with a run's latest checkpoint (KV-cache decoding)",
         description="Completes each prompt with the run's latest checkpoint and its own vocabulary, under its "
@@ -175,7 +182,11 @@ def _generate(args, bindings) -> int:
 
 def _eval(args, bindings) -> int:
     from bam_jax.evaluate.evaluator import eval_command
-    eval_command(args.workdir, bindings, as_json=args.json)
+    tasks = [name.strip() for name in args.tasks.split(',') if name.strip()]
+    if not tasks and (args.num_fewshot is not None or args.limit is not None):
+        raise BamJaxError('--num_fewshot and --limit apply to --tasks; name the tasks')
+    eval_command(args.workdir, bindings, as_json=args.json, tasks=tasks, num_fewshot=args.num_fewshot,
+                 limit=args.limit)
     return 0
 
 

@@ -23,7 +23,8 @@
 # Settings (environment): OUT, MODEL (a gin file), SEED_STEPS, BRANCH_STEPS, MIX_STEPS,
 # BATCH_SIZE, SEQ_LEN, DOMAINS, MIXES (the mix runs, default all; btx_top1 is required), RERUNS
 # (e.g. "btx_top1 bam"), EXTRA (more train flags, e.g.
-# '--gin.TrainConfig.warmup_steps=20').
+# '--gin.TrainConfig.warmup_steps=20'), TASKS (the eval stage's downstream tasks through
+# lm-evaluation-harness, default bam_domains; empty for perplexity only) and TASK_LIMIT (items per task).
 #
 # From Hugging Face models: HF_SEED=DIR HF_EXPERTS=DIR,DIR,... (a base model and its finetunes)
 # replace the seed and branch stages by `bam-jax import-hf` (stage `import`); the experts are named
@@ -53,6 +54,8 @@ SEED_STEPS="${SEED_STEPS:-2000}"
 BRANCH_STEPS="${BRANCH_STEPS:-1000}"
 MIX_STEPS="${MIX_STEPS:-1000}"
 BATCH_SIZE="${BATCH_SIZE:-32}"
+TASKS="${TASKS-bam_domains}"      # downstream tasks of the eval stage (empty: perplexity only)
+TASK_LIMIT="${TASK_LIMIT:-}"      # at most this many items per task (default: all)
 SEQ_LEN="${SEQ_LEN:-256}"
 read -r -a DOMAINS <<< "${DOMAINS:-code law math}"
 read -r -a EXTRA <<< "${EXTRA:-}"
@@ -159,6 +162,8 @@ if wants eval; then  # one process for every run not evaluated yet: they share t
     echo "== eval ${todo[*]}"
     # At the training length: an imported model's own gin file sets a longer one.
     cmd=(.venv/bin/bam-jax eval "${todo[@]/#/--workdir=$OUT/}" --gin.TrainConfig.seq_len="$SEQ_LEN")
+    [[ -n "$TASKS" ]] && cmd+=(--tasks="$TASKS")
+    [[ -n "$TASK_LIMIT" ]] && cmd+=(--limit="$TASK_LIMIT")
     if [[ ${#dry_run[@]} -gt 0 ]]; then printf '%q ' "${cmd[@]}"; echo; else
       "${cmd[@]}"
       mkdir -p "$OUT/.done" && for name in "${todo[@]}"; do touch "$(done_marker "eval_$name")"; done

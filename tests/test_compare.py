@@ -76,3 +76,33 @@ def test_cli_refuses_a_rerun_of_an_unknown_run(tmp_path, runs, capsys):
     err = capsys.readouterr().err
     assert err.startswith('error: ') and "['moe']" in err and err.count('\n') == 1
     assert not out.exists()
+
+
+def _with_tasks(workdir, **scores):
+    """Adds downstream scores (primary metric acc) to a run's eval.json."""
+    evaluated = json.loads((workdir / 'eval.json').read_text())
+    evaluated['tasks'] = {name: {'acc': value, 'acc_stderr': 0.05, 'n': 64, 'primary': 'acc', 'chance': 0.25,
+                                 'group': False} for name, value in scores.items()}
+    evaluated['tasks']['bam_domains'] = {'acc': 0.99, 'primary': 'acc', 'group': True}  # groups are not averaged
+    (workdir / 'eval.json').write_text(json.dumps(evaluated))
+    return workdir
+
+
+def test_downstream_columns_and_their_order(tmp_path, runs):
+    for name, (code, law) in {'seed': (0.30, 0.28), 'code': (0.40, 0.30), 'math': (0.32, 0.30),
+                              'btx': (0.44, 0.36), 'bam': (0.50, 0.40)}.items():
+        _with_tasks(runs[name], bam_code=code, bam_law=law)
+    rerun = _with_tasks(_run(tmp_path, 'bam_seed1', code=5.3, math=3.3), bam_code=0.46, bam_law=0.38)  # avg 0.42
+    result = compare.comparison(runs, [['bam', 'btx', 'seed']], {'bam': rerun})
+    assert result['downstream']['bam'] == pytest.approx({'bam_code': 0.50, 'bam_law': 0.40, 'average': 0.45})
+    check = result['downstream_orders'][0]
+    bam_btx, btx_seed = check['steps']
+    assert bam_btx['gap'] == pytest.approx(0.05) and btx_seed['gap'] == pytest.approx(0.11)  # 0.45-0.40, 0.40-0.29
+    assert bam_btx['noise'] == pytest.approx(0.03)  # bam's rerun moved 0.45 -> 0.42
+    assert check['held'] and check['gaps_above_noise']
+    assert 'average downstream score bam > btx > seed: held, every gap above its noise' in compare.verdicts(result)[-1]
+    header = compare.markdown(result).splitlines()[0]
+    assert header.endswith('| bam_code | bam_law | average (tasks) |')
+    # a run without task scores: no downstream columns at all
+    (runs['math'] / 'eval.json').write_text(json.dumps({'perplexity': {'code': 10.0, 'math': 2.0, 'average': 6.0}}))
+    assert compare.comparison(runs, [['bam', 'btx']])['downstream'] == {}

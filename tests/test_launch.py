@@ -57,7 +57,8 @@ def test_pipeline_dry_run_lists_every_stage_in_order():
     assert '--gin_file=out/bam_seed1_init/model.gin' in rerun and '--gin.TrainConfig.seed=1' in rerun
     assert "--gin.TrainConfig.match='tokens'" in rerun and '--workdir=out/bam_seed1' in rerun
     assert cmds['eval ' + stages[-2][5:]] == ['.venv/bin/bam-jax', 'eval', *[  # one process: shared batches
-        f'--workdir=out/{r}' for r in ['seed', 'code', 'math', *mixes]], '--gin.TrainConfig.seq_len=256']
+        f'--workdir=out/{r}' for r in ['seed', 'code', 'math', *mixes]], '--gin.TrainConfig.seq_len=256',
+        '--tasks=bam_domains']
     compare = cmds['compare']
     assert '--rerun' in compare and 'bam=out/bam_seed1' in compare
     orders = [compare[i + 1] for i, arg in enumerate(compare) if arg == '--order']

@@ -1,5 +1,7 @@
 """A comparison table of runs: held-out perplexity per domain, from each run's eval.json
-(`bam-jax eval`), or else the last validation in its metrics.json.
+(`bam-jax eval`), or else the last validation in its metrics.json; and, when every run's
+eval.json has downstream task scores (`bam-jax eval --tasks`), each task's primary score and
+their average, with the same order checks (a higher score is better).
 
   python -m bam_jax.evaluate.compare --run seed=runs/seed --run code=runs/code ... --out runs/report
       [--order bam,bam_shared_kv,btx_top1,seed ...] [--rerun btx_top1=runs/btx_top1_seed1 ...]
@@ -39,13 +41,26 @@ def final_perplexities(workdir: pathlib.Path) -> dict[str, float]:
     return {key[:-len('/perplexity')]: value for key, value in last.items() if key.endswith('/perplexity')}
 
 
-def order_check(table: dict, rerun_table: dict, order: list[str]) -> dict:
-    """Whether the average perplexity increases along `order`; each step's gap and its noise."""
+def downstream_scores(workdir: pathlib.Path) -> dict[str, float]:
+    """{task: its primary score} from the run's eval.json (`bam-jax eval --tasks`), groups left
+    out, plus 'average' over the tasks; {} when the run has none."""
+    evaluated = pathlib.Path(workdir) / files.EVAL
+    tasks = json.loads(evaluated.read_text()).get('tasks', {}) if evaluated.is_file() else {}
+    scores = {name: record[record['primary']] for name, record in tasks.items()
+              if not record.get('group') and record.get('primary') in record}
+    return {**scores, 'average': sum(scores.values()) / len(scores)} if scores else {}
+
+
+def order_check(table: dict, rerun_table: dict, order: list[str], higher_is_better: bool = False) -> dict:
+    """Whether the average gets worse along `order` (perplexity increases, or a score decreases);
+    each step's gap (positive: as expected) and its noise."""
+    sign = -1.0 if higher_is_better else 1.0
     steps = []
     for a, b in zip(order, order[1:]):
-        step = {'runs': [a, b], 'gap': table[b]['average'] - table[a]['average'], 'rerun_gap': None, 'noise': None}
+        step = {'runs': [a, b], 'gap': sign * (table[b]['average'] - table[a]['average']), 'rerun_gap': None,
+                'noise': None}
         if a in rerun_table and b in rerun_table:
-            step['rerun_gap'] = rerun_table[b]['average'] - rerun_table[a]['average']
+            step['rerun_gap'] = sign * (rerun_table[b]['average'] - rerun_table[a]['average'])
             step['noise'] = abs(step['gap'] - step['rerun_gap'])
         elif a in rerun_table or b in rerun_table:
             moved = [abs(table[n]['average'] - rerun_table[n]['average']) for n in (a, b) if n in rerun_table]
@@ -73,6 +88,11 @@ def comparison(runs: dict[str, pathlib.Path], orders: list[list[str]] = (),
     domains = [d for d in next(iter(table.values())) if d != 'average']
     best = {d: min(table, key=lambda run: table[run].get(d, float('inf'))) for d in domains}
     experts = [name for name in runs if name in domains]
+    downstream = {name: downstream_scores(path) for name, path in runs.items()}
+    if not all(downstream.values()) or len({tuple(sorted(v)) for v in downstream.values()}) != 1:
+        downstream = {}  # only when every run has scores on the same tasks
+    rerun_downstream = {name: downstream_scores(path) for name, path in reruns.items()} if downstream else {}
+    rerun_downstream = {name: values for name, values in rerun_downstream.items() if values}
     return {
         'perplexity': table,
         'best_run_per_domain': best,
@@ -80,18 +100,25 @@ def comparison(runs: dict[str, pathlib.Path], orders: list[list[str]] = (),
         'reruns': {name: {'perplexity': values, 'difference': {d: values[d] - table[name][d] for d in values}}
                    for name, values in rerun_table.items()},
         'orders': [order_check(table, rerun_table, order) for order in orders],
+        'downstream': downstream,
+        'downstream_orders': [order_check(downstream, rerun_downstream, order, higher_is_better=True)
+                              for order in orders] if downstream else [],
     }
 
 
 def markdown(result: dict) -> str:
-    table = result['perplexity']
+    """Perplexity per domain (the best in bold), then each downstream task's primary score."""
+    table, downstream = result['perplexity'], result['downstream']
     domains = sorted(next(iter(table.values())), key=lambda d: (d == 'average', d))
-    lines = ['| run | ' + ' | '.join(domains) + ' |', '|---' * (len(domains) + 1) + '|']
+    tasks = sorted(next(iter(downstream.values())), key=lambda t: (t == 'average', t)) if downstream else []
+    header = domains + [f'{t} (tasks)' if t == 'average' else t for t in tasks]
+    lines = ['| run | ' + ' | '.join(header) + ' |', '|---' * (len(header) + 1) + '|']
     for run, values in table.items():
         cells = []
         for d in domains:
             mark = '**' if result['best_run_per_domain'].get(d) == run else ''
             cells.append(f'{mark}{values[d]:.3f}{mark}')
+        cells += [f'{downstream[run][t]:.3f}' for t in tasks]
         lines.append(f'| {run} | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
 
@@ -103,13 +130,15 @@ def verdicts(result: dict) -> list[str]:
     for name, rerun in result['reruns'].items():
         lines.append(f'{name} rerun with other seeds: average perplexity {rerun["perplexity"]["average"]:.3f} '
                      f'({rerun["difference"]["average"]:+.3f})')
-    for check in result['orders']:
+    checks = [('average perplexity', ' < ', check) for check in result['orders']]
+    checks += [('average downstream score', ' > ', check) for check in result['downstream_orders']]
+    for what, relation, check in checks:
         gaps = ', '.join(f'{step["gap"]:+.3f}' + ('' if step['noise'] is None else f' (noise {step["noise"]:.3f})')
                          for step in check['steps'])
         verdict = 'held' if check['held'] else 'did NOT hold'
         if check['held'] and check['gaps_above_noise'] is not None:
             verdict += ', every gap above its noise' if check['gaps_above_noise'] else ', but not every gap above noise'
-        lines.append(f'average perplexity {" < ".join(check["order"])}: {verdict}; gaps {gaps}')
+        lines.append(f'{what} {relation.join(check["order"])}: {verdict}; gaps {gaps}')
     return lines
 
 

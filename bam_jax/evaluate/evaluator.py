@@ -1,4 +1,5 @@
-"""`bam-jax eval`: held-out perplexity per domain and, for expert models, the routing map.
+"""`bam-jax eval`: held-out perplexity per domain, downstream tasks if asked (--tasks, through
+lm-evaluation-harness), and, for expert models, the routing map.
 
 The run is rebuilt from its own operative config (WORKDIR/config.gin) plus any overrides, so
 the same checkpoint can be evaluated with another routing mode or top_k
@@ -27,10 +28,13 @@ from bam_jax.train.validation import ValidationBatches, validate
 from bam_jax.workdir import files, write_json_atomic
 
 
-def evaluate_run(workdir: str | pathlib.Path, batches: ValidationBatches | None = None, progress=print) -> dict:
+def evaluate_run(workdir: str | pathlib.Path, batches: ValidationBatches | None = None, progress=print,
+                 tasks: Sequence[str] = (), num_fewshot: int | None = None, limit: int | None = None) -> dict:
     """Evaluates the latest checkpoint of `workdir` under the gin config already parsed.
 
     batches: validation batches to share with other evaluations (default: read afresh).
+    tasks: downstream tasks run through lm-evaluation-harness (bam_jax.evaluate.downstream), with
+    num_fewshot and limit (items per task) if given; their scores go under 'tasks'.
     Returns {'step', 'checkpoint', 'perplexity': {domain: ppl, ..., 'average': mean of the
     domains' ppl}, 'loss': {domain: mean NLL}, 'tokens': {domain: count},
     'routing': {domain: {layer: [fraction per expert]}} ('routing' empty for a dense model),
@@ -46,6 +50,9 @@ def evaluate_run(workdir: str | pathlib.Path, batches: ValidationBatches | None 
     with jax.set_mesh(model.mesh):
         result = validate(step, model.params, batches or ValidationBatches(), data_config, train_config.batch_size,
                           train_config.seq_len, sharding, progress)
+    if tasks:
+        from bam_jax.evaluate.downstream import run_tasks
+        result['tasks'] = run_tasks(model, tasks, num_fewshot=num_fewshot, limit=limit, progress=progress)
     return {'step': int(model.step_dir.name), 'checkpoint': str(model.step_dir), **result,
             'settings_changed': model.settings_changed}
 
@@ -75,12 +82,17 @@ def format_routing(result: dict) -> str:
     return '\n'.join(lines)
 
 
-def eval_command(workdirs: Sequence[str | pathlib.Path], bindings: list[str], as_json: bool = False) -> list[dict]:
+def eval_command(workdirs: Sequence[str | pathlib.Path], bindings: list[str], as_json: bool = False,
+                 tasks: Sequence[str] = (), num_fewshot: int | None = None, limit: int | None = None) -> list[dict]:
     """`bam-jax eval`: evaluate each run, print (tables, or one JSON object per line on stdout),
-    save its eval.json and routing map. Every workdir is checked before any is evaluated."""
+    save its eval.json and routing map. Every workdir, and every task name, is checked before any
+    run is evaluated."""
     workdirs = [pathlib.Path(w).absolute() for w in workdirs]
     for workdir in workdirs:
         load_run_config(workdir, bindings)
+    if tasks:
+        from bam_jax.evaluate.downstream import check_tasks
+        check_tasks(tasks, num_fewshot, limit)
     log = (lambda line: print(line, file=sys.stderr)) if as_json else print  # noqa: E731
     batches = ValidationBatches()  # runs with the same data settings share them
     results = []
@@ -88,7 +100,7 @@ def eval_command(workdirs: Sequence[str | pathlib.Path], bindings: list[str], as
         if len(workdirs) > 1:
             log(f'== {workdir}')
         load_run_config(workdir, bindings)
-        result = evaluate_run(workdir, batches, progress=log)
+        result = evaluate_run(workdir, batches, progress=log, tasks=tasks, num_fewshot=num_fewshot, limit=limit)
         result['overrides'] = list(bindings)
         write_json_atomic(workdir / files.EVAL, result)
         png = save_routing_map(result['routing'], workdir / files.ROUTING_MAP,
@@ -99,6 +111,9 @@ def eval_command(workdirs: Sequence[str | pathlib.Path], bindings: list[str], as
             print(format_perplexity(result))
             if result['routing']:
                 print(format_routing(result))
+            if result.get('tasks'):
+                from bam_jax.evaluate.downstream import format_tasks
+                print(format_tasks(result['tasks']))
         log(f'wrote {workdir / files.EVAL}' + (f' and {png}' if png else ''))
         results.append(result)
     return results
