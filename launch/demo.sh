@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # `make demo`: the whole Branch-Train-Mix pipeline at tiny scale on the built-in corpora, on the
 # CPU: seed -> code/law/math experts -> BTX, BAM and BAM shared-KV (data- and compute-matched), Lory
-# -> held-out perplexity per domain, and whether the BAM paper's ordering held. BTX, BAM and
-# BAM shared-KV are trained a second time with other seeds, to weigh each gap against the noise.
+# -> held-out perplexity per domain and the offline downstream tasks (bam_domains), and whether
+# the BAM paper's ordering held on each. BTX, BAM and BAM shared-KV are trained a second time
+# with other seeds, to weigh each gap against the noise.
 #
 # Sizes can be overridden: SEED_STEPS, BRANCH_STEPS, MIX_STEPS, BATCH_SIZE, SEQ_LEN, OUT, MIXES,
-# RERUNS (see launch/pipeline.sh).
+# RERUNS, TASKS, TASK_LIMIT (see launch/pipeline.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
