@@ -77,6 +77,8 @@ def run_tasks(lm: LanguageModel, tasks: Sequence[str], *, num_fewshot: int | Non
     groups = set(out.get('groups', {}))
     for name, values in {**out['results'], **out.get('groups', {})}.items():
         metrics = _metrics(values)
+        if not metrics:  # a group that reports no aggregate of its own (bam_domains)
+            continue
         samples = out.get('n-samples', {}).get(name, {})
         primary = offline_tasks.PRIMARY.get(name) or next((m for m in metrics if not m.endswith('_stderr')), None)
         results[name] = {**metrics, 'n': samples.get('effective'), 'primary': primary,
