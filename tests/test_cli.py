@@ -31,6 +31,12 @@ def params(step_dir):
     return restore(step_dir / 'params')
 
 
+def train_here(*args):
+    """`bam-jax train ARGS` in this process (no start-up to pay); asserts that it succeeded."""
+    from bam_jax import cli
+    assert cli.main(['train', *args]) == 0
+
+
 @pytest.fixture(scope='module')
 def seed_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp('runs') / 'seed'
@@ -53,7 +59,7 @@ def test_seed_run_writes_checkpoints_config_and_metrics(seed_run):
 
 def test_branch_starts_from_seed_params_with_fresh_optimizer(seed_run, tmp_path):
     workdir = tmp_path / 'code'
-    bam_jax(*BRANCH, "--gin.DOMAIN='code'", f"--gin.INIT_CHECKPOINT='{seed_run}'", f'--workdir={workdir}')
+    train_here(*BRANCH, "--gin.DOMAIN='code'", f"--gin.INIT_CHECKPOINT='{seed_run}'", f'--workdir={workdir}')
     # The warmup's first learning rate is 0, so after one step the branch still holds the seed's
     # final weights exactly; a restored optimizer state would have moved them.
     seed_final = flatten(params(seed_run / 'checkpoints' / '2'))

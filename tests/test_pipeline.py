@@ -17,7 +17,7 @@ DOMAINS = ['code', 'math']
 def _pipeline(out):
     env = {**os.environ, 'OUT': str(out), 'DOMAINS': 'code', 'MIXES': ' '.join(MIXES),
            'SEED_STEPS': '2', 'BRANCH_STEPS': '2', 'MIX_STEPS': '8', 'BATCH_SIZE': '8', 'SEQ_LEN': '32',
-           'TASKS': 'bam_law', 'TASK_LIMIT': '4',
+           'TASKS': '',  # downstream tasks: tests/test_harness.py, test_compare.py, test_launch.py
            'EXTRA': "--gin.TrainConfig.warmup_steps=1 --gin.DataConfig.eval_batches=1 --gin.ModelConfig.num_layers=1 "
                     "--gin.DataConfig.eval_domains=['code','math'] --gin.DataConfig.math_documents=500"}
     env = {k: v for k, v in env.items() if not k.startswith('TPU_')}
@@ -52,12 +52,6 @@ def test_every_stage_leaves_its_outputs(pipeline):
     assert sorted(comparison['perplexity']) == sorted(runs)
     assert comparison['perplexity']['btx_top1'] == _json(out / 'btx_top1' / 'eval.json')['perplexity']
     assert (out / 'comparison.md').read_text().startswith('| run |')
-    # the downstream task, 4 items, for every run, and its column in the comparison
-    for name in runs:
-        scored = _json(out / name / 'eval.json')['tasks']['bam_law']
-        assert scored['n'] == 4 and 0 <= scored['acc'] <= 1
-        assert comparison['downstream'][name]['bam_law'] == scored['acc']
-    assert 'bam_law' in (out / 'comparison.md').read_text().splitlines()[0]
     assert sorted(p.name for p in (out / '.done').iterdir()) == sorted(
         ['seed', 'branch_code', 'upcycle_btx', 'upcycle_bam_shared_kv', *[f'mix_{m}' for m in MIXES],
          *[f'eval_{r}' for r in runs]])

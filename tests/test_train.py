@@ -65,8 +65,9 @@ def test_gradient_accumulation_equals_one_big_batch():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize('model, mesh', [(MODEL, MESH), (BAM_SAMPLED, MeshConfig(data=2, expert=2, tensor=2))],
-                         ids=['dense', 'bam_sampled'])
+# BAM with sampled routing on a mesh with every kind of axis: the hardest case of resuming (the
+# dense path is the same code with fewer states to restore).
+@pytest.mark.parametrize('model, mesh', [(BAM_SAMPLED, MeshConfig(fsdp=2, expert=2, tensor=2))], ids=['bam_sampled'])
 def test_stop_and_resume_equals_straight_run_bit_for_bit(tmp_path, model, mesh):
     straight = train(tmp_path / 'straight', RUN, model, DATA, mesh)
     stopped = train(tmp_path / 'resumed', dataclasses.replace(RUN, stop_at_step=3), model, DATA, mesh)
