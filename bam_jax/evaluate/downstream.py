@@ -46,17 +46,19 @@ def check_tasks(tasks: Sequence[str], num_fewshot: int | None, limit: int | None
 
 
 def _metrics(values: dict) -> dict:
-    """The harness's 'acc,none' / 'exact_match,strict-match' keys as 'acc' / 'exact_match'
-    (with '/<filter>' where one metric comes under several filters); stderr as '<name>_stderr'."""
+    """The harness's 'acc,none' / 'exact_match,answer' keys as 'acc' / 'exact_match' ('<metric>/
+    <filter>' where one metric comes under several filters), and 'acc_stderr,none' as 'acc_stderr'."""
+    keys = [key for key, value in values.items() if ',' in key and isinstance(value, (int, float))]
+    filters: dict[str, set] = {}
+    for key in keys:
+        metric, filter_name = key.split(',', 1)
+        filters.setdefault(metric.removesuffix('_stderr'), set()).add(filter_name)
     out = {}
-    named = [(key.split(',')[0], key.split(',')[1]) for key in values if ',' in key]
-    for key, value in values.items():
-        if ',' not in key or not isinstance(value, (int, float)):
-            continue
+    for key in keys:
         metric, filter_name = key.split(',', 1)
         base = metric.removesuffix('_stderr')
-        several = sum(1 for m, _ in named if m == metric) > 1
-        out[f'{base}/{filter_name}' + ('_stderr' if metric != base else '') if several else metric] = float(value)
+        name = base if len(filters[base]) == 1 else f'{base}/{filter_name}'
+        out[name + metric[len(base):]] = float(values[key])
     return out
 
 
