@@ -9,9 +9,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): setup.cfg
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# --no-compile: Python compiles a module when it is first imported; compiling every file of
-	# jax, tensorflow, torch and transformers up front costs install time for nothing.
-	$(BIN)/pip install --quiet --no-compile -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
