@@ -73,21 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     upcycle.add_argument('--expert_split', type=int, default=1,
                          help='cut each FFN into this many experts of d_ff/split units (BTX ablation)')
     upcycle.add_argument('--router_seed', type=int, default=0, help='random seed of the new routers')
-    evaluate = commands.add_parser(
-        'eval', help='held-out perplexity per domain, and the routing map of an MoE run',
-        description="Evaluates a run's latest checkpoint under its own config.gin plus any --gin overrides "
-                    "(e.g. --gin.MoEConfig.routing=\"'soft'\"). Prints a table (or JSON with --json) and writes "
-                    'DIR/eval.json and, for expert models, DIR/routing_map.png.')
-    evaluate.add_argument('--workdir', required=True, action='append',
-                          help='the run directory; repeat it to evaluate several runs in one process')
-    evaluate.add_argument('--json', action='store_true',
-                          help='print the results as JSON on stdout, one object per line and run')
-    evaluate.add_argument('--tasks', default='',
-                          help='downstream tasks through lm-evaluation-harness, comma-separated: bam_jax\'s '
-                               'offline bam_math, bam_code, bam_law, bam_general (group bam_domains) or any of '
-                               'the harness\'s; scores go into eval.json under "tasks"')
-    evaluate.add_argument('--num_fewshot', type=int, default=None, help='few-shot examples (default: each task\'s)')
-    evaluate.add_argument('--limit', type=int, default=None, help='at most this many items per task')
+    _eval_parser(commands)
     generate = commands.add_parser(
         'generate', help="complete prompts with a run's latest checkpoint (KV-cache decoding)",
         description="Completes each prompt with the run's latest checkpoint and its own vocabulary, under its "
@@ -109,6 +95,24 @@ def _parser() -> argparse.ArgumentParser:
                                'completion_ids, stop_reason')
     _hf_parsers(commands)
     return parser
+
+
+def _eval_parser(commands) -> None:
+    evaluate = commands.add_parser(
+        'eval', help='held-out perplexity per domain, and the routing map of an MoE run',
+        description="Evaluates a run's latest checkpoint under its own config.gin plus any --gin overrides "
+                    "(e.g. --gin.MoEConfig.routing=\"'soft'\"). Prints a table (or JSON with --json) and writes "
+                    'DIR/eval.json and, for expert models, DIR/routing_map.png.')
+    evaluate.add_argument('--workdir', required=True, action='append',
+                          help='the run directory; repeat it to evaluate several runs in one process')
+    evaluate.add_argument('--json', action='store_true',
+                          help='print the results as JSON on stdout, one object per line and run')
+    evaluate.add_argument('--tasks', default='',
+                          help='downstream tasks through lm-evaluation-harness, comma-separated: bam_jax\'s '
+                               'offline bam_math, bam_code, bam_law, bam_general (group bam_domains) or any of '
+                               'the harness\'s; scores go into eval.json under "tasks"')
+    evaluate.add_argument('--num_fewshot', type=int, default=None, help='few-shot examples (default: each task\'s)')
+    evaluate.add_argument('--limit', type=int, default=None, help='at most this many items per task')
 
 
 def _hf_parsers(commands) -> None:
