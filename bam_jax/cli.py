@@ -55,8 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument('--gin_file', action='append', required=True,
                        help='gin file; repeatable, later files override earlier ones')
     train.add_argument('--workdir', required=True, help='run directory: checkpoints, metrics, config')
-    train.add_argument('--distributed', action='store_true',
-                       help='call jax.distributed.initialize() (automatic on a multi-host TPU pod)')
+    _distributed_flag(train)
     upcycle = commands.add_parser(
         'upcycle', help='mix dense checkpoints into one MoE checkpoint (BTX, BAM, sparse upcycling, Lory)',
         description='Builds the initial MoE of the mix stage from dense runs. Each DIR is a run workdir or a '
@@ -90,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument('--seed', type=int, default=0, help='sampling seed')
     generate.add_argument('--stop', action='append', default=[], help='stop at this text; repeatable')
     generate.add_argument('--batch_size', type=int, default=16, help='prompts decoded together (default 16)')
+    _distributed_flag(generate)
     generate.add_argument('--json', action='store_true',
                           help='one JSON object per prompt on stdout: prompt, completion, prompt_ids, '
                                'completion_ids, stop_reason')
@@ -113,6 +113,13 @@ def _eval_parser(commands) -> None:
                                'the harness\'s; scores go into eval.json under "tasks"')
     evaluate.add_argument('--num_fewshot', type=int, default=None, help='few-shot examples (default: each task\'s)')
     evaluate.add_argument('--limit', type=int, default=None, help='at most this many items per task')
+    _distributed_flag(evaluate)
+
+
+def _distributed_flag(command) -> None:
+    command.add_argument('--distributed', action='store_true',
+                         help='join a multi-process job: jax.distributed.initialize() (automatic on a TPU '
+                              'pod; launch/run.sh passes it)')
 
 
 def _hf_parsers(commands) -> None:
@@ -216,8 +223,6 @@ def _upcycle(args, bindings) -> int:
 
 
 def _train(args, bindings) -> int:
-    from bam_jax.parallel import maybe_initialize_distributed
-    maybe_initialize_distributed(force=args.distributed)
     from bam_jax.gin_config import parse_gin
     from bam_jax.train import train
     parse_gin(args.gin_file, bindings)
@@ -233,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rest, bindings = _split_gin_overrides(argv)
         args = _parser().parse_args(rest)
+        if hasattr(args, 'distributed'):  # the commands that run on the devices
+            from bam_jax.parallel import maybe_initialize_distributed
+            maybe_initialize_distributed(force=args.distributed)
         commands = {'train': _train, 'upcycle': _upcycle, 'eval': _eval, 'generate': _generate,
                     'import-hf': _import_hf, 'export-hf': _export_hf}
         return commands[args.command](args, bindings)

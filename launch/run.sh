@@ -3,6 +3,8 @@
 #
 #   launch/run.sh [--dry-run] train --gin_file=gin/models/tiny.gin --gin_file=gin/seed.gin --workdir=runs/seed
 #   launch/run.sh [--dry-run] pipeline [STAGE ...]     the whole experiment (launch/pipeline.sh)
+#   launch/run.sh --local_processes=2 [--local_devices=4] train ...   a multi-process job on this
+#       machine (bam_jax.parallel.local_job): the pod's code path, processes joined over loopback
 #
 # On a pod, set TPU_NAME (and TPU_ZONE, TPU_PROJECT; REMOTE_DIR, the checkout on the workers,
 # default ~/bam_jax). The command then runs on all workers through
@@ -10,8 +12,15 @@
 # run (jax.distributed.initialize). Workdirs must then be on a filesystem all workers share.
 set -euo pipefail
 
-dry_run=0
-if [[ "${1:-}" == "--dry-run" ]]; then dry_run=1; shift; fi
+dry_run=0 local_processes=0 local_devices=
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --dry-run) dry_run=1; shift ;;
+    --local_processes=*) local_processes="${1#*=}"; shift ;;
+    --local_devices=*) local_devices="${1#*=}"; shift ;;
+    *) break ;;
+  esac
+done
 if [[ $# -lt 1 ]]; then
   echo "usage: launch/run.sh [--dry-run] COMMAND [ARGS...]   (COMMAND: train, ...)" >&2
   exit 2
@@ -24,7 +33,11 @@ if [[ "$1" == pipeline ]]; then
 fi
 quoted="$(printf '%q ' "$@")"
 
-if [[ -n "${TPU_NAME:-}" ]]; then
+if [[ "$local_processes" != 0 ]]; then
+  cmd=("$here/.venv/bin/python" -m bam_jax.parallel.local_job --processes="$local_processes")
+  [[ -n "$local_devices" ]] && cmd+=(--devices_per_process="$local_devices")
+  cmd+=(-- "$@")
+elif [[ -n "${TPU_NAME:-}" ]]; then
   : "${TPU_ZONE:?set TPU_ZONE for TPU_NAME=$TPU_NAME}"
   remote_dir="${REMOTE_DIR:-~/bam_jax}"
   cmd=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$TPU_ZONE" --worker=all)

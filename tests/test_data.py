@@ -189,25 +189,51 @@ def test_packing_is_consistent(source, tmp_path):
         assert min(segment_counts) > 1  # short texts were actually packed
 
 
+def _assert_same(got, expected):
+    for key in KEYS:
+        np.testing.assert_array_equal(got[key], expected[key])
+
+
 def test_resume_matches_a_fresh_iterator():
     config = data.DataConfig(source='seed')
     fresh = data.train_batches(config, batch_size=4, seq_len=64, seed=11)
-    first = [next(fresh) for _ in range(7)]
-    resumed = data.train_batches(config, batch_size=4, seq_len=64, seed=11,
-                                 start_batch=4)
+    first = [next(fresh) for _ in range(4)]
+    saved = fresh.save()  # the position after 4 batches, as files
+    first += [next(fresh) for _ in range(3)]
+    replayed = data.train_batches(config, batch_size=4, seq_len=64, seed=11,
+                                  start_batch=4)
+    restored = data.train_batches(config, batch_size=4, seq_len=64, seed=11)
+    assert restored.restore(saved)
     for expected in first[4:]:
-        got = next(resumed)
-        for key in KEYS:
-            np.testing.assert_array_equal(got[key], expected[key])
+        _assert_same(next(replayed), expected)
+        _assert_same(next(restored), expected)
     other = next(data.train_batches(config, batch_size=4, seq_len=64, seed=12))
     assert not np.array_equal(other['targets'], first[0]['targets'])
+    # a state saved under another shard count is not taken
+    two = data.train_batches(data.DataConfig(source='seed', data_shards=2), 4,
+                             64, seed=11)
+    assert not two.restore(saved)
 
 
-def test_shards_read_different_documents():
-    config = data.DataConfig(source='code')
-    shards = [next(data.train_batches(config, 4, 64, seed=0, shard_index=i,
-                                      num_shards=2)) for i in range(2)]
-    assert not np.array_equal(shards[0]['targets'], shards[1]['targets'])
+def test_processes_read_disjoint_shards_that_make_up_one_batch():
+    """Two processes' rows of each step are the one-process batch of the same
+    shard count, and no document is read by both."""
+    config = data.DataConfig(source='code', data_shards=2)
+    single = data.train_batches(config, 4, 64, seed=0)
+    procs = [data.train_batches(config, 4, 64, seed=0, process_index=i,
+                                process_count=2) for i in range(2)]
+    seen = [set(), set()]
+    for _ in range(4):
+        parts = [next(p) for p in procs]
+        _assert_same({k: np.concatenate([p[k] for p in parts])
+                      for k in KEYS}, next(single))
+        for i, part in enumerate(parts):  # 48-token pieces of each segment
+            seen[i] |= {tuple(seg[j:j + 48]) for seg in _segments(part)
+                        for j in range(0, len(seg) - 47, 48)}
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    with pytest.raises(BamJaxError, match='cannot be split over 2 processes'):
+        data.train_batches(data.DataConfig(source='code', data_shards=3), 6,
+                           64, 0, process_index=0, process_count=2)
 
 
 def _chunk_index(seq_len):

@@ -31,6 +31,7 @@ from bam_jax.data.tasks import (
     register_all,
     task_name,
 )
+from bam_jax.data.train_stream import TrainStream, shard_count, stream_state_prefixes
 from bam_jax.data.user_domains import DomainSpec, text_domain
 from bam_jax.data.vocab import start_id
 
@@ -38,6 +39,7 @@ __all__ = [
     'BUILTIN_DOMAINS',
     'MIX_MIXTURE',
     'SEED_MIXTURE',
+    'TrainStream',
     'Corpus',
     'DataConfig',
     'Document',
@@ -51,7 +53,9 @@ __all__ = [
     'normalise',
     'register_all',
     'resolve_source',
+    'shard_count',
     'start_id',
+    'stream_state_prefixes',
     'task_name',
     'text_domain',
     'train_batches',

@@ -20,6 +20,7 @@ import seqio
 import tensorflow as tf
 
 from bam_jax.data import corpora, tasks
+from bam_jax.data.train_stream import TrainStream, process_shards, shard_count, shard_info
 from bam_jax.data.user_domains import DomainSpec
 from bam_jax.data.vocab import make_vocabulary, start_id
 from bam_jax.errors import BamJaxError
@@ -52,6 +53,11 @@ class DataConfig:
       similar documents (as in Lory; similarity.py) joined into texts of about
       `similarity_group_bytes` bytes, so a training row holds related
       documents. Validation is unchanged.
+    data_shards: the training documents are split into this many disjoint
+      shards, each giving an equal part of every batch, and divided among
+      the processes (train_stream.py). 0: one per process. Fix it to make a
+      run's batches independent of the number of processes (a run resumed
+      on another slice size, or checked against one process).
     """
     source: str = 'seed'
     eval_domains: tuple = ('general', 'code', 'law', 'math')
@@ -66,6 +72,7 @@ class DataConfig:
     max_domain_bytes: int = corpora.MAX_DOMAIN_BYTES
     similarity_batching: bool = False
     similarity_group_bytes: int = 16384
+    data_shards: int = 0
 
     def __post_init__(self):
         # gin hands over lists; keep the config hashable.
@@ -84,6 +91,9 @@ class DataConfig:
         if self.shuffle_buffer < 1:
             raise BamJaxError(f'shuffle_buffer must be >= 1, got '
                               f'{self.shuffle_buffer}')
+        if self.data_shards < 0:
+            raise BamJaxError(f'data_shards must be >= 0, got '
+                              f'{self.data_shards}')
         if self.similarity_group_bytes < 1:
             raise BamJaxError(f'similarity_group_bytes must be >= 1, got '
                               f'{self.similarity_group_bytes}')
@@ -170,43 +180,38 @@ def _packed(name, split, seq_len, shuffle, seed, num_epochs, shard_info):
 
 
 def train_batches(config, batch_size, seq_len, seed, start_batch=0,
-                  shard_index=0, num_shards=1):
-    """Endless shuffled packed batches of the training split.
+                  process_index=0, process_count=1):
+    """Endless shuffled packed batches of the training split: a TrainStream
+    of this process's rows of each global batch of `batch_size` rows.
 
-    Deterministic given the arguments: batch i after resuming with
-    `start_batch=k` equals batch k+i of a fresh iterator. `batch_size` is this
-    process's batch; process `shard_index` of `num_shards` reads its own
-    disjoint part of the documents.
+    Deterministic given the arguments and config.data_shards: batch i after
+    resuming with `start_batch=k` (a replay) or with the state saved at batch
+    k (TrainStream.restore) equals batch k+i of a fresh stream.
     """
     if batch_size < 1 or start_batch < 0:
         raise BamJaxError(f'need batch_size >= 1 and start_batch >= 0, got '
                           f'{batch_size} and {start_batch}')
-    if not 0 <= shard_index < num_shards:
-        raise BamJaxError(f'shard_index {shard_index} is not in '
-                          f'[0, {num_shards})')
+    if not 0 <= process_index < process_count:
+        raise BamJaxError(f'process_index {process_index} is not in '
+                          f'[0, {process_count})')
+    num_shards = shard_count(config, process_count)
+    if batch_size % num_shards:
+        raise BamJaxError(f'batch size {batch_size} is not divisible by the '
+                          f'{num_shards} data shards')
     name = resolve_source(config)
-    shard_info = seqio.ShardInfo(shard_index, num_shards) \
-        if num_shards > 1 else None
-    ds = _packed(name, 'train', seq_len, shuffle=True, seed=int(seed),
-                 num_epochs=None, shard_info=shard_info)
-    ds = (ds.batch(batch_size, drop_remainder=True)
-          .map(_features_fn(config))
-          .skip(start_batch)
-          .prefetch(2)
-          .with_options(_options()))
-
-    def iterate():
-        count = 0
-        for batch in ds.as_numpy_iterator():
-            count += 1
-            yield batch
-        # Only an empty training split (or shard) ends an endless dataset.
-        raise BamJaxError(f'data source {config.source!r} has no training '
-                          f'documents for shard {shard_index} of {num_shards}'
-                          if count == 0 else
-                          f'data source {config.source!r} ended unexpectedly')
-
-    return iterate()
+    datasets = {}
+    for shard in process_shards(num_shards, process_index, process_count):
+        ds = _packed(name, 'train', seq_len, shuffle=True, seed=int(seed),
+                     num_epochs=None,
+                     shard_info=shard_info(shard, num_shards))
+        datasets[shard] = (ds.batch(batch_size // num_shards,
+                                    drop_remainder=True)
+                           .map(_features_fn(config))
+                           .prefetch(2)
+                           .with_options(_options()))
+    stream = TrainStream(datasets, num_shards, config.source)
+    stream.skip(start_batch)
+    return stream
 
 
 def eval_batches(config, domain, batch_size, seq_len):

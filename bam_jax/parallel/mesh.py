@@ -59,15 +59,27 @@ def create_mesh(config: MeshConfig | None = None, devices=None) -> Mesh:
 
 
 def maybe_initialize_distributed(force: bool = False) -> None:
-    """Joins a multi-host run (TPU pod / multi-node GPU) before any other JAX call.
+    """Joins a multi-host run (TPU pod, multi-node GPU, or bam_jax.parallel.local_job) before any
+    other JAX call.
 
     On a TPU pod `jax.distributed.initialize()` finds the coordinator by itself; elsewhere it
-    reads JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID.
+    reads JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID. A process that stops
+    answering is noticed within BAM_JAX_HEARTBEAT_TIMEOUT seconds (default: JAX's 100), and the
+    others then stop with an error instead of waiting for it.
     """
     multi_host_env = ('JAX_COORDINATOR_ADDRESS' in os.environ
                       or len(os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',')) > 1)
-    if force or multi_host_env:
-        jax.distributed.initialize()
+    if not (force or multi_host_env):
+        return
+    kwargs = {}
+    for key, env in (('num_processes', 'JAX_NUM_PROCESSES'), ('process_id', 'JAX_PROCESS_ID'),
+                     ('heartbeat_timeout_seconds', 'BAM_JAX_HEARTBEAT_TIMEOUT')):
+        if os.environ.get(env):
+            kwargs[key] = int(os.environ[env])
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (RuntimeError, ValueError) as e:
+        raise BamJaxError(f'cannot join the multi-process job: {str(e).strip().splitlines()[0]}') from None
 
 
 def emulate_cpu_devices(count: int) -> None:

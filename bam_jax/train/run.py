@@ -41,7 +41,6 @@ class Run:
     abstract_opt_state: Any
     opt_shardings: Any
     batch_sharding: Any
-    local_batch_size: int
 
     @classmethod
     def create(cls, workdir, config: TrainConfig | None = None, model: ModelConfig | None = None,
@@ -67,7 +66,7 @@ class Run:
                    mesh_config=mesh_config, mesh=mesh, graphdef=graphdef, abstract_params=abstract_params,
                    param_shardings=shardings, optimizer=optimizer, abstract_opt_state=abstract_opt,
                    opt_shardings=opt_shardings(optimizer, abstract_opt, shardings, mesh),
-                   batch_sharding=batch_sharding(mesh), local_batch_size=config.batch_size // jax.process_count())
+                   batch_sharding=batch_sharding(mesh))
 
 
 def opt_shardings(optimizer, abstract_opt_state, shardings, mesh):
@@ -82,18 +81,24 @@ def _check_data(config: TrainConfig, model: ModelConfig, data_config: data.DataC
     vocab_size = data.vocabulary(data_config).vocab_size
     if vocab_size > model.vocab_size:
         raise BamJaxError(f'the vocabulary has {vocab_size} ids but ModelConfig.vocab_size is {model.vocab_size}')
-    num_data_shards = mesh.shape['data'] * mesh.shape['fsdp'] * mesh.shape['expert']
-    if config.batch_size % max(num_data_shards, jax.process_count()):
-        raise BamJaxError(f'batch size {config.batch_size} is not divisible by the {num_data_shards} '
+    data_parallel = mesh.shape['data'] * mesh.shape['fsdp'] * mesh.shape['expert']
+    if config.batch_size % data_parallel:
+        raise BamJaxError(f'batch size {config.batch_size} is not divisible by the {data_parallel} '
                           f'data-parallel devices')
+    shards = data.shard_count(data_config, jax.process_count())
+    if config.batch_size % shards:
+        raise BamJaxError(f'batch size {config.batch_size} is not divisible by the {shards} data shards')
 
 
 @dataclasses.dataclass
 class StartState:
-    """The state the step loop begins from (bam_jax.train.start). settings_changed: on resume, the
-    model settings that differ from the checkpoint's ({setting: [checkpoint's, this run's]})."""
+    """The state the step loop begins from (bam_jax.train.start). data_files: the training
+    stream's saved state for this process (TrainStream.restore; {}: replay data_position batches).
+    settings_changed: on resume, the model settings that differ from the checkpoint's
+    ({setting: [checkpoint's, this run's]})."""
     step: int
     params: Any
     opt_state: Any
     data_position: int
+    data_files: dict = dataclasses.field(default_factory=dict)
     settings_changed: dict = dataclasses.field(default_factory=dict)

@@ -104,9 +104,7 @@ def _step_loop(run: Run, state: StartState, log: MetricsLog, checkpoints: RunChe
     config = run.config
     train_step, eval_step = _compile(run)
     end = min(config.train_steps, config.stop_at_step or config.train_steps)
-    batches = data.train_batches(run.data, run.local_batch_size, config.seq_len, config.seed,
-                                 start_batch=state.data_position, shard_index=jax.process_index(),
-                                 num_shards=jax.process_count())
+    batches = _data_stream(run, state)
     validation, schedule = ValidationBatches(), learning_rate_schedule(config)
     # Derived from the step, so a resumed run draws the same routing samples as a straight one.
     routing_key = jax.random.key(config.seed + 1)
@@ -133,7 +131,7 @@ def _step_loop(run: Run, state: StartState, log: MetricsLog, checkpoints: RunChe
             if step % config.checkpoint_every == 0 or step == end or stop.received:
                 checkpoints.save(step, state.params, state.opt_state,
                                  {'step': step, 'data_position': state.data_position, 'seed': config.seed},
-                                 run.model)
+                                 run.model, batches.save())
             if stop.received:
                 result['stopped'] = 'sigterm'
                 bar.write(f'SIGTERM: saved step {step}, stopping')
@@ -142,6 +140,18 @@ def _step_loop(run: Run, state: StartState, log: MetricsLog, checkpoints: RunChe
         result['stopped'] = 'stop_at_step'
     result['step'] = state.step
     return result
+
+
+def _data_stream(run: Run, state: StartState) -> data.TrainStream:
+    """This process's training batches from the start state's position: restored from the saved
+    stream state where the checkpoint has it, replayed batch by batch where it does not."""
+    stream = data.train_batches(run.data, run.config.batch_size, run.config.seq_len, run.config.seed,
+                                process_index=jax.process_index(), process_count=jax.process_count())
+    if state.data_position and not stream.restore(state.data_files):
+        print(f'replaying {state.data_position} batches to the data position (the checkpoint has no data '
+              f'state for {stream.num_shards} shard(s))')
+        stream.skip(state.data_position)
+    return stream
 
 
 def _progress_bar(run: Run, step: int, end: int) -> tqdm:

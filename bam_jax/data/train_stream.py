@@ -1,0 +1,101 @@
+"""The training batches of one process, and their position as a small saved state.
+
+A global batch of `batch_size` rows is the concatenation of `num_shards` shard batches: shard k
+reads the k-th disjoint part of the training documents (seqio.ShardInfo) and yields batch_size /
+num_shards rows per step. Process p of P owns shards [p·S/P, (p+1)·S/P), so no document is read
+by two processes, and the global batch depends on the number of shards, not of processes: a run
+with DataConfig.data_shards fixed gives the same batches on one process as on eight.
+
+Resuming restores each shard's tf.data iterator (shuffle buffers, packing, prefetch) from the
+state saved with the checkpoint, in time that does not grow with the position. Without a saved
+state (a checkpoint from before, or from another shard count) the stream replays its batches.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import tempfile
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from bam_jax.errors import BamJaxError
+
+
+def shard_count(config, process_count: int) -> int:
+    """DataConfig.data_shards, or one shard per process when it is 0."""
+    shards = config.data_shards or process_count
+    if shards % process_count:
+        raise BamJaxError(f'DataConfig.data_shards={shards} cannot be split over {process_count} processes: '
+                          'use a multiple of the process count')
+    return shards
+
+
+def state_name(shard: int, num_shards: int) -> str:
+    return f'shard_{shard}_of_{num_shards}'
+
+
+def process_shards(num_shards: int, process_index: int, process_count: int) -> range:
+    per_process = num_shards // process_count
+    return range(process_index * per_process, (process_index + 1) * per_process)
+
+
+def stream_state_prefixes(config, process_index: int, process_count: int) -> tuple[str, ...]:
+    """The names under which the shards of process `process_index` save their state."""
+    num_shards = shard_count(config, process_count)
+    return tuple(state_name(k, num_shards) + '.' for k in process_shards(num_shards, process_index, process_count))
+
+
+class TrainStream:
+    """This process's rows of every global training batch: `next(stream)` is a dict of numpy
+    arrays [batch_size / process_count, seq_len] (see bam_jax.data.pipeline)."""
+
+    def __init__(self, datasets: dict[int, tf.data.Dataset], num_shards: int, source: str):
+        self.num_shards, self.source = num_shards, source
+        self._iterators = {k: iter(ds) for k, ds in datasets.items()}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = []
+        for shard, iterator in self._iterators.items():
+            try:
+                parts.append(next(iterator))
+            except StopIteration:  # only an empty training split (or shard) ends an endless dataset
+                raise BamJaxError(f'data source {self.source!r} has no training documents for shard '
+                                  f'{shard} of {self.num_shards}') from None
+        return {key: np.concatenate([part[key].numpy() for part in parts]) for key in parts[0]}
+
+    def skip(self, batches: int) -> None:
+        """Replays `batches` batches: time grows with the count (restore() does not)."""
+        for _ in range(batches):
+            next(self)
+
+    def save(self) -> dict[str, bytes]:
+        """The iterator state of each shard this process reads, as {file name: bytes}: the files
+        of one TensorFlow checkpoint per shard, named after the shard."""
+        with tempfile.TemporaryDirectory() as tmp:
+            for shard, iterator in self._iterators.items():
+                tf.train.Checkpoint(iterator=iterator).write(os.path.join(tmp, state_name(shard, self.num_shards)))
+            return {path.name: path.read_bytes() for path in pathlib.Path(tmp).iterdir()}
+
+    def restore(self, files: dict[str, bytes]) -> bool:
+        """Restores every shard of this process from saved files; False (nothing changed) when a
+        shard's state is missing, e.g. a checkpoint written with another shard count."""
+        prefixes = {shard: state_name(shard, self.num_shards) for shard in self._iterators}
+        if not all(f'{prefix}.index' in files for prefix in prefixes.values()):
+            return False
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, content in files.items():
+                if name.startswith(tuple(f'{prefix}.' for prefix in prefixes.values())):
+                    pathlib.Path(tmp, name).write_bytes(content)
+            for shard, iterator in self._iterators.items():
+                tf.train.Checkpoint(iterator=iterator).read(os.path.join(tmp, prefixes[shard])).assert_consumed()
+        return True
+
+
+def shard_info(shard: int, num_shards: int) -> seqio.ShardInfo | None:
+    return seqio.ShardInfo(shard, num_shards) if num_shards > 1 else None
