@@ -102,6 +102,9 @@ def eval_command(workdirs: Sequence[str | pathlib.Path], bindings: list[str], as
         load_run_config(workdir, bindings)
         result = evaluate_run(workdir, batches, progress=log, tasks=tasks, num_fewshot=num_fewshot, limit=limit)
         result['overrides'] = list(bindings)
+        results.append(result)
+        if jax.process_index() != 0:  # a multi-process job: every process computed the same result
+            continue
         write_json_atomic(workdir / files.EVAL, result)
         png = save_routing_map(result['routing'], workdir / files.ROUTING_MAP,
                                title=f'{workdir.name}, step {result["step"]}')
@@ -115,5 +118,4 @@ def eval_command(workdirs: Sequence[str | pathlib.Path], bindings: list[str], as
                 from bam_jax.evaluate.downstream import format_tasks
                 print(format_tasks(result['tasks']))
         log(f'wrote {workdir / files.EVAL}' + (f' and {png}' if png else ''))
-        results.append(result)
     return results

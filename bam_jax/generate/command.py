@@ -7,6 +7,8 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
+import jax
+
 from bam_jax.errors import BamJaxError
 from bam_jax.generate.lm import Completion, LanguageModel
 from bam_jax.generate.sampling import GREEDY, Sampling
@@ -51,6 +53,8 @@ def generate_command(workdir: str | pathlib.Path, bindings: list[str], prompts: 
     completions = model.generate([model.encode(p) for p in prompts], max_new_tokens, sampling=sampling,
                                  seed=seed, stop=stop, progress=log)
     for i, (prompt, done) in enumerate(zip(prompts, completions)):
+        if jax.process_index() != 0:  # a multi-process job: process 0 prints for all
+            break
         if as_json:
             print(json.dumps({'prompt': prompt, 'completion': done.text, 'prompt_ids': done.prompt_ids,
                               'completion_ids': done.completion_ids, 'stop_reason': done.stop_reason}), flush=True)

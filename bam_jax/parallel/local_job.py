@@ -61,7 +61,7 @@ class LocalJob:
     """N processes of one bam-jax command; `wait()` returns the job's exit status."""
 
     def __init__(self, argv: list[str], num_processes: int, devices: int, grace: float):
-        self.grace = grace
+        self.grace, self.stopping = grace, False
         port = free_port()
         command = [sys.executable, '-m', 'bam_jax.cli', *argv, '--distributed']
         self.processes, self.relays = [], []
@@ -74,6 +74,11 @@ class LocalJob:
             relay.start()
             self.processes.append(proc)
             self.relays.append(relay)
+
+    def stop(self, signum=None, frame=None) -> None:
+        """Forwards SIGTERM to every process: a training run saves once and exits 143."""
+        self.stopping = True
+        self.signal_all(signal.SIGTERM)
 
     def signal_all(self, signum: int) -> None:
         for proc in self.processes:
@@ -89,6 +94,8 @@ class LocalJob:
                 code = proc.poll()
                 if code not in (None, 0) and failed_at is None:
                     failed_at, status = time.monotonic(), _exit_status(code)
+                    if self.stopping:
+                        continue
                     print(f'local job: process {i} {_describe(code)}; waiting up to {self.grace:.0f} s for the '
                           'others to stop', file=sys.stderr)
             if failed_at is not None and time.monotonic() - failed_at > self.grace:
@@ -132,9 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         return subprocess.call([sys.executable, '-m', 'bam_jax.cli', *command])
     grace = args.grace if args.grace is not None else float(process_env(0, 1, 1, 0)['BAM_JAX_HEARTBEAT_TIMEOUT']) + 30
     job = LocalJob(command, args.processes, devices, grace)
-    forward = lambda signum, frame: job.signal_all(signal.SIGTERM)  # noqa: E731
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, job.stop)
+    signal.signal(signal.SIGINT, job.stop)
     return job.wait()
 
 

@@ -10,6 +10,7 @@ import time
 import gin
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from bam_jax import data
@@ -39,18 +40,33 @@ def train(workdir, config=None, model_config=None, data_config=None, mesh_config
 
 
 class _StopSignal:
-    """Turns SIGTERM into a flag the loop checks after each step: save, then exit cleanly."""
+    """SIGTERM becomes a stop after a step: save once, then exit cleanly.
+
+    One process: a handler sets a flag that the loop reads after each step. Several processes
+    get the signal at different steps, and one that stopped at once would leave the others
+    waiting in the next step's collectives. There, JAX's preemption sync (started by
+    jax.distributed.initialize, which watches SIGTERM itself) picks the step after the furthest
+    process, and every process stops at that one.
+    """
 
     def __init__(self):
         self.received = False
         self._previous = None
 
     def __enter__(self):
+        if jax.process_count() > 1:
+            return self
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not in the main thread: no handler, no graceful stop
             self._previous = None
         return self
+
+    def stop_after(self, step: int) -> bool:
+        """Whether to stop after `step`; every process must ask after every step."""
+        if jax.process_count() > 1:
+            self.received = multihost_utils.reached_preemption_sync_point(step)
+        return self.received
 
     def _handle(self, signum, frame):
         self.received = True
@@ -128,11 +144,12 @@ def _step_loop(run: Run, state: StartState, log: MetricsLog, checkpoints: RunChe
                                                      config.batch_size, config.seq_len, run.batch_sharding))
                 log.eval(step, result['eval'])
                 bar.write(f'step {step} validation\n{format_eval_table(result["eval"])}')
-            if step % config.checkpoint_every == 0 or step == end or stop.received:
+            stopping = stop.stop_after(step)
+            if step % config.checkpoint_every == 0 or step == end or stopping:
                 checkpoints.save(step, state.params, state.opt_state,
                                  {'step': step, 'data_position': state.data_position, 'seed': config.seed},
                                  run.model, batches.save())
-            if stop.received:
+            if stopping:
                 result['stopped'] = 'sigterm'
                 bar.write(f'SIGTERM: saved step {step}, stopping')
                 break
