@@ -19,10 +19,11 @@ import time
 import gin
 import numpy as np
 import pytest
-from helpers import REPO, cli_env
 
 from bam_jax.workdir import latest_step_dir, read_param_shapes
 from bam_jax.workdir.stream import CheckpointReader
+
+from helpers import REPO, cli_env
 
 TOLERANCE = 1e-5
 HEARTBEAT = 10  # seconds: how soon the job notices a lost process
