@@ -14,8 +14,8 @@
 # second time with other seeds (router init, data order) as NAME_seed1: the differences give the
 # run-to-run noise that the comparison weighs every gap against.
 #
-# Every training command goes through launch/run.sh, so with TPU_NAME set it runs on every worker
-# of that pod slice. Branches are independent: BRANCH_TPUS="slice-a slice-b slice-c" runs them at
+# Every training and eval command goes through launch/run.sh, so with TPU_NAME set it runs on
+# every worker of that pod slice, and with LOCAL_PROCESSES=N as N processes on this machine. Branches are independent: BRANCH_TPUS="slice-a slice-b slice-c" runs them at
 # once, one per slice; PARALLEL_BRANCHES=1 runs them at once on this machine; by default they run
 # one after another. A finished stage leaves OUT/.done/<stage> and is skipped on rerun; a run
 # stopped in the middle resumes from its last checkpoint.
@@ -24,7 +24,8 @@
 # BATCH_SIZE, SEQ_LEN, DOMAINS, MIXES (the mix runs, default all; btx_top1 is required), RERUNS
 # (e.g. "btx_top1 bam"), EXTRA (more train flags, e.g.
 # '--gin.TrainConfig.warmup_steps=20'), TASKS (the eval stage's downstream tasks through
-# lm-evaluation-harness, default bam_domains; empty for perplexity only) and TASK_LIMIT (items per task).
+# lm-evaluation-harness, default bam_domains; empty for perplexity only), TASK_LIMIT (items per task)
+# and LOCAL_PROCESSES (run every device stage as that many JAX processes on this machine).
 #
 # From Hugging Face models: HF_SEED=DIR HF_EXPERTS=DIR,DIR,... (a base model and its finetunes)
 # replace the seed and branch stages by `bam-jax import-hf` (stage `import`); the experts are named
@@ -61,6 +62,8 @@ read -r -a DOMAINS <<< "${DOMAINS:-code law math}"
 read -r -a EXTRA <<< "${EXTRA:-}"
 read -r -a BRANCH_TPUS <<< "${BRANCH_TPUS:-}"
 read -r -a RERUNS <<< "${RERUNS:-}"
+launch=(launch/run.sh)  # every device command: here, on a pod (TPU_NAME), or as N local processes
+[[ -n "${LOCAL_PROCESSES:-}" ]] && launch+=(--local_processes="$LOCAL_PROCESSES")
 read -r -a MIXES <<< "${MIXES:-btx_top1 btx_top2 bam bam_compute bam_shared_kv bam_shared_kv_compute lory}"
 common=(--gin_file="$MODEL" --gin.BATCH_SIZE="$BATCH_SIZE" --gin.SEQ_LEN="$SEQ_LEN" "${EXTRA[@]}")
 # Each mix run: the upcycle method of its initial checkpoint, its run gin file, and what it
@@ -105,7 +108,7 @@ if wants import; then  # host work, run here: Hugging Face models become the see
 fi
 
 if wants seed; then
-  run seed launch/run.sh "${dry_run[@]}" train "${common[@]}" --gin_file=gin/seed.gin \
+  run seed "${launch[@]}" "${dry_run[@]}" train "${common[@]}" --gin_file=gin/seed.gin \
     --gin.TRAIN_STEPS="$SEED_STEPS" --workdir="$OUT/seed"
 fi
 
@@ -113,7 +116,7 @@ if wants branch; then
   pids=()
   for i in "${!DOMAINS[@]}"; do
     domain="${DOMAINS[$i]}"
-    cmd=(run "branch_$domain" launch/run.sh "${dry_run[@]}" train "${common[@]}" --gin_file=gin/branch.gin
+    cmd=(run "branch_$domain" "${launch[@]}" "${dry_run[@]}" train "${common[@]}" --gin_file=gin/branch.gin
          --gin.TRAIN_STEPS="$BRANCH_STEPS" --gin.DOMAIN="'$domain'" --gin.INIT_CHECKPOINT="'$OUT/seed'"
          --workdir="$OUT/$domain")
     slice="${TPU_NAME:-}"
@@ -144,7 +147,7 @@ if wants mix; then
     local base="${name%_seed1}"
     [[ "${MATCH[$base]}" == none ]] ||
       budget=(--gin.TrainConfig.match_run="'$OUT/btx_top1'" --gin.TrainConfig.match="'${MATCH[$base]}'")
-    run "mix_$name" launch/run.sh "${dry_run[@]}" train --gin_file="$OUT/${init}_init/model.gin" \
+    run "mix_$name" "${launch[@]}" "${dry_run[@]}" train --gin_file="$OUT/${init}_init/model.gin" \
       --gin_file="gin/${GIN[$base]}.gin" "${common[@]:1}" --gin.TRAIN_STEPS="$MIX_STEPS" "${budget[@]}" "$@" \
       --workdir="$OUT/$name"
   }
@@ -161,10 +164,10 @@ if wants eval; then  # one process for every run not evaluated yet: they share t
   if [[ ${#todo[@]} -gt 0 ]]; then
     echo "== eval ${todo[*]}"
     # At the training length: an imported model's own gin file sets a longer one.
-    cmd=(.venv/bin/bam-jax eval "${todo[@]/#/--workdir=$OUT/}" --gin.TrainConfig.seq_len="$SEQ_LEN")
+    cmd=("${launch[@]}" "${dry_run[@]}" eval "${todo[@]/#/--workdir=$OUT/}" --gin.TrainConfig.seq_len="$SEQ_LEN")
     [[ -n "$TASKS" ]] && cmd+=(--tasks="$TASKS")
     [[ -n "$TASK_LIMIT" ]] && cmd+=(--limit="$TASK_LIMIT")
-    if [[ ${#dry_run[@]} -gt 0 ]]; then printf '%q ' "${cmd[@]}"; echo; else
+    if [[ ${#dry_run[@]} -gt 0 ]]; then "${cmd[@]}"; else
       "${cmd[@]}"
       mkdir -p "$OUT/.done" && for name in "${todo[@]}"; do touch "$(done_marker "eval_$name")"; done
     fi

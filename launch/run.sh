@@ -7,9 +7,10 @@
 #       machine (bam_jax.parallel.local_job): the pod's code path, processes joined over loopback
 #
 # On a pod, set TPU_NAME (and TPU_ZONE, TPU_PROJECT; REMOTE_DIR, the checkout on the workers,
-# default ~/bam_jax). The command then runs on all workers through
+# default ~/bam_jax). Device commands (train, eval, generate) then run on all workers through
 # `gcloud compute tpus tpu-vm ssh --worker=all`, with --distributed so each worker joins the
-# run (jax.distributed.initialize). Workdirs must then be on a filesystem all workers share.
+# run (jax.distributed.initialize); host commands (upcycle, import-hf, export-hf) run once, on
+# worker 0. Workdirs must then be on a filesystem all workers share.
 set -euo pipefail
 
 dry_run=0 local_processes=0 local_devices=
@@ -40,9 +41,13 @@ if [[ "$local_processes" != 0 ]]; then
 elif [[ -n "${TPU_NAME:-}" ]]; then
   : "${TPU_ZONE:?set TPU_ZONE for TPU_NAME=$TPU_NAME}"
   remote_dir="${REMOTE_DIR:-~/bam_jax}"
-  cmd=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$TPU_ZONE" --worker=all)
+  case "$1" in
+    upcycle|import-hf|export-hf) workers=0 join='' ;;
+    *) workers=all join=' --distributed' ;;
+  esac
+  cmd=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$TPU_ZONE" --worker="$workers")
   [[ -n "${TPU_PROJECT:-}" ]] && cmd+=(--project="$TPU_PROJECT")
-  cmd+=(--command="cd $remote_dir && .venv/bin/bam-jax ${quoted}--distributed")
+  cmd+=(--command="cd $remote_dir && .venv/bin/bam-jax ${quoted% }${join}")
 else
   cmd=("$here/.venv/bin/bam-jax" "$@")
 fi

@@ -195,30 +195,32 @@ def _assert_same(got, expected):
 
 
 def test_resume_matches_a_fresh_iterator():
-    config = data.DataConfig(source='seed')
+    config = data.DataConfig(source='seed', shuffle_buffer=64)
     fresh = data.train_batches(config, batch_size=4, seq_len=64, seed=11)
     first = [next(fresh) for _ in range(4)]
     saved = fresh.save()  # the position after 4 batches, as files
     first += [next(fresh) for _ in range(3)]
     replayed = data.train_batches(config, batch_size=4, seq_len=64, seed=11,
                                   start_batch=4)
-    restored = data.train_batches(config, batch_size=4, seq_len=64, seed=11)
-    assert restored.restore(saved)
+    restored = data.train_batches(config, batch_size=4, seq_len=64, seed=11,
+                                  start_batch=4, saved_state=saved)
+    assert replayed.replayed == 4 and restored.replayed == 0
     for expected in first[4:]:
         _assert_same(next(replayed), expected)
         _assert_same(next(restored), expected)
     other = next(data.train_batches(config, batch_size=4, seq_len=64, seed=12))
     assert not np.array_equal(other['targets'], first[0]['targets'])
-    # a state saved under another shard count is not taken
-    two = data.train_batches(data.DataConfig(source='seed', data_shards=2), 4,
-                             64, seed=11)
-    assert not two.restore(saved)
+    # a state saved under another shard count is not taken: a replay
+    two = data.train_batches(data.DataConfig(source='seed', shuffle_buffer=64,
+                                             data_shards=2), 4, 64, seed=11,
+                             start_batch=4, saved_state=saved)
+    assert two.replayed == 4
 
 
 def test_processes_read_disjoint_shards_that_make_up_one_batch():
     """Two processes' rows of each step are the one-process batch of the same
     shard count, and no document is read by both."""
-    config = data.DataConfig(source='code', data_shards=2)
+    config = data.DataConfig(source='code', data_shards=2, shuffle_buffer=64)
     single = data.train_batches(config, 4, 64, seed=0)
     procs = [data.train_batches(config, 4, 64, seed=0, process_index=i,
                                 process_count=2) for i in range(2)]

@@ -30,6 +30,25 @@ def test_pod_runs_every_worker_with_distributed():
     assert remote.endswith(' --distributed') and '--workdir=runs/seed' in remote
 
 
+def test_pod_runs_host_commands_once_on_worker_0():
+    lines = dry_run('upcycle', '--method=btx', '--seed=a', '--out=c', TPU_NAME='pod-a', TPU_ZONE='z')
+    (cmd,) = commands(lines)
+    assert '--worker=0' in cmd
+    remote = next(a for a in cmd if a.startswith('--command='))
+    assert remote.endswith('bam-jax upcycle --method=btx --seed=a --out=c')  # no --distributed
+
+
+def test_local_processes_start_the_local_job():
+    (cmd,) = commands(dry_run('--local_processes=2', '--local_devices=4', 'train', '--workdir=runs/seed'))
+    assert cmd[1:] == ['-m', 'bam_jax.parallel.local_job', '--processes=2', '--devices_per_process=4', '--',
+                       'train', '--workdir=runs/seed']
+    lines = dry_run('pipeline', 'seed', 'upcycle', 'mix', 'eval', OUT='out', MIXES='btx_top1', LOCAL_PROCESSES='2')
+    cmds = dict(zip([line[3:] for line in lines if line.startswith('== ')], commands(lines)))
+    for stage in ('seed', 'mix_btx_top1', 'eval seed code law math btx_top1'):
+        assert cmds[stage][1:5] == ['-m', 'bam_jax.parallel.local_job', '--processes=2', '--'], stage
+    assert cmds['upcycle_btx'][0] == '.venv/bin/bam-jax'  # host work: one process
+
+
 def test_pipeline_dry_run_lists_every_stage_in_order():
     lines = dry_run('pipeline', OUT='out', DOMAINS='code math', SEED_STEPS='7', MIX_STEPS='5', RERUNS='bam')
     stages = [line[3:] for line in lines if line.startswith('== ')]
@@ -56,8 +75,8 @@ def test_pipeline_dry_run_lists_every_stage_in_order():
     rerun = cmds['mix_bam_seed1']
     assert '--gin_file=out/bam_seed1_init/model.gin' in rerun and '--gin.TrainConfig.seed=1' in rerun
     assert "--gin.TrainConfig.match='tokens'" in rerun and '--workdir=out/bam_seed1' in rerun
-    assert cmds['eval ' + stages[-2][5:]] == ['.venv/bin/bam-jax', 'eval', *[  # one process: shared batches
-        f'--workdir=out/{r}' for r in ['seed', 'code', 'math', *mixes]], '--gin.TrainConfig.seq_len=256',
+    assert cmds['eval ' + stages[-2][5:]] == [str(REPO / '.venv/bin/bam-jax'), 'eval', *[  # one process: shared
+        f'--workdir=out/{r}' for r in ['seed', 'code', 'math', *mixes]], '--gin.TrainConfig.seq_len=256',  # batches
         '--tasks=bam_domains']
     compare = cmds['compare']
     assert '--rerun' in compare and 'bam=out/bam_seed1' in compare

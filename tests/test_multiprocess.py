@@ -1,7 +1,7 @@
-"""Two JAX processes on this machine (bam_jax.parallel.local_job, 2 × 4 emulated devices, joined
-by jax.distributed over loopback) against this process's 8 devices: a seed run, a BTX mix with
-its 8 experts spread over both processes, checkpoints restored across process counts, SIGTERM
-and a lost process.
+"""Two JAX processes on this machine (launch/run.sh --local_processes=2: 2 × 4 emulated devices,
+joined by jax.distributed over loopback) against this process's 8 devices: a seed run, a BTX mix
+with its 8 experts spread over both processes, checkpoints restored across process counts,
+SIGTERM and a lost process.
 
 Two processes compute what one does up to the order of the cross-device sums: the gradients'
 all-reduce runs through the CPU collectives (gloo) between processes and through XLA's own
@@ -9,6 +9,7 @@ reduction within one, so float32 sums differ in the last bits, which Adam carrie
 parameters after 4 steps agree to TOLERANCE, two orders below how far they moved.
 """
 
+import json
 import os
 import pathlib
 import signal
@@ -23,7 +24,7 @@ import pytest
 from bam_jax.workdir import latest_step_dir, read_param_shapes
 from bam_jax.workdir.stream import CheckpointReader
 
-from helpers import REPO, cli_env
+from helpers import REPO, cli_env, shared
 
 TOLERANCE = 1e-5
 HEARTBEAT = 10  # seconds: how soon the job notices a lost process
@@ -87,27 +88,44 @@ def wait_for(predicate, proc, timeout=300):
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-    """Seed runs of 4 steps on two processes and on one; a BTX model upcycled from them; its mix
-    trained 4 steps on one process."""
-    root = tmp_path_factory.mktemp('multiprocess')
-    job = start_job(SEED_FILES, [*RUN, 'TrainConfig.stop_at_step = 4'], root / 'seed2', root / 'seed2.log')
+    """A seed run on two processes, stopped by SIGTERM after step 4, and one on this process to
+    step 4; a BTX model upcycled from them; its mix trained 4 steps on this process. Made once
+    for all the xdist workers."""
+    root = shared(tmp_path_factory, 'multiprocess', _make_runs)
+    sigterm = json.loads((root / 'sigterm.json').read_text())
+    return root, [str(root / 'btx_init' / 'model.gin'), 'gin/mix_btx.gin'], sigterm
+
+
+def _make_runs(root):
+    job = start_job(SEED_FILES, RUN, root / 'seed2', root / 'seed2.log')
     train_here(SEED_FILES, [*RUN, 'TrainConfig.stop_at_step = 4'], root / 'seed1')
-    assert job.wait(timeout=600) == 0, (root / 'seed2.log').read_text()[-3000:]
+    wait_for(lambda: (root / 'seed2/checkpoints/4').is_dir(), job)
+    job.send_signal(signal.SIGTERM)
+    (root / 'sigterm.json').write_text(json.dumps({'status': job.wait(timeout=120),
+                                                   'log': (root / 'seed2.log').read_text()}))
     from bam_jax.upcycle import upcycle_checkpoints
-    upcycle_checkpoints('btx', [str(root / 'seed2')], str(root / 'btx_init'), seed=str(root / 'seed1'),
-                        expert_split=4)
+    upcycle_checkpoints('btx', [str(root / 'seed2/checkpoints/4')], str(root / 'btx_init'),
+                        seed=str(root / 'seed1'), expert_split=4)
     mix_files = [str(root / 'btx_init' / 'model.gin'), 'gin/mix_btx.gin']
     train_here(mix_files, [*RUN, *MIX, 'TrainConfig.stop_at_step = 4'], root / 'mix1')
-    return root, mix_files
 
 
 def test_two_processes_train_the_seed_as_one(runs):
-    root, _ = runs
+    root, _, _ = runs
     assert_close(root / 'seed2/checkpoints/4', root / 'seed1/checkpoints/4', moved_from=root / 'seed1/checkpoints/1')
 
 
+def test_sigterm_saves_once_and_stops_every_process(runs):
+    """Both processes stop at the same step (JAX's preemption sync point), after one save."""
+    root, _, sigterm = runs
+    assert sigterm['status'] == 143, sigterm['log'][-3000:]
+    saved = int(sigterm['log'].split('SIGTERM: saved step ')[1].split(',')[0])
+    assert saved >= 4 and latest_step_dir(root / 'seed2/checkpoints').name == str(saved)
+    assert 'waiting up to' not in sigterm['log']  # no process failed
+
+
 def test_a_two_process_checkpoint_resumes_on_one_process(runs, tmp_path):
-    root, _ = runs
+    root, _, _ = runs
     subprocess.run(['cp', '-r', str(root / 'seed2'), str(tmp_path / 'run')], check=True)
     keep_steps(tmp_path / 'run', 2)
     result = train_here(SEED_FILES, [*RUN, 'TrainConfig.stop_at_step = 4'], tmp_path / 'run')
@@ -115,36 +133,27 @@ def test_a_two_process_checkpoint_resumes_on_one_process(runs, tmp_path):
     assert_close(tmp_path / 'run/checkpoints/4', root / 'seed2/checkpoints/4')
 
 
-def test_btx_experts_over_two_processes_sigterm_and_a_lost_process(runs, tmp_path):
+def test_btx_experts_over_two_processes_and_a_lost_process(runs, tmp_path):
     """The one-process mix, resumed at step 2 by two processes holding 4 experts each, trains
-    steps 3 and 4 as one process did; SIGTERM then saves once and ends both processes; the
-    rerun resumes there; a SIGKILLed process ends the other within the heartbeat, and the run
-    goes on from its last checkpoint."""
-    root, mix_files = runs
+    steps 3 and 4 as one process did; a SIGKILLed process then ends the other within the
+    heartbeat, and the run goes on from its last checkpoint."""
+    root, mix_files, _ = runs
     run = tmp_path / 'mix'
     subprocess.run(['cp', '-r', str(root / 'mix1'), str(run)], check=True)
     keep_steps(run, 2)
     job = start_job(mix_files, [*RUN, *MIX], run, tmp_path / 'job.log')
     wait_for(lambda: (run / 'checkpoints/5').is_dir(), job)
-    job.send_signal(signal.SIGTERM)
-    assert job.wait(timeout=120) == 143, (tmp_path / 'job.log').read_text()[-3000:]
-    log = (tmp_path / 'job.log').read_text()
-    saved = int(log.split('SIGTERM: saved step ')[1].split(',')[0])
-    assert latest_step_dir(run / 'checkpoints').name == str(saved)
-    assert_close(run / 'checkpoints/4', root / 'mix1/checkpoints/4', moved_from=root / 'mix1/checkpoints/2')
-
-    job = start_job(mix_files, [*RUN, *MIX], run, tmp_path / 'rerun.log')
-    wait_for(lambda: (run / f'checkpoints/{saved + 1}').is_dir(), job)
-    assert f'resuming {run} from step {saved}' in (tmp_path / 'rerun.log').read_text()
+    assert 'resuming' in (tmp_path / 'job.log').read_text()
     victim = _process(job.pid, 1)
     killed_at = time.monotonic()
     os.kill(victim, signal.SIGKILL)
     status = job.wait(timeout=HEARTBEAT + 90)
-    log = (tmp_path / 'rerun.log').read_text()
+    log = (tmp_path / 'job.log').read_text()
     assert status != 0 and 'process 1 was killed by SIGKILL' in log
     assert 'killing them' not in log  # process 0 stopped by itself, with JAX's error
     assert 'another task died' in log or 'stopped sending heartbeats' in log, log[-3000:]
     assert time.monotonic() - killed_at < HEARTBEAT + 60
+    assert_close(run / 'checkpoints/4', root / 'mix1/checkpoints/4', moved_from=root / 'mix1/checkpoints/2')
     last = int(latest_step_dir(run / 'checkpoints').name)  # the rerun continues from there
     assert train_here(mix_files, [*RUN, *MIX, f'TrainConfig.stop_at_step = {last + 1}'], run)['step'] == last + 1
 

@@ -9,8 +9,10 @@ import subprocess
 
 import pytest
 
+from helpers import shared
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
-MIXES = ['btx_top1', 'bam_shared_kv_compute']
+MIXES = ['btx_top1', 'btx_top2']  # one upcycle serves both
 DOMAINS = ['code', 'math']
 
 
@@ -19,6 +21,7 @@ def _pipeline(out):
            'SEED_STEPS': '2', 'BRANCH_STEPS': '2', 'MIX_STEPS': '8', 'BATCH_SIZE': '8', 'SEQ_LEN': '32',
            'TASKS': '',  # downstream tasks: tests/test_harness.py, test_compare.py, test_launch.py
            'EXTRA': "--gin.TrainConfig.warmup_steps=1 --gin.DataConfig.eval_batches=1 --gin.ModelConfig.num_layers=1 "
+                    "--gin.DataConfig.shuffle_buffer=64 "
                     "--gin.DataConfig.eval_domains=['code','math'] --gin.DataConfig.math_documents=500"}
     env = {k: v for k, v in env.items() if not k.startswith('TPU_')}
     proc = subprocess.run(['bash', 'launch/pipeline.sh'], cwd=REPO, env=env, capture_output=True, text=True,
@@ -29,8 +32,9 @@ def _pipeline(out):
 
 @pytest.fixture(scope='module')
 def pipeline(tmp_path_factory):
-    out = tmp_path_factory.mktemp('pipeline')
-    return out, _pipeline(out)
+    """(OUT, stdout): the micro run, made once for all the xdist workers."""
+    directory = shared(tmp_path_factory, 'pipeline', lambda d: (d / 'stdout').write_text(_pipeline(d / 'out')))
+    return directory / 'out', (directory / 'stdout').read_text()
 
 
 def _json(path):
@@ -44,8 +48,7 @@ def test_every_stage_leaves_its_outputs(pipeline):
         assert (out / name / 'checkpoints').is_dir() and (out / name / 'config.gin').is_file(), name
         perplexity = _json(out / name / 'eval.json')['perplexity']
         assert set(perplexity) == {*DOMAINS, 'average'} and all(math.isfinite(v) for v in perplexity.values())
-    for method in ('btx', 'bam_shared_kv'):
-        assert (out / f'{method}_init' / 'model.gin').is_file() and (out / f'{method}_init' / 'upcycle.json').is_file()
+    assert (out / 'btx_init' / 'model.gin').is_file() and (out / 'btx_init' / 'upcycle.json').is_file()
     for name in MIXES:  # MoE runs have a routing map
         assert (out / name / 'routing_map.png').stat().st_size > 0
     comparison = _json(out / 'comparison.json')
@@ -53,26 +56,25 @@ def test_every_stage_leaves_its_outputs(pipeline):
     assert comparison['perplexity']['btx_top1'] == _json(out / 'btx_top1' / 'eval.json')['perplexity']
     assert (out / 'comparison.md').read_text().startswith('| run |')
     assert sorted(p.name for p in (out / '.done').iterdir()) == sorted(
-        ['seed', 'branch_code', 'upcycle_btx', 'upcycle_bam_shared_kv', *[f'mix_{m}' for m in MIXES],
+        ['seed', 'branch_code', 'upcycle_btx', *[f'mix_{m}' for m in MIXES],
          *[f'eval_{r}' for r in runs]])
 
 
 def test_budgets_are_matched(pipeline):
+    """btx_top2 is data-matched to btx_top1 (the compute-matched runs: test_budget.py, and
+    test_launch.py for the flags the pipeline passes them)."""
     out, _ = pipeline
-    btx = _json(out / 'btx_top1' / 'budget.json')
-    bam = _json(out / 'bam_shared_kv_compute' / 'budget.json')
-    assert btx['steps'] == 8 and btx['finished']
-    # compute-matched: BAM costs more per token, so it gets fewer steps, the nearest to BTX's FLOPs
-    step_flops = bam['flops_per_token'] * bam['tokens_per_step']
-    assert bam['flops_per_token'] > btx['flops_per_token']
-    assert bam['steps'] == round(btx['flops'] / step_flops) and bam['steps'] < btx['steps']
-    assert abs(bam['flops'] - btx['flops']) <= step_flops / 2 and bam['finished']
+    top1 = _json(out / 'btx_top1' / 'budget.json')
+    top2 = _json(out / 'btx_top2' / 'budget.json')
+    assert top1['steps'] == 8 and top1['finished'] and top2['finished']
+    assert top2['tokens'] == top1['tokens'] and top2['steps'] == top1['steps']
+    assert top2['flops_per_token'] > top1['flops_per_token']  # two FFN experts per token
 
 
 def test_upcycled_experts_come_from_the_runs(pipeline):
     out, _ = pipeline
-    meta = _json(out / 'bam_shared_kv_init' / 'upcycle.json')
-    assert meta['method'] == 'bam_shared_kv'
+    meta = _json(out / 'btx_init' / 'upcycle.json')
+    assert meta['method'] == 'btx'
     assert [pathlib.Path(p).name for p in meta['expert_models']] == ['seed', 'code']
     assert [pathlib.Path(i['step_dir']).parts[-3:] for i in meta['inputs']] == [
         (run, 'checkpoints', '2') for run in ('seed', 'code')]
@@ -82,6 +84,6 @@ def test_a_second_run_skips_every_finished_stage(pipeline):
     out, _ = pipeline
     stdout = _pipeline(out)
     stages = [line for line in stdout.splitlines() if line.startswith('== ')]
-    assert len(stages) == 1 + 1 + 2 + len(MIXES) + 4 + 1  # seed, branch, upcycles, mixes, evals, compare
+    assert len(stages) == 1 + 1 + 1 + len(MIXES) + 4 + 1  # seed, branch, upcycle, mixes, evals, compare
     assert all(line.endswith(': finished before, skipped') for line in stages[:-1])
     assert stages[-1] == '== compare'

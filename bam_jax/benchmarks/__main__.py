@@ -1,10 +1,12 @@
 """`make bench`: speed of the train step and of decoding for dense, BTX, BAM and Lory models, of
-the upcycler, and of the Hugging Face import and export, as four tables and JSON ({"train_step":
-[rows], "decode": [rows], "upcycle": {...}, "hf_io": {...}}, null for a table not run).
+the upcycler, of the Hugging Face import and export, and of a resume's data work, as five tables
+and JSON ({"train_step": [rows], "decode": [rows], "upcycle": {...}, "hf_io": {...}, "resume":
+{...}}, null for a table not run).
 
   python -m bam_jax.benchmarks [--model gin/models/X.gin] [--archs dense,btx,bam,bam_shared_kv,lory4,lory8]
                                [--decode_archs dense,btx,bam,bam_shared_kv,lory4]
-                               [--batch N] [--seq_len T] [--steps S] [--tables train,decode,upcycle,hf_io]
+                               [--batch N] [--seq_len T] [--steps S] [--tables train,decode,upcycle,hf_io,resume]
+                               [--resume_position N]
 
 Every architecture is timed in the same run on the same model size. BTX has 4 FFN experts
 with top-1 routing, so its active parameters are the dense model's (plus a router); BAM adds
@@ -15,7 +17,8 @@ generation engine, at batch 1 and 16, in the BAM paper's setting and at long con
 model's cache size and its decode speed relative to BTX. The upcycle table (upcycle.py) times
 a BAM upcycle of 4 dense checkpoints against a copy of their files and measures its peak memory.
 The hf_io table (hf_io.py) does the same for `import-hf` of a Llama model and `export-hf` of the
-result, against copies of its safetensors file.
+result, against copies of its safetensors file. The resume table (resume.py) times the data
+work of a resume at --resume_position: a replay against a restore of the saved stream state.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import pathlib
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 ARCHS = ('dense', 'btx', 'bam', 'bam_shared_kv', 'lory4', 'lory8')
-TABLES = ('train', 'decode', 'upcycle', 'hf_io')
+TABLES = ('train', 'decode', 'upcycle', 'hf_io', 'resume')
 
 
 def arch_config(dense, arch: str, lory_segment_len: int = 64):
@@ -63,6 +66,8 @@ def _args() -> argparse.Namespace:
     parser.add_argument('--decode_archs', default='dense,btx,bam,bam_shared_kv,lory4',
                         help='the decode table\'s architectures (from the same list); btx is the reference')
     parser.add_argument('--tables', default=','.join(TABLES), help=f'comma list of {TABLES}')
+    parser.add_argument('--resume_position', type=int, default=100_000,
+                        help='resume table: the data position (batches of 8 x 1024 tokens) to resume at')
     parser.add_argument('--out', default='runs/bench/results.json')
     args = parser.parse_args()
     archs = ['dense'] + [a for a in args.archs.split(',') if a and a != 'dense']
@@ -118,7 +123,7 @@ def main() -> None:
         name = 'bench_14m'
 
     devices = f'{jax.device_count()} x {jax.devices()[0].device_kind}'
-    results = {'train_step': None, 'decode': None, 'upcycle': None, 'hf_io': None}
+    results = {'train_step': None, 'decode': None, 'upcycle': None, 'hf_io': None, 'resume': None}
     if 'train' in args.tables:
         results['train_step'] = _train_table(dense, name, dtype, devices, args)
     if 'decode' in args.tables:
@@ -139,6 +144,11 @@ def main() -> None:
         print('\ntiming import-hf and export-hf (llama) and copies of their input ...', flush=True)
         results['hf_io'] = hf_io.run()
         hf_io.print_table(results['hf_io'])
+    if 'resume' in args.tables:
+        from bam_jax.benchmarks import resume
+        print(f'\ntiming a resume at batch {args.resume_position:,}: replay, then restore ...', flush=True)
+        results['resume'] = resume.run(args.resume_position)
+        resume.print_table(results['resume'])
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))

@@ -20,7 +20,7 @@ import seqio
 import tensorflow as tf
 
 from bam_jax.data import corpora, tasks
-from bam_jax.data.train_stream import TrainStream, process_shards, shard_count, shard_info
+from bam_jax.data.train_stream import TrainStream, has_state, process_shards, shard_count, shard_info
 from bam_jax.data.user_domains import DomainSpec
 from bam_jax.data.vocab import make_vocabulary, start_id
 from bam_jax.errors import BamJaxError
@@ -172,21 +172,27 @@ def _options():
 def _packed(name, split, seq_len, shuffle, seed, num_epochs, shard_info):
     if seq_len < 2:
         raise BamJaxError(f'seq_len must be >= 2, got {seq_len}')
-    return seqio.get_dataset(
-        name, task_feature_lengths={'targets': int(seq_len)},
-        feature_converter=seqio.DecoderFeatureConverter(pack=True),
-        dataset_split=split, shuffle=shuffle, seed=seed,
-        num_epochs=num_epochs, shard_info=shard_info, verbose=False)
+    lengths = {'targets': int(seq_len)}
+    # No in-memory cache of small sources (seqio's default): a cache would
+    # replay the first epoch's document order in every epoch, and a saved
+    # iterator state would hold every document read so far.
+    ds = seqio.get_mixture_or_task(name).get_dataset(
+        lengths, split=split, shuffle=shuffle, seed=seed,
+        num_epochs=num_epochs, shard_info=shard_info,
+        try_in_mem_cache=False)
+    return seqio.DecoderFeatureConverter(pack=True)(ds, lengths)
 
 
 def train_batches(config, batch_size, seq_len, seed, start_batch=0,
-                  process_index=0, process_count=1):
+                  process_index=0, process_count=1, saved_state=None):
     """Endless shuffled packed batches of the training split: a TrainStream
     of this process's rows of each global batch of `batch_size` rows.
 
-    Deterministic given the arguments and config.data_shards: batch i after
-    resuming with `start_batch=k` (a replay) or with the state saved at batch
-    k (TrainStream.restore) equals batch k+i of a fresh stream.
+    Deterministic given the arguments and config.data_shards: batch i of a
+    stream started at batch k equals batch k+i of a fresh stream. It starts
+    there from `saved_state` (TrainStream.save() at batch k) when that holds
+    this process's shards, in time that does not grow with k; otherwise it
+    replays k batches (stream.replayed says how many).
     """
     if batch_size < 1 or start_batch < 0:
         raise BamJaxError(f'need batch_size >= 1 and start_batch >= 0, got '
@@ -199,18 +205,25 @@ def train_batches(config, batch_size, seq_len, seed, start_batch=0,
         raise BamJaxError(f'batch size {batch_size} is not divisible by the '
                           f'{num_shards} data shards')
     name = resolve_source(config)
+    shards = process_shards(num_shards, process_index, process_count)
+    restore = has_state(saved_state or {}, shards, num_shards)
+    skip = 0 if restore else start_batch
     datasets = {}
-    for shard in process_shards(num_shards, process_index, process_count):
+    for shard in shards:
         ds = _packed(name, 'train', seq_len, shuffle=True, seed=int(seed),
                      num_epochs=None,
                      shard_info=shard_info(shard, num_shards))
+        # The same graph with or without a restore: the skip op is always
+        # there, so a saved state fits any stream of these arguments.
         datasets[shard] = (ds.batch(batch_size // num_shards,
                                     drop_remainder=True)
                            .map(_features_fn(config))
+                           .skip(skip)
                            .prefetch(2)
                            .with_options(_options()))
-    stream = TrainStream(datasets, num_shards, config.source)
-    stream.skip(start_batch)
+    stream = TrainStream(datasets, num_shards, config.source, replayed=skip)
+    if restore:
+        stream.restore(saved_state)
     return stream
 
 

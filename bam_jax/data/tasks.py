@@ -100,15 +100,17 @@ class DocumentSource(seqio.FunctionDataSource):
         if split not in SPLITS:
             raise ValueError(f'unknown split {split!r}; have {SPLITS}')
         texts = self._texts(split)
-        ds = tf.data.Dataset.from_tensor_slices(
-            {'text': tf.constant(texts, dtype=tf.string, shape=[len(texts)])})
+        # Shuffled as indices, looked up after: the same order as shuffling the
+        # texts, but a saved iterator state holds the indices, not the corpus.
+        table = tf.constant(texts, dtype=tf.string, shape=[len(texts)])
+        ds = tf.data.Dataset.range(len(texts))
         size = len(texts)
         if shard_info is not None and shard_info.num_shards > 1:
             ds = ds.shard(shard_info.num_shards, shard_info.index)
             size = len(range(shard_info.index, size, shard_info.num_shards))
         if shuffle and size:
             ds = ds.shuffle(size, seed=seed, reshuffle_each_iteration=True)
-        return ds
+        return ds.map(lambda i: {'text': tf.gather(table, i)})
 
     def list_shards(self, split):
         # One "shard" per document: seqio then hands sharding to the source.

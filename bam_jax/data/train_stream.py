@@ -9,6 +9,8 @@ with DataConfig.data_shards fixed gives the same batches on one process as on ei
 Resuming restores each shard's tf.data iterator (shuffle buffers, packing, prefetch) from the
 state saved with the checkpoint, in time that does not grow with the position. Without a saved
 state (a checkpoint from before, or from another shard count) the stream replays its batches.
+The state holds the shuffle buffers' documents: its size grows with DataConfig.shuffle_buffer
+and the documents' length, not with the position.
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ class TrainStream:
     """This process's rows of every global training batch: `next(stream)` is a dict of numpy
     arrays [batch_size / process_count, seq_len] (see bam_jax.data.pipeline)."""
 
-    def __init__(self, datasets: dict[int, tf.data.Dataset], num_shards: int, source: str):
-        self.num_shards, self.source = num_shards, source
+    def __init__(self, datasets: dict[int, tf.data.Dataset], num_shards: int, source: str, replayed: int = 0):
+        self.num_shards, self.source, self.replayed = num_shards, source, replayed
         self._iterators = {k: iter(ds) for k, ds in datasets.items()}
 
     def __iter__(self):
@@ -69,11 +71,6 @@ class TrainStream:
                                   f'{shard} of {self.num_shards}') from None
         return {key: np.concatenate([part[key].numpy() for part in parts]) for key in parts[0]}
 
-    def skip(self, batches: int) -> None:
-        """Replays `batches` batches: time grows with the count (restore() does not)."""
-        for _ in range(batches):
-            next(self)
-
     def save(self) -> dict[str, bytes]:
         """The iterator state of each shard this process reads, as {file name: bytes}: the files
         of one TensorFlow checkpoint per shard, named after the shard."""
@@ -82,19 +79,21 @@ class TrainStream:
                 tf.train.Checkpoint(iterator=iterator).write(os.path.join(tmp, state_name(shard, self.num_shards)))
             return {path.name: path.read_bytes() for path in pathlib.Path(tmp).iterdir()}
 
-    def restore(self, files: dict[str, bytes]) -> bool:
-        """Restores every shard of this process from saved files; False (nothing changed) when a
-        shard's state is missing, e.g. a checkpoint written with another shard count."""
+    def restore(self, files: dict[str, bytes]) -> None:
+        """Restores every shard of this process from saved files (has_state must hold)."""
         prefixes = {shard: state_name(shard, self.num_shards) for shard in self._iterators}
-        if not all(f'{prefix}.index' in files for prefix in prefixes.values()):
-            return False
         with tempfile.TemporaryDirectory() as tmp:
             for name, content in files.items():
                 if name.startswith(tuple(f'{prefix}.' for prefix in prefixes.values())):
                     pathlib.Path(tmp, name).write_bytes(content)
             for shard, iterator in self._iterators.items():
                 tf.train.Checkpoint(iterator=iterator).read(os.path.join(tmp, prefixes[shard])).assert_consumed()
-        return True
+
+
+def has_state(files: dict[str, bytes], shards, num_shards: int) -> bool:
+    """Whether saved files hold the state of each of `shards` (not, e.g., when they were saved
+    with another shard count)."""
+    return all(f'{state_name(shard, num_shards)}.index' in files for shard in shards)
 
 
 def shard_info(shard: int, num_shards: int) -> seqio.ShardInfo | None:

@@ -41,14 +41,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def heartbeat_timeout() -> int:
+    return int(os.environ.get('BAM_JAX_HEARTBEAT_TIMEOUT', DEFAULT_HEARTBEAT_TIMEOUT))
+
+
 def process_env(process_id: int, num_processes: int, devices: int, port: int) -> dict:
     """The environment of process `process_id`: its coordinator, rank and emulated devices."""
     flags = re.sub(r'--xla_force_host_platform_device_count=\d+', '', os.environ.get('XLA_FLAGS', ''))
     return dict(os.environ, JAX_PLATFORMS='cpu', JAX_COORDINATOR_ADDRESS=f'127.0.0.1:{port}',
                 JAX_NUM_PROCESSES=str(num_processes), JAX_PROCESS_ID=str(process_id),
                 XLA_FLAGS=f'{flags} --xla_force_host_platform_device_count={devices}'.strip(),
-                BAM_JAX_HEARTBEAT_TIMEOUT=os.environ.get('BAM_JAX_HEARTBEAT_TIMEOUT',
-                                                         str(DEFAULT_HEARTBEAT_TIMEOUT)))
+                BAM_JAX_HEARTBEAT_TIMEOUT=str(heartbeat_timeout()))
 
 
 def _relay(stream, out, prefix: str) -> None:
@@ -137,8 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     devices = args.devices_per_process or max(1, 8 // args.processes)
     if command[0] in HOST_ONLY_COMMANDS:
         return subprocess.call([sys.executable, '-m', 'bam_jax.cli', *command])
-    grace = args.grace if args.grace is not None else float(process_env(0, 1, 1, 0)['BAM_JAX_HEARTBEAT_TIMEOUT']) + 30
-    job = LocalJob(command, args.processes, devices, grace)
+    job = LocalJob(command, args.processes, devices, args.grace if args.grace is not None else heartbeat_timeout() + 30)
     signal.signal(signal.SIGTERM, job.stop)
     signal.signal(signal.SIGINT, job.stop)
     return job.wait()

@@ -163,11 +163,11 @@ def _data_stream(run: Run, state: StartState) -> data.TrainStream:
     """This process's training batches from the start state's position: restored from the saved
     stream state where the checkpoint has it, replayed batch by batch where it does not."""
     stream = data.train_batches(run.data, run.config.batch_size, run.config.seq_len, run.config.seed,
-                                process_index=jax.process_index(), process_count=jax.process_count())
-    if state.data_position and not stream.restore(state.data_files):
-        print(f'replaying {state.data_position} batches to the data position (the checkpoint has no data '
-              f'state for {stream.num_shards} shard(s))')
-        stream.skip(state.data_position)
+                                start_batch=state.data_position, process_index=jax.process_index(),
+                                process_count=jax.process_count(), saved_state=state.data_files)
+    if stream.replayed:
+        print(f'replayed {stream.replayed} batches to the data position (the checkpoint has no data state '
+              f'for {stream.num_shards} shard(s))')
     return stream
 
 
