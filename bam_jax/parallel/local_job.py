@@ -97,7 +97,7 @@ class LocalJob:
                 code = proc.poll()
                 if code not in (None, 0) and failed_at is None:
                     failed_at, status = time.monotonic(), _exit_status(code)
-                    if self.stopping:
+                    if self.stopping or code == 1:  # asked to stop; a user error, which every process prints
                         continue
                     print(f'local job: process {i} {_describe(code)}; waiting up to {self.grace:.0f} s for the '
                           'others to stop', file=sys.stderr)
