@@ -208,6 +208,10 @@ def test_resume_matches_a_fresh_iterator():
     for expected in first[4:]:
         _assert_same(next(replayed), expected)
         _assert_same(next(restored), expected)
+    # a stream that replayed saves a state that a restoring stream reads
+    again = data.train_batches(config, batch_size=4, seq_len=64, seed=11,
+                               start_batch=7, saved_state=replayed.save())
+    _assert_same(next(again), next(fresh))
     other = next(data.train_batches(config, batch_size=4, seq_len=64, seed=12))
     assert not np.array_equal(other['targets'], first[0]['targets'])
     # a state saved under another shard count is not taken: a replay

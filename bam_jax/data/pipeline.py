@@ -166,6 +166,10 @@ def _features_fn(config):
 def _options():
     options = tf.data.Options()
     options.deterministic = True
+    # Keep a skip(0) in the graph: a saved iterator state fits only the graph
+    # that saved it, and a stream that replayed (skip(k)) must save a state
+    # that a restoring stream (skip(0)) can read.
+    options.experimental_optimization.noop_elimination = False
     return options
 
 
