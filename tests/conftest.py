@@ -23,6 +23,19 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
 
 
+# The longest tests (subprocess pipelines, multi-process jobs, several runs each) start first, so
+# that no xdist worker is left running one of them alone at the end of the suite.
+SLOW_FIRST = ('test_pipeline.py', 'test_multiprocess.py', 'test_lory_train.py', 'test_train.py', 'test_cli.py',
+              'test_eval.py', 'test_upcycle.py')
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return SLOW_FIRST.index(name) if name in SLOW_FIRST else len(SLOW_FIRST)
+    items.sort(key=rank)  # stable: each file keeps its order
+
+
 @pytest.fixture(autouse=True)
 def no_gin_bindings():
     """gin's bindings are global: a configurable (TrainConfig, ModelConfig, DataConfig, ...) would

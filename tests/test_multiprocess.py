@@ -27,7 +27,7 @@ from bam_jax.workdir.stream import CheckpointReader
 from helpers import REPO, cli_env, shared
 
 TOLERANCE = 1e-5
-HEARTBEAT = 10  # seconds: how soon the job notices a lost process
+HEARTBEAT = 5  # seconds: how soon the job notices a lost process
 SEED_FILES = ['gin/models/tiny.gin', 'gin/seed.gin']
 RUN = ["DataConfig.source = 'code'", 'TRAIN_STEPS = 1000', 'BATCH_SIZE = 8', 'SEQ_LEN = 32',
        'TrainConfig.warmup_steps = 1', 'TrainConfig.checkpoint_every = 1', 'TrainConfig.keep_checkpoints = 100',

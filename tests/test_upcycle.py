@@ -22,7 +22,7 @@ from bam_jax.models.routing import call_with_aux
 from bam_jax.upcycle import io as upcycle_io
 from bam_jax.upcycle import upcycle_checkpoints
 
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, cli_in_process, run_cli
 
 MODEL = ModelConfig(vocab_size=384, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64,
                     dtype='float32')
@@ -116,15 +116,16 @@ def upcycled(tmp_path_factory, dense):
 # --- 8. the mix stage starts from the upcycled checkpoint -------------------------------------
 # First in the file: it is the longest test.
 
-def test_mix_stage_trains_from_the_upcycled_checkpoint_with_a_fresh_optimizer(upcycled, tmp_path):
+def test_mix_stage_trains_from_the_upcycled_checkpoint_with_a_fresh_optimizer(upcycled, tmp_path, monkeypatch,
+                                                                              capsys):
     out, upcycled_params = upcycled('bam', ['code', 'law'], seed='seed')
     workdir = tmp_path / 'bam'
-    proc = run_cli('train', f'--gin_file={out / "model.gin"}',
-                   '--gin_file=gin/mix_bam.gin', '--gin.TRAIN_STEPS=1', '--gin.BATCH_SIZE=8', '--gin.SEQ_LEN=64',
-                   '--gin.TrainConfig.warmup_steps=1', '--gin.DataConfig.eval_domains=()',
-                   '--gin.DataConfig.math_documents=500',
-                   f'--workdir={workdir}', check=True)
-    assert f'initialising parameters from {step_dir(out)}' in proc.stdout
+    status, stdout, stderr = cli_in_process(
+        monkeypatch, capsys, 'train', f'--gin_file={out / "model.gin"}', '--gin_file=gin/mix_bam.gin',
+        '--gin.TRAIN_STEPS=1', '--gin.BATCH_SIZE=8', '--gin.SEQ_LEN=64', '--gin.TrainConfig.warmup_steps=1',
+        '--gin.DataConfig.eval_domains=()', '--gin.DataConfig.math_documents=500', f'--workdir={workdir}')
+    assert status == 0, stderr[-3000:]
+    assert f'initialising parameters from {step_dir(out)}' in stdout
     # The warmup's first learning rate is 0: one step leaves the upcycled weights exactly as
     # they were, which a restored optimizer state (or a random init) would not.
     trained = read_params(workdir / 'checkpoints' / '1')
