@@ -1,8 +1,10 @@
 """`bam-jax train` end to end: seed -> branch, and every user error as one line, exit 1."""
 
 import json
+import os
 import signal
 import subprocess
+import threading
 import time
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 
 from bam_jax.models import flatten
 
-from helpers import assert_one_line_error, cli_in_process, restore, run_cli, start_cli
+from helpers import assert_one_line_error, cli_in_process, restore, run_cli, shared
 
 SMALL = ['--gin.TRAIN_STEPS=2', '--gin.BATCH_SIZE=8', '--gin.SEQ_LEN=64',
          '--gin.TrainConfig.checkpoint_every=1', '--gin.TrainConfig.eval_every=2',
@@ -39,9 +41,8 @@ def train_here(*args):
 
 @pytest.fixture(scope='module')
 def seed_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp('runs') / 'seed'
-    bam_jax(*SEED, f'--workdir={workdir}')
-    return workdir
+    """A seed run through the CLI, made once for all the xdist workers (tests copy it to change it)."""
+    return shared(tmp_path_factory, 'cli_seed_run', lambda d: bam_jax(*SEED, f'--workdir={d / "seed"}')) / 'seed'
 
 
 def test_seed_run_writes_checkpoints_config_and_metrics(seed_run):
@@ -135,17 +136,23 @@ def test_workdir_of_a_different_model(seed_run):
     assert sorted(p.name for p in (seed_run / 'checkpoints').iterdir()) == before
 
 
-def test_sigterm_saves_and_exits(tmp_path):
+def test_sigterm_saves_and_exits(tmp_path, monkeypatch, capsys):
+    # In this process: a thread sends SIGTERM once the first step is logged; the trainer's handler
+    # (installed only in the main thread, where the test must run) turns it into a stop.
+    assert threading.current_thread() is threading.main_thread()
     workdir = tmp_path / 'w'
     args = [a for a in SEED if not a.startswith('--gin.TRAIN_STEPS')]
-    proc = start_cli('train', *args, '--gin.TRAIN_STEPS=100000', '--gin.TrainConfig.checkpoint_every=100000',
-                     '--gin.TrainConfig.log_every=1', f'--workdir={workdir}')
-    deadline = time.time() + 240
-    while not (workdir / 'metrics.json').exists() and time.time() < deadline:
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 143, stderr[-2000:]
+
+    def send_sigterm():
+        deadline = time.time() + 240
+        while not (workdir / 'metrics.json').exists() and time.time() < deadline:
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=send_sigterm, daemon=True).start()
+    status, _, stderr = cli_in_process(monkeypatch, capsys, 'train', *args, '--gin.TRAIN_STEPS=100000',
+                                       '--gin.TrainConfig.checkpoint_every=100000', '--gin.TrainConfig.log_every=1',
+                                       f'--workdir={workdir}')
+    assert status == 143, stderr[-2000:]
     steps = [int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()]
     assert len(steps) == 1 and 0 < steps[0] < 100000
     state = json.loads(next((workdir / 'checkpoints' / str(steps[0]) / 'train_state').glob('metadata')).read_text())

@@ -75,11 +75,10 @@ def test_switch_continues_the_run_and_resumes_across_it(tmp_path, capsys):
         assert record['learning_rate'] == pytest.approx(float(schedule(record['step'] - 1)), rel=1e-6)
     assert 'router/layers/0/ffn/entropy' in lory_log[0]
 
-    # Stop during the warm-up, then just after the switch, then finish.
-    first = train(tmp_path / 'resumed', dataclasses.replace(RUN, stop_at_step=2), LORY, DATA, MESH)
-    assert first['step'] == 2 and not (tmp_path / 'resumed' / 'checkpoints' / '2').exists()
-    second = train(tmp_path / 'resumed', dataclasses.replace(RUN, stop_at_step=4), LORY, DATA, MESH)
-    assert second['step'] == 4 and second['stopped'] == 'stop_at_step'
+    # Stop just after the switch (a warm-up and the switch in one invocation), then finish.
+    first = train(tmp_path / 'resumed', dataclasses.replace(RUN, stop_at_step=4), LORY, DATA, MESH)
+    assert first['step'] == 4 and first['stopped'] == 'stop_at_step'
+    assert not (tmp_path / 'resumed' / 'checkpoints' / '2').exists()  # the warm-up's checkpoints are its own
     assert train(tmp_path / 'resumed', RUN, LORY, DATA, MESH)['step'] == 6
     assert_same_state(tmp_path / 'straight' / 'checkpoints' / '6', tmp_path / 'resumed' / 'checkpoints' / '6')
     resumed_log = json.loads((tmp_path / 'resumed' / 'metrics.json').read_text())['train']

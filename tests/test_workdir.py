@@ -14,6 +14,8 @@ from bam_jax.models.config import LoryConfig, MoAConfig, MoEConfig, first_differ
 from bam_jax.train import train
 from bam_jax.workdir import files
 
+from helpers import shared
+
 BTX = ['gin/models/tiny.gin', 'gin/arch/btx.gin', 'gin/seed.gin']
 SMALL = ['ModelConfig.d_model = 32', 'ModelConfig.d_ff = 64', 'ModelConfig.num_layers = 2',
          'BATCH_SIZE = 8', 'SEQ_LEN = 64', 'TrainConfig.warmup_steps = 1', 'TrainConfig.eval_every = 100',
@@ -27,10 +29,8 @@ def train_run(workdir, steps, *bindings):
 
 @pytest.fixture(scope='module')
 def btx_run(tmp_path_factory):
-    """A tiny BTX run (top-2 routing) trained 2 steps."""
-    workdir = tmp_path_factory.mktemp('btx') / 'run'
-    train_run(workdir, 2)
-    return workdir
+    """A tiny BTX run (top-2 routing) trained 2 steps, made once for all the xdist workers."""
+    return shared(tmp_path_factory, 'workdir_btx_run', lambda d: train_run(d / 'run', 2)) / 'run'
 
 
 def test_settings_and_differences_by_hand():
