@@ -126,7 +126,14 @@ def test_damaged_init_checkpoint(seed_run, tmp_path):
             f.write_bytes(b'\0' * 16)
     proc = bam_jax(*BRANCH, "--gin.DOMAIN='code'", f"--gin.INIT_CHECKPOINT='{damaged}'",
                    f'--workdir={tmp_path / "w"}', check=False)
-    assert_one_line_error(proc, 'cannot read the parameters')
+    # A failed read can leave TensorStore callbacks that print, from a native thread, a traceback
+    # of Orbax's closed event loop (asyncio's call_soon_threadsafe), sometimes before the CLI
+    # silences stderr. That known noise aside, the error is one line and nothing else fails.
+    lines = proc.stderr.splitlines()
+    noise = [i for i, line in enumerate(lines) if line.startswith('Traceback')
+             and i + 1 < len(lines) and 'asyncio/base_events.py' in lines[i + 1]]
+    kept = '\n'.join(line for i, line in enumerate(lines) if i not in noise)
+    assert_one_line_error((proc.returncode, kept), 'cannot read the parameters')
 
 
 def test_workdir_of_a_different_model(seed_run):
