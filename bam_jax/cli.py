@@ -11,6 +11,9 @@
   bam-jax export-hf --workdir=DIR --out=DIR [--format=auto|llama|...|bam_jax] [--dtype=bfloat16|float32]
                     [--max_shard_mb=N] [--overwrite] [--gin.NAME=VALUE ...]
 
+train, eval and generate also take --distributed: join a multi-process job (a pod's hosts, or
+launch/run.sh --local_processes=N on one machine) through jax.distributed.initialize().
+
 Errors a user can fix print one line, `error: ...`, and exit with status 1.
 """
 
