@@ -8,6 +8,7 @@ import tempfile
 
 import gin
 
+from bam_jax import storage
 from bam_jax.errors import BamJaxError
 
 # The repository root holds gin/: files are found relative to the working directory first,
@@ -16,6 +17,10 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 def resolve_gin_file(name: str) -> str:
+    if storage.is_uri(name):  # a run's config.gin on remote storage
+        if not storage.path(name).is_file():
+            raise BamJaxError(f'gin file {name} not found')
+        return name
     for base in (pathlib.Path.cwd(), REPO_ROOT):
         path = base / name
         if path.is_file():
@@ -48,13 +53,14 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
 
 def _without_retired(path: str, copy: pathlib.Path) -> str:
     """path, or a copy of it at `copy` without the lines that bind retired settings (an older
-    run's operative config.gin), so older runs still evaluate and resume."""
+    run's operative config.gin), so older runs still evaluate and resume. gin reads local files
+    only: a remote file is always copied."""
     from bam_jax.models.config import RETIRED_SETTINGS
 
     retired = {f'{kind}.{name}' for kind, names in RETIRED_SETTINGS.items() for name in names}
-    lines = pathlib.Path(path).read_text().splitlines()
+    lines = storage.path(path).read_text().splitlines()
     kept = [line for line in lines if line.partition('=')[0].strip() not in retired]
-    if len(kept) == len(lines):
+    if len(kept) == len(lines) and not storage.is_uri(path):
         return path
     copy.write_text('\n'.join(kept) + '\n')
     return str(copy)
@@ -83,11 +89,12 @@ def _check_override_macros(bindings: list[str]) -> None:
         raise BamJaxError(f'gin: --gin.{name} sets a macro that no gin file reads ({hint})')
 
 
-def load_run_config(workdir: pathlib.Path, bindings: list[str]) -> None:
+def load_run_config(workdir: str | storage.Path, bindings: list[str]) -> None:
     """Parses a run directory's operative gin config (config.gin), or the model.gin of an
     upcycled or imported model that has not been trained, then the overrides."""
     from bam_jax.workdir import files
 
+    workdir = storage.path(workdir)
     if not workdir.is_dir():
         raise BamJaxError(f'workdir {workdir} does not exist')
     config = workdir / files.CONFIG

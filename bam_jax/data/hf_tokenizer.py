@@ -12,7 +12,6 @@ write_byte_tokenizer writes the tokenizer files of seqio.ByteVocabulary, bam_jax
 
 import json
 import os
-import shutil
 
 import numpy as np
 import seqio
@@ -20,6 +19,7 @@ import tensorflow as tf
 import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, processors
 
+from bam_jax import storage
 from bam_jax.errors import BamJaxError
 
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'tokenizer.model',
@@ -294,28 +294,29 @@ def write_byte_tokenizer(out_dir):
     `[0] + ByteVocabulary().encode(text)` (the text of special tokens too: split_special_tokens)
     and decodes ids as ByteVocabulary().decode does. The one difference: with
     skip_special_tokens=True the EOS is removed before the decoder sees it, so ids after an EOS are
-    decoded too, where ByteVocabulary stops at the EOS.
+    decoded too, where ByteVocabulary stops at the EOS. out_dir may be a URI (gs://...).
     """
-    os.makedirs(out_dir, exist_ok=True)
-    byte_tokenizer().save(os.path.join(out_dir, 'tokenizer.json'))
+    out = storage.path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    # to_str, as Tokenizer.save writes it, but through epath: save() only writes local files.
+    (out / 'tokenizer.json').write_text(byte_tokenizer().to_str(pretty=True), encoding='utf-8')
     special = {'bos_token': '<pad>', 'eos_token': '</s>', 'unk_token': '<unk>', 'pad_token': '<pad>'}
     config = {'tokenizer_class': 'PreTrainedTokenizerFast', **special, 'split_special_tokens': True,
               'clean_up_tokenization_spaces': False}
     for name, value in (('tokenizer_config.json', config), ('special_tokens_map.json', special)):
-        with open(os.path.join(out_dir, name), 'w', encoding='utf-8') as f:
-            json.dump(value, f, indent=2)
-            f.write('\n')
+        (out / name).write_text(json.dumps(value, indent=2) + '\n', encoding='utf-8')
     return ['tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json']
 
 
 def copy_tokenizer_files(src_dir, out_dir):
     """Copy the tokenizer files of a Hugging Face model directory (those of TOKENIZER_FILES that
-    exist) into `out_dir`; returns their names."""
-    if not os.path.isdir(src_dir):
+    exist) into `out_dir`; returns their names. Either directory may be a URI (gs://...)."""
+    src, out = storage.path(src_dir), storage.path(out_dir)
+    if not src.is_dir():
         raise BamJaxError(f'not a directory: {src_dir}')
-    names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src_dir, n))]
+    names = [n for n in TOKENIZER_FILES if (src / n).is_file()]
     if names:
-        os.makedirs(out_dir, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
     for name in names:
-        shutil.copyfile(os.path.join(src_dir, name), os.path.join(out_dir, name))
+        storage.copy_file(src / name, out / name)
     return names

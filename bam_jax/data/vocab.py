@@ -15,12 +15,13 @@ import os
 import seqio
 from google.protobuf import message
 
-from bam_jax.data.hf_tokenizer import HFTokenizerVocabulary
+from bam_jax import storage
+from bam_jax.data.hf_tokenizer import TOKENIZER_FILES, HFTokenizerVocabulary
 from bam_jax.errors import BamJaxError
 
 
 def _model_path(path):
-    return os.path.abspath(os.path.expanduser(str(path)))
+    return str(storage.path(path))
 
 
 def vocabulary_key(spm_path=None, tokenizer_path=None):
@@ -47,7 +48,7 @@ def _load(key):
     if kind == 'bytes':
         return seqio.ByteVocabulary()
     if kind == 'hf':
-        return HFTokenizerVocabulary(path)
+        return _hf_vocabulary(path)
     if not os.path.isfile(path):
         raise BamJaxError(f'SentencePiece model not found: {path}')
     vocab = seqio.SentencePieceVocabulary(path)
@@ -56,6 +57,21 @@ def _load(key):
     except (message.Error, RuntimeError, OSError) as e:
         raise BamJaxError(f'cannot load SentencePiece model {path}: {e}') from None
     return vocab
+
+
+def _hf_vocabulary(path: str) -> HFTokenizerVocabulary:
+    """The tokenizers library reads local files only: a tokenizer on remote storage is read from a
+    temporary copy (it is wholly in memory afterwards), and keeps its remote name."""
+    if not storage.is_uri(path):
+        return HFTokenizerVocabulary(path)
+    remote = storage.path(path)
+    directory, name = (remote, None) if remote.is_dir() else (remote.parent, remote.name)
+    if not (directory / (name or 'tokenizer.json')).exists():
+        raise BamJaxError(f'Hugging Face tokenizer not found: {path}')
+    with storage.local_copy(directory, [*TOKENIZER_FILES, 'generation_config.json', 'config.json']) as local:
+        vocabulary = HFTokenizerVocabulary(local / name if name else local)
+    vocabulary.directory, vocabulary.path = str(directory), str(directory / (name or 'tokenizer.json'))
+    return vocabulary
 
 
 def start_id(vocabulary):

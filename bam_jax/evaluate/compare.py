@@ -19,19 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import sys
 
+from bam_jax import storage
 from bam_jax.errors import BamJaxError
 from bam_jax.workdir import files, write_json_atomic
 
 
-def final_perplexities(workdir: pathlib.Path) -> dict[str, float]:
+def final_perplexities(workdir: storage.Path) -> dict[str, float]:
     """{domain: perplexity} from the run's eval.json, or its last validation in metrics.json."""
-    evaluated = pathlib.Path(workdir) / files.EVAL
+    evaluated = storage.path(workdir) / files.EVAL
     if evaluated.is_file():
         return json.loads(evaluated.read_text())['perplexity']
-    path = pathlib.Path(workdir) / files.METRICS
+    path = storage.path(workdir) / files.METRICS
     if not path.is_file():
         raise BamJaxError(f'{workdir} has no {files.METRICS}: has the run trained?')
     evals = json.loads(path.read_text()).get('eval', [])
@@ -41,10 +41,10 @@ def final_perplexities(workdir: pathlib.Path) -> dict[str, float]:
     return {key[:-len('/perplexity')]: value for key, value in last.items() if key.endswith('/perplexity')}
 
 
-def downstream_scores(workdir: pathlib.Path) -> dict[str, float]:
+def downstream_scores(workdir: storage.Path) -> dict[str, float]:
     """{task: its primary score} from the run's eval.json (`bam-jax eval --tasks`), groups left
     out, plus 'average' over the tasks; {} when the run has none."""
-    evaluated = pathlib.Path(workdir) / files.EVAL
+    evaluated = storage.path(workdir) / files.EVAL
     tasks = json.loads(evaluated.read_text()).get('tasks', {}) if evaluated.is_file() else {}
     scores = {name: record[record['primary']] for name, record in tasks.items()
               if not record.get('group') and record.get('primary') in record}
@@ -75,8 +75,8 @@ def order_check(table: dict, rerun_table: dict, order: list[str], higher_is_bett
     }
 
 
-def comparison(runs: dict[str, pathlib.Path], orders: list[list[str]] = (),
-               reruns: dict[str, pathlib.Path] | None = None) -> dict:
+def comparison(runs: dict[str, storage.Path], orders: list[list[str]] = (),
+               reruns: dict[str, storage.Path] | None = None) -> dict:
     """Per-run perplexities, for each run named like a domain whether it is best there, how much
     each rerun ({run name: workdir of its rerun}) moved, and each order's check."""
     reruns = reruns or {}
@@ -142,13 +142,13 @@ def verdicts(result: dict) -> list[str]:
     return lines
 
 
-def _named_paths(specs: list[str], flag: str) -> dict[str, pathlib.Path]:
+def _named_paths(specs: list[str], flag: str) -> dict[str, storage.Path]:
     named = {}
     for spec in specs:
         name, eq, path = spec.partition('=')
         if not eq or not name:
             raise BamJaxError(f'{flag} takes NAME=WORKDIR, got {spec!r}')
-        named[name] = pathlib.Path(path)
+        named[name] = storage.path(path)
     return named
 
 
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     except BamJaxError as e:
         print(f'error: {e}', file=sys.stderr)
         return 1
-    out = pathlib.Path(args.out)
+    out = storage.path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(result)
     (out / 'comparison.md').write_text(text + '\n\n' + '\n'.join(f'- {line}' for line in verdicts(result)) + '\n')

@@ -11,13 +11,12 @@ evaluated in one call; runs with the same data settings share their validation b
 from __future__ import annotations
 
 import json
-import pathlib
 import sys
 from collections.abc import Sequence
 
 import jax
 
-from bam_jax import data
+from bam_jax import data, storage
 from bam_jax.evaluate.routing_map import save_routing_map
 from bam_jax.generate import LanguageModel
 from bam_jax.gin_config import load_run_config
@@ -28,7 +27,7 @@ from bam_jax.train.validation import ValidationBatches, validate
 from bam_jax.workdir import files, write_json_atomic
 
 
-def evaluate_run(workdir: str | pathlib.Path, batches: ValidationBatches | None = None, progress=print,
+def evaluate_run(workdir: str | storage.Path, batches: ValidationBatches | None = None, progress=print,
                  tasks: Sequence[str] = (), num_fewshot: int | None = None, limit: int | None = None) -> dict:
     """Evaluates the latest checkpoint of `workdir` under the gin config already parsed.
 
@@ -82,12 +81,12 @@ def format_routing(result: dict) -> str:
     return '\n'.join(lines)
 
 
-def eval_command(workdirs: Sequence[str | pathlib.Path], bindings: list[str], as_json: bool = False,
+def eval_command(workdirs: Sequence[str | storage.Path], bindings: list[str], as_json: bool = False,
                  tasks: Sequence[str] = (), num_fewshot: int | None = None, limit: int | None = None) -> list[dict]:
     """`bam-jax eval`: evaluate each run, print (tables, or one JSON object per line on stdout),
     save its eval.json and routing map. Every workdir, and every task name, is checked before any
     run is evaluated."""
-    workdirs = [pathlib.Path(w).absolute() for w in workdirs]
+    workdirs = [storage.path(w) for w in workdirs]
     for workdir in workdirs:
         load_run_config(workdir, bindings)
     if tasks:

@@ -21,13 +21,13 @@ start token before every text:
 
 from __future__ import annotations
 
-import pathlib
 import sys
 from collections.abc import Callable
 
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from bam_jax import storage
 from bam_jax.errors import BamJaxError
 from bam_jax.generate import LanguageModel
 from bam_jax.generate.sampling import GREEDY, Sampling
@@ -54,7 +54,7 @@ class BamJaxLM(LM):
             if workdir is None:
                 raise BamJaxError('the bam_jax harness model needs model_args workdir=DIR')
             from bam_jax.gin_config import load_run_config
-            load_run_config(pathlib.Path(workdir).absolute(), [b for b in gin.split(';') if b.strip()])
+            load_run_config(storage.path(workdir), [b for b in gin.split(';') if b.strip()])
             lm = LanguageModel.restore(workdir, progress, batch_size=size)
         self.lm, self.progress = lm, progress
 

@@ -3,9 +3,9 @@ tokens each expert receives, one row of panels for FFN experts and one for atten
 
 from __future__ import annotations
 
-import pathlib
-
 import numpy as np
+
+from bam_jax import storage
 
 
 def routing_matrices(routing: dict) -> dict[str, dict[str, np.ndarray]]:
@@ -20,8 +20,8 @@ def routing_matrices(routing: dict) -> dict[str, dict[str, np.ndarray]]:
     return matrices
 
 
-def save_routing_map(routing: dict, path: pathlib.Path, title: str = '') -> pathlib.Path | None:
-    """Writes the PNG; None (nothing written) for a dense model."""
+def save_routing_map(routing: dict, path: storage.Path, title: str = '') -> storage.Path | None:
+    """Writes the PNG (path: local or a URI); None (nothing written) for a dense model."""
     matrices = routing_matrices(routing)
     if not matrices:
         return None
@@ -50,6 +50,7 @@ def save_routing_map(routing: dict, path: pathlib.Path, title: str = '') -> path
     fig.colorbar(image, ax=axes, shrink=0.8, label='fraction of tokens (soft routing, Lory: mean weight)')
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=110)
+    with path.open('wb') as f:  # through epath, so a bucket works too
+        fig.savefig(f, format='png', dpi=110)
     plt.close(fig)
     return path

@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import json
-import pathlib
 import sys
 from collections.abc import Sequence
 
 import jax
 
+from bam_jax import storage
 from bam_jax.errors import BamJaxError
 from bam_jax.generate.lm import Completion, LanguageModel
 from bam_jax.generate.sampling import GREEDY, Sampling
 from bam_jax.gin_config import load_run_config
 
 
-def read_prompts(path: str | pathlib.Path) -> list[str]:
-    """A JSONL file: one prompt per line, as {"prompt": "..."} or a JSON string. Blank lines skip."""
-    path = pathlib.Path(path)
+def read_prompts(path: str | storage.Path) -> list[str]:
+    """A JSONL file (local or a URI): one prompt per line, as {"prompt": "..."} or a JSON string.
+    Blank lines skip."""
+    path = storage.Path(path)  # not made absolute: messages name the file as given
     if not path.is_file():
         raise BamJaxError(f'prompts file {path} does not exist')
     prompts = []
@@ -37,7 +38,7 @@ def read_prompts(path: str | pathlib.Path) -> list[str]:
     return prompts
 
 
-def generate_command(workdir: str | pathlib.Path, bindings: list[str], prompts: Sequence[str], *,
+def generate_command(workdir: str | storage.Path, bindings: list[str], prompts: Sequence[str], *,
                      max_new_tokens: int = 64, sampling: Sampling = GREEDY, seed: int = 0,
                      stop: Sequence[str] = (), batch_size: int = 16, as_json: bool = False) -> list[Completion]:
     """Prints each prompt's completion (or, with as_json, one JSON object per line on stdout);
@@ -45,7 +46,7 @@ def generate_command(workdir: str | pathlib.Path, bindings: list[str], prompts: 
     for i, prompt in enumerate(prompts):
         if not prompt:
             raise BamJaxError(f'prompt {i} is empty')
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = storage.path(workdir)
     load_run_config(workdir, bindings)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     model = LanguageModel.restore(workdir, progress=log, batch_size=batch_size)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import pathlib
 from collections.abc import Callable, Sequence
 
 import jax
@@ -17,7 +16,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from bam_jax import data
+from bam_jax import data, storage
 from bam_jax.errors import BamJaxError
 from bam_jax.generate.engine import Engine
 from bam_jax.generate.sampling import GREEDY, Sampling
@@ -62,19 +61,19 @@ class LanguageModel:
         self.vocabulary, self.max_length, self.batch_size = vocabulary, max_length, batch_size
         self.start_id = data.start_id(vocabulary)
         self.engine = Engine(graphdef, config, mesh)
-        self.step_dir: pathlib.Path | None = None  # set by restore
+        self.step_dir: storage.Path | None = None  # set by restore
         self.settings_changed: dict = {}
         self._score = jax.jit(functools.partial(_score, graphdef))
 
     @classmethod
-    def restore(cls, workdir: str | pathlib.Path, progress: Callable[[str], None] | None = None,
+    def restore(cls, workdir: str | storage.Path, progress: Callable[[str], None] | None = None,
                 batch_size: int = 16) -> LanguageModel:
         """The latest checkpoint of `workdir` under the gin config already parsed (the run's own
         config.gin plus overrides: gin_config.load_run_config)."""
         from bam_jax.models.config import describe_changes
         from bam_jax.train.config import TrainConfig
 
-        step_dir = resolve_checkpoint(pathlib.Path(workdir).absolute(), 'workdir')
+        step_dir = resolve_checkpoint(storage.path(workdir), 'workdir')
         config = ModelConfig()
         changed = check_model(config, step_dir, f'checkpoint {step_dir}')
         if changed and progress:

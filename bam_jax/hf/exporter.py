@@ -17,15 +17,15 @@ export.json (what was exported from where), and for bam_jax the modeling files.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import pathlib
-import shutil
+import os
 import time
 
 import ml_dtypes
 import numpy as np
 
-from bam_jax import data, gin_config, workdir
+from bam_jax import data, gin_config, storage, workdir
 from bam_jax.errors import BamJaxError
 from bam_jax.hf import families, remote
 from bam_jax.hf.importer import IMPORT_RECORD
@@ -89,7 +89,13 @@ def choose_format(config: ModelConfig, requested: str, origin: str | None) -> st
 
 # --- where a run came from ----------------------------------------------------------------------
 
-def import_record(directory: pathlib.Path, depth: int = 8) -> dict | None:
+def _same_place(a: storage.Path, b: storage.Path) -> bool:
+    if storage.is_uri(a) or storage.is_uri(b):
+        return os.fspath(a) == os.fspath(b)
+    return os.path.realpath(a) == os.path.realpath(b)  # links followed, as pathlib's resolve()
+
+
+def import_record(directory: storage.Path, depth: int = 8) -> dict | None:
     """The import.json of the Hugging Face model a run descends from, following its
     INIT_CHECKPOINT and an upcycled model's inputs (the first that has one); None if none does."""
     if depth == 0 or not directory.is_dir():
@@ -97,12 +103,12 @@ def import_record(directory: pathlib.Path, depth: int = 8) -> dict | None:
     if (directory / IMPORT_RECORD).is_file():
         return json.loads((directory / IMPORT_RECORD).read_text())
     inits = files.string_bindings(directory, 'INIT_CHECKPOINT', 'TrainConfig.init_checkpoint')
-    parents = [pathlib.Path(p) for p in inits]
+    parents = [storage.path(p) for p in inits]
     if (directory / files.UPCYCLE).is_file():
         inputs = json.loads((directory / files.UPCYCLE).read_text())['inputs']
-        parents += [pathlib.Path(i['step_dir']).parents[1] for i in inputs]  # <workdir>/checkpoints/<step>
+        parents += [storage.path(i['step_dir']).parents[1] for i in inputs]  # <workdir>/checkpoints/<step>
     for parent in parents:
-        if parent.resolve() != directory.resolve():
+        if not _same_place(parent, directory):
             found = import_record(parent, depth - 1)
             if found:
                 return found
@@ -145,15 +151,15 @@ def _tensor_specs(config: ModelConfig, fmt: str, shapes: dict, reader: stream.Ch
     return specs
 
 
-def _write_tokenizer(out: pathlib.Path, data_config) -> list[str]:
+def _write_tokenizer(out: storage.Path, data_config) -> list[str]:
     if data_config.tokenizer_path:
-        return data.copy_tokenizer_files(pathlib.Path(data_config.tokenizer_path), out)
+        return data.copy_tokenizer_files(storage.path(data_config.tokenizer_path), out)
     if data_config.spm_path:  # no exact Hugging Face form is written for a SentencePiece vocabulary
         return []
     return data.write_byte_tokenizer(out)
 
 
-def export_hf(run: str | pathlib.Path, out: str | pathlib.Path, *, fmt: str = 'auto', dtype: str = 'bfloat16',
+def export_hf(run: str | storage.Path, out: str | storage.Path, *, fmt: str = 'auto', dtype: str = 'bfloat16',
               bindings: list[str] = (), overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
               progress: bool = True) -> dict:
     """Exports the latest checkpoint of `run` (under its config.gin plus bindings: the routing
@@ -161,8 +167,7 @@ def export_hf(run: str | pathlib.Path, out: str | pathlib.Path, *, fmt: str = 'a
     from bam_jax.train.config import TrainConfig
 
     start = time.perf_counter()
-    run = pathlib.Path(run).expanduser().absolute()
-    out = pathlib.Path(out).expanduser().absolute()
+    run, out = storage.path(run), storage.path(out)
     if dtype not in DTYPES:
         raise BamJaxError(f'--dtype={dtype!r} is not one of {tuple(DTYPES)}')
     gin_config.load_run_config(run, list(bindings))
@@ -208,7 +213,8 @@ def export_hf(run: str | pathlib.Path, out: str | pathlib.Path, *, fmt: str = 'a
         }
         workdir.write_json_atomic(tmp / EXPORT_RECORD, record)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            storage.remove(tmp)
         raise
     stream.publish(tmp, out, 'export')
     return record

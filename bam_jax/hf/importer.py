@@ -14,19 +14,18 @@ near the largest tensor.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import pathlib
-import shutil
 import time
 
 import numpy as np
 
-from bam_jax import workdir
+from bam_jax import storage, workdir
 from bam_jax.data import copy_tokenizer_files
 from bam_jax.errors import BamJaxError
 from bam_jax.hf import families
-from bam_jax.hf.safetensors_files import SafetensorsReader
+from bam_jax.hf.safetensors_files import SafetensorsReader, weight_files
 from bam_jax.models import abstract_model, flatten, split_params
 from bam_jax.upcycle.gin_file import model_gin
 from bam_jax.workdir import files, stream
@@ -39,7 +38,7 @@ DTYPES = ('float32', 'bfloat16')
 DEFAULT_SEQ_LEN = 2048
 
 
-def read_hf_config(hf_dir: pathlib.Path) -> dict:
+def read_hf_config(hf_dir: storage.Path) -> dict:
     path = hf_dir / 'config.json'
     if not hf_dir.is_dir():
         raise BamJaxError(f'{hf_dir} is not a directory')
@@ -67,12 +66,11 @@ def _hf_tensors(reader: SafetensorsReader, mapping: list[families.Tensor], famil
     return mapping
 
 
-def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, dtype: str = 'float32',
+def import_hf(hf_dir: str | storage.Path, out: str | storage.Path, *, dtype: str = 'float32',
               overwrite: bool = False, progress: bool = True) -> dict:
     """Imports the model in hf_dir into out; returns the record also saved as OUT/import.json."""
     start = time.perf_counter()
-    hf_dir = pathlib.Path(hf_dir).expanduser().absolute()
-    out = pathlib.Path(out).expanduser().absolute()
+    hf_dir, out = storage.path(hf_dir), storage.path(out)
     if dtype not in DTYPES:
         raise BamJaxError(f'--dtype={dtype!r} is not one of {DTYPES}')
     hf = read_hf_config(hf_dir)
@@ -81,10 +79,29 @@ def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, dtype: str
     if not tokenizer.is_file():
         raise BamJaxError(f'{hf_dir} has no tokenizer.json (the model\'s Hugging Face tokenizer)')
     stream.check_output(out, overwrite)
-    reader = SafetensorsReader(hf_dir)
+    # safetensors memory-maps its files: a remote model's weights are downloaded first.
+    with storage.local_copy(hf_dir, weight_files(hf_dir)) as local:
+        reader = SafetensorsReader(local, source=hf_dir)
+        mapping = _hf_tensors(reader, families.tensors(config, family), family, config.tie_embeddings)
+        tmp = stream.staging_dir(out, 'import')
+        try:
+            record = _write_import(tmp, out, hf_dir, hf, reader, mapping, config, family, dtype, progress)
+            record['seconds'] = time.perf_counter() - start
+            workdir.write_json_atomic(tmp / IMPORT_RECORD, record)
+        except BaseException:  # a damaged input, an interrupt: leave nothing behind
+            with contextlib.suppress(OSError):
+                storage.remove(tmp)
+            raise
+    stream.publish(tmp, out, 'import')
+    return record
+
+
+def _write_import(tmp: storage.Path, out: storage.Path, hf_dir: storage.Path, hf: dict,
+                  reader: SafetensorsReader, mapping: list[families.Tensor], config, family: str,
+                  dtype: str, progress: bool) -> dict:
+    """Writes the checkpoint, model.gin and tokenizer into tmp; returns the import record."""
     _, abstract = split_params(abstract_model(config))
     shapes = {path: tuple(v.shape) for path, v in flatten(abstract).items()}
-    mapping = _hf_tensors(reader, families.tensors(config, family), family, config.tie_embeddings)
 
     def converted():
         for tensor in stream.progress_bar(mapping, f'import {family}', 'tensor', progress):
@@ -95,26 +112,18 @@ def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, dtype: str
                                   f'{tensor.hf_shape(shape)}')
             yield tensor.bam, tensor.to_bam(hf_value, shape).astype(dtype, order='C')  # one copy, transposed
 
-    tmp = stream.staging_dir(out, 'import')
-    try:
-        largest = max(math.prod(s) for s in shapes.values()) * np.dtype(dtype).itemsize
-        written, _ = stream.write_params(tmp, converted(), budget=largest)
-        stream.write_model_config(tmp, config)
-        copied = copy_tokenizer_files(hf_dir, tmp / TOKENIZER_DIR)
-        seq_len = min(int(hf.get('max_position_embeddings') or DEFAULT_SEQ_LEN), DEFAULT_SEQ_LEN)
-        gin = model_gin(config, out, f'bam-jax import-hf --hf_dir={hf_dir}', tokenizer=out / TOKENIZER_DIR)
-        gin += ('# The length eval and generate read; a training stage sets its own (SEQ_LEN).\n'
-                f'TrainConfig.seq_len = {seq_len}\n')
-        (tmp / files.MODEL_GIN).write_text(gin)
-        record = {
-            'source': str(hf_dir), 'architecture': families.ARCHITECTURE[family], 'family': family,
-            'dtype': dtype, 'tensors': len(mapping), 'bytes_read': reader.bytes_read, 'bytes_written': written,
-            'largest_tensor_bytes': largest, 'tokenizer_files': copied, 'model': config.to_dict(),
-            'hf_config': hf, 'seconds': time.perf_counter() - start,
-        }
-        workdir.write_json_atomic(tmp / IMPORT_RECORD, record)
-    except BaseException:  # a damaged input, an interrupt: leave nothing behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    stream.publish(tmp, out, 'import')
-    return record
+    largest = max(math.prod(s) for s in shapes.values()) * np.dtype(dtype).itemsize
+    written, _ = stream.write_params(tmp, converted(), budget=largest)
+    stream.write_model_config(tmp, config)
+    copied = copy_tokenizer_files(hf_dir, tmp / TOKENIZER_DIR)
+    seq_len = min(int(hf.get('max_position_embeddings') or DEFAULT_SEQ_LEN), DEFAULT_SEQ_LEN)
+    gin = model_gin(config, out, f'bam-jax import-hf --hf_dir={hf_dir}', tokenizer=out / TOKENIZER_DIR)
+    gin += ('# The length eval and generate read; a training stage sets its own (SEQ_LEN).\n'
+            f'TrainConfig.seq_len = {seq_len}\n')
+    (tmp / files.MODEL_GIN).write_text(gin)
+    return {
+        'source': str(hf_dir), 'architecture': families.ARCHITECTURE[family], 'family': family,
+        'dtype': dtype, 'tensors': len(mapping), 'bytes_read': reader.bytes_read, 'bytes_written': written,
+        'largest_tensor_bytes': largest, 'tokenizer_files': copied, 'model': config.to_dict(),
+        'hf_config': hf,
+    }

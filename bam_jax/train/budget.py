@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 
+from bam_jax import storage
 from bam_jax.errors import BamJaxError
 from bam_jax.models.config import ModelConfig
 from bam_jax.models.flops import train_flops_per_token
@@ -28,8 +28,8 @@ def run_budget(config: TrainConfig, model: ModelConfig, steps: int) -> dict:
             'flops_per_token': flops_per_token, 'flops': steps * tokens_per_step * flops_per_token}
 
 
-def read_budget(workdir: str | pathlib.Path) -> dict:
-    path = pathlib.Path(workdir).expanduser() / files.BUDGET
+def read_budget(workdir: str | storage.Path) -> dict:
+    path = storage.path(workdir) / files.BUDGET
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -59,7 +59,7 @@ def resolve_train_steps(config: TrainConfig, model: ModelConfig) -> TrainConfig:
     return dataclasses.replace(config, train_steps=steps)
 
 
-def write_budget(workdir: pathlib.Path, config: TrainConfig, model: ModelConfig, steps: int) -> None:
+def write_budget(workdir: storage.Path, config: TrainConfig, model: ModelConfig, steps: int) -> None:
     """Records what the run has trained; 'finished' once it reached its train_steps."""
     write_json_atomic(workdir / files.BUDGET, {**run_budget(config, model, steps),
                                               'finished': steps >= config.train_steps})

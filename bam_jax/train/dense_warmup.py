@@ -20,7 +20,6 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from bam_jax import data
 from bam_jax.models import abstract_model, param_shardings, split_params
 from bam_jax.models.config import ModelConfig
 from bam_jax.models.params import flatten, unflatten
@@ -57,7 +56,7 @@ def _restore_dense(run: Run, dense_dir, step: int):
     with RunCheckpoints(dense_dir, run.config.keep_checkpoints) as checkpoints:
         params, opt_state, train_state, data_files = checkpoints.restore(
             step, params, shardings, opt_state, opt_shardings(run.optimizer, opt_state, shardings, run.mesh),
-            data.stream_state_prefixes(run.data, jax.process_index(), jax.process_count()))
+            run.data_state_prefixes)
     return params, opt_state, int(train_state['data_position']), data_files
 
 

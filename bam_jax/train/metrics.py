@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
 
 import jax
 import numpy as np
 
+from bam_jax import storage
 from bam_jax.workdir import files, write_json_atomic
 
 
@@ -24,8 +24,8 @@ class MetricsLog:
     On resume, records after the restored step are dropped so the log matches the state.
     """
 
-    def __init__(self, workdir: pathlib.Path, resume_step: int):
-        self.path = pathlib.Path(workdir) / files.METRICS
+    def __init__(self, workdir: storage.Path, resume_step: int):
+        self.path = storage.path(workdir) / files.METRICS
         self.enabled = jax.process_index() == 0
         self.records = {'train': [], 'eval': [], 'settings': []}
         if self.path.exists():
@@ -38,7 +38,7 @@ class MetricsLog:
         self._writer = None
         if self.enabled:
             from tensorboardX import SummaryWriter
-            self._writer = SummaryWriter(str(pathlib.Path(workdir) / files.TENSORBOARD))
+            self._writer = SummaryWriter(str(storage.path(workdir) / files.TENSORBOARD))
 
     def train(self, step: int, values: dict[str, float]) -> None:
         self._add('train', step, values)

@@ -8,7 +8,6 @@ split) and writes nothing.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 from typing import Any
 
 import jax
@@ -16,7 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from bam_jax import data
+from bam_jax import data, storage
 from bam_jax.errors import BamJaxError
 from bam_jax.models import ModelConfig, abstract_model, param_shardings, split_params
 from bam_jax.parallel import MeshConfig, batch_sharding, create_mesh, replicated
@@ -28,7 +27,7 @@ from bam_jax.train.optimizer import make_optimizer
 @dataclasses.dataclass(frozen=True)
 class Run:
     """What `train` needs besides the start state. Fields with `abstract_` hold ShapeDtypeStructs."""
-    workdir: pathlib.Path
+    workdir: storage.Path
     config: TrainConfig
     model: ModelConfig
     data: data.DataConfig
@@ -62,11 +61,16 @@ class Run:
         shardings = param_shardings(abstract, mesh)
         optimizer = make_optimizer(config)
         abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-        return cls(workdir=pathlib.Path(workdir).absolute(), config=config, model=model, data=data_config,
+        return cls(workdir=storage.path(workdir), config=config, model=model, data=data_config,
                    mesh_config=mesh_config, mesh=mesh, graphdef=graphdef, abstract_params=abstract_params,
                    param_shardings=shardings, optimizer=optimizer, abstract_opt_state=abstract_opt,
                    opt_shardings=opt_shardings(optimizer, abstract_opt, shardings, mesh),
                    batch_sharding=batch_sharding(mesh))
+
+    @property
+    def data_state_prefixes(self) -> tuple[str, ...]:
+        """The names of this process's files in a checkpoint's `data` item."""
+        return data.stream_state_prefixes(self.data, jax.process_index(), jax.process_count())
 
 
 def opt_shardings(optimizer, abstract_opt_state, shardings, mesh):

@@ -8,12 +8,11 @@ workdir; calling what it returns builds the start state.
 from __future__ import annotations
 
 import functools
-import pathlib
 from collections.abc import Callable
 
 import jax
 
-from bam_jax import data
+from bam_jax import storage
 from bam_jax.errors import BamJaxError
 from bam_jax.models import init_params
 from bam_jax.models.config import describe_changes
@@ -35,20 +34,20 @@ def choose(run: Run, train_fn: Callable) -> Callable[[], StartState | dict]:
     return functools.partial(fresh, run, init_checkpoint(run))
 
 
-def resume(run: Run, step_dir: pathlib.Path, settings_changed: dict) -> StartState:
+def resume(run: Run, step_dir: storage.Path, settings_changed: dict) -> StartState:
     """Parameters, optimizer state and data position of the run's own checkpoint."""
     step = int(step_dir.name)
     with RunCheckpoints(run.workdir, run.config.keep_checkpoints) as checkpoints:
         params, opt_state, train_state, data_files = checkpoints.restore(
             step, run.abstract_params, run.param_shardings, run.abstract_opt_state, run.opt_shardings,
-            data.stream_state_prefixes(run.data, jax.process_index(), jax.process_count()))
+            run.data_state_prefixes)
     print(f'resuming {run.workdir} from step {step}')
     if settings_changed:
         print(f'settings changed since that checkpoint: {describe_changes(settings_changed)}')
     return StartState(step, params, opt_state, int(train_state['data_position']), data_files, settings_changed)
 
 
-def fresh(run: Run, init_dir: pathlib.Path | None) -> StartState:
+def fresh(run: Run, init_dir: storage.Path | None) -> StartState:
     """Step 0 with a fresh optimizer: parameters from init_dir, or random from the run's seed."""
     if init_dir is not None:
         print(f'initialising parameters from {init_dir}')
@@ -59,7 +58,7 @@ def fresh(run: Run, init_dir: pathlib.Path | None) -> StartState:
     return StartState(0, params, opt_state, 0)
 
 
-def init_checkpoint(run: Run) -> pathlib.Path | None:
+def init_checkpoint(run: Run) -> storage.Path | None:
     """The checkpoint whose parameters (not optimizer state) start this run, checked; None: random init."""
     if not run.config.init_checkpoint:
         if run.config.init_required:

@@ -4,8 +4,8 @@ it. Routing and the other settings are left to the run's gin files (gin/routing/
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 
+from bam_jax import storage
 from bam_jax.models.config import ModelConfig
 
 # Sub-configs of ModelConfig: each is bound as @Kind() or None, so the file says which layers it has.
@@ -16,8 +16,8 @@ def _bindings(name: str, config, fields) -> list[str]:
     return [f'{name}.{field} = {getattr(config, field)!r}' for field in fields]
 
 
-def model_gin(config: ModelConfig, checkpoint: pathlib.Path, written_by: str,
-              tokenizer: pathlib.Path | None = None) -> str:
+def model_gin(config: ModelConfig, checkpoint: storage.Path, written_by: str,
+              tokenizer: storage.Path | None = None) -> str:
     """ModelConfig's fields and the expert layers' architecture (MoEConfig, MoAConfig,
     LoryConfig), INIT_CHECKPOINT, and the model's Hugging Face tokenizer (if it has one: the
     vocabulary its data must be read with), as a gin file's text."""

@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import json
 import math
-import pathlib
-import shutil
 import time
 
 import numpy as np
 
-from bam_jax import workdir
+from bam_jax import storage, workdir
 from bam_jax.errors import BamJaxError
 from bam_jax.models.config import ModelConfig, first_difference
 from bam_jax.upcycle.core import UpcycleSpec, build, model_config, plan
@@ -35,7 +33,7 @@ from bam_jax.workdir import files, stream
 STEP = 0
 
 
-def _read_input(directory: str, what: str) -> tuple[pathlib.Path, ModelConfig, dict]:
+def _read_input(directory: str, what: str) -> tuple[storage.Path, ModelConfig, dict]:
     step_dir = workdir.resolve_checkpoint(directory, what)
     config = workdir.read_model_config(step_dir)
     if config.moe is not None or config.moa is not None or config.lory is not None:
@@ -43,13 +41,13 @@ def _read_input(directory: str, what: str) -> tuple[pathlib.Path, ModelConfig, d
     return step_dir, config, workdir.read_param_shapes(step_dir)
 
 
-def _tokenizer(inputs: list[tuple[str, pathlib.Path, ModelConfig, dict]]) -> pathlib.Path | None:
+def _tokenizer(inputs: list[tuple[str, storage.Path, ModelConfig, dict]]) -> storage.Path | None:
     """The Hugging Face tokenizer the dense models read their data with (DataConfig.tokenizer_path
     in their gin config), the same for all of them; None for bam_jax's own vocabularies."""
     found = []
     for name, step_dir, _, _ in inputs:
         paths = files.string_bindings(step_dir.parents[1], 'DataConfig.tokenizer_path')  # <run>/checkpoints/<step>
-        found.append((name, pathlib.Path(paths[-1]) if paths else None))
+        found.append((name, storage.path(paths[-1]) if paths else None))
 
     def content(path):  # the parsed tokenizer.json: formatting aside, the same tokenizer
         return None if path is None else json.loads((path / 'tokenizer.json' if path.is_dir() else path).read_text())
@@ -61,7 +59,7 @@ def _tokenizer(inputs: list[tuple[str, pathlib.Path, ModelConfig, dict]]) -> pat
     return first
 
 
-def _check_same_architecture(inputs: list[tuple[str, pathlib.Path, ModelConfig, dict]]) -> None:
+def _check_same_architecture(inputs: list[tuple[str, storage.Path, ModelConfig, dict]]) -> None:
     """Raises naming the first difference between the first input and any other."""
     first_name, _, first_config, first_shapes = inputs[0]
     for name, _, config, shapes in inputs[1:]:
@@ -97,7 +95,7 @@ def _expert_models(method: str, num_models: int, skip_seed: bool, num_experts: i
     return expert_models
 
 
-def upcycle_checkpoints(method: str, experts: list[str], out: str | pathlib.Path, *, seed: str | None = None,
+def upcycle_checkpoints(method: str, experts: list[str], out: str | storage.Path, *, seed: str | None = None,
                         seed_expert: bool = True, overwrite: bool = False, num_experts: int = 4,
                         expert_split: int = 1, router_seed: int = 0,
                         progress: bool = True) -> dict:
@@ -108,7 +106,7 @@ def upcycle_checkpoints(method: str, experts: list[str], out: str | pathlib.Path
     sparse_upcycle give exactly one model (seed or expert); it is copied into num_experts experts.
     """
     start = time.perf_counter()
-    out = pathlib.Path(out).expanduser().absolute()
+    out = storage.path(out)
     named = ([('seed', seed)] if seed else []) + [(d, d) for d in experts]
     expert_models = _expert_models(method, len(named), seed is not None and not seed_expert, num_experts)
     spec = UpcycleSpec(method, len(named), expert_models, expert_split, router_seed)
@@ -143,7 +141,7 @@ def upcycle_checkpoints(method: str, experts: list[str], out: str | pathlib.Path
         }
         workdir.write_json_atomic(tmp / files.UPCYCLE, summary)
     except BaseException:  # a damaged input, an interrupt: leave nothing behind
-        shutil.rmtree(tmp, ignore_errors=True)
+        storage.remove(tmp)
         raise
     stream.publish(tmp, out, 'upcycle')
     return summary

@@ -15,23 +15,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import pathlib
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
+from bam_jax import storage
 from bam_jax.errors import BamJaxError
 from bam_jax.models import ModelConfig, abstract_model, flatten, split_params
 from bam_jax.models.config import first_difference, setting_changes
 from bam_jax.workdir.files import CHECKPOINTS
 
 
-def _is_step_dir(path: pathlib.Path) -> bool:
+def _is_step_dir(path: storage.Path) -> bool:
     return (path / 'params').is_dir() and (path / 'model').is_dir()
 
 
-def latest_step_dir(directory: pathlib.Path) -> pathlib.Path | None:
+def latest_step_dir(directory: storage.Path) -> storage.Path | None:
     """The newest finished step directory under `directory`, or None."""
     if not directory.is_dir():
         return None
@@ -39,12 +39,12 @@ def latest_step_dir(directory: pathlib.Path) -> pathlib.Path | None:
     return max(steps, key=lambda p: int(p.name)) if steps else None
 
 
-def resolve_checkpoint(path: str | pathlib.Path, what: str = 'checkpoint') -> pathlib.Path:
+def resolve_checkpoint(path: str | storage.Path, what: str = 'checkpoint') -> storage.Path:
     """The step directory for a run's workdir, its checkpoints/ dir, or a step dir itself.
 
     A workdir or checkpoints dir gives its latest finished step. Raises BamJaxError otherwise.
     """
-    path = pathlib.Path(path).expanduser().absolute()
+    path = storage.path(path)
     if not path.exists():
         raise BamJaxError(f'{what} {path} does not exist')
     if not path.is_dir():
@@ -62,7 +62,7 @@ def resolve_checkpoint(path: str | pathlib.Path, what: str = 'checkpoint') -> pa
                       f'under it or under {path / CHECKPOINTS}')
 
 
-def read_model_config(step_dir: pathlib.Path) -> ModelConfig:
+def read_model_config(step_dir: storage.Path) -> ModelConfig:
     try:
         with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
             values = checkpointer.restore(step_dir / 'model')
@@ -82,7 +82,7 @@ def _absl_errors_only():
         logger.setLevel(level)
 
 
-def read_param_shapes(step_dir: pathlib.Path) -> dict[str, Any]:
+def read_param_shapes(step_dir: storage.Path) -> dict[str, Any]:
     """{path: (shape, dtype)} of the stored parameters, read from metadata only."""
     try:
         # Orbax warns that a lone item has no step-level metadata file; that is expected here.
@@ -108,7 +108,7 @@ def _check_same_params(expected: dict[str, Any], found: dict[str, Any], source: 
                               f'this model needs {expected[path][0]}')
 
 
-def check_model(model: ModelConfig, step_dir: pathlib.Path, what: str) -> dict[str, list]:
+def check_model(model: ModelConfig, step_dir: storage.Path, what: str) -> dict[str, list]:
     """The one check wherever a checkpoint meets a model (resume, INIT_CHECKPOINT, eval).
 
     Refuses, in one line, a checkpoint of another architecture or parameter tree. Settings
@@ -130,7 +130,7 @@ def _abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def restore_params(step_dir: pathlib.Path, abstract_params, shardings):
+def restore_params(step_dir: storage.Path, abstract_params, shardings):
     """Parameters only, placed on the mesh by `shardings`."""
     try:
         with ocp.StandardCheckpointer() as checkpointer:
@@ -167,8 +167,8 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 class RunCheckpoints:
     """The CheckpointManager of one run: async saves, keeps the newest N."""
 
-    def __init__(self, workdir: pathlib.Path, keep: int):
-        self.directory = pathlib.Path(workdir).absolute() / CHECKPOINTS
+    def __init__(self, workdir: storage.Path, keep: int):
+        self.directory = storage.path(workdir) / CHECKPOINTS
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
@@ -177,7 +177,7 @@ class RunCheckpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def step_dir(self, step: int) -> pathlib.Path:
+    def step_dir(self, step: int) -> storage.Path:
         return self.directory / str(step)
 
     def save(self, step: int, params, opt_state, train_state: dict, model: ModelConfig,

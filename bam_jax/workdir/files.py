@@ -18,9 +18,9 @@ A workdir (`bam-jax train --workdir=DIR`, or the output of `bam-jax upcycle`) ho
 from __future__ import annotations
 
 import json
-import os
-import pathlib
 import re
+
+from etils import epath
 
 CHECKPOINTS = 'checkpoints'
 CONFIG = 'config.gin'
@@ -35,14 +35,15 @@ UPCYCLE = 'upcycle.json'
 TOKENIZER_DIR = 'tokenizer'
 
 
-def write_json_atomic(path: pathlib.Path, value) -> None:
-    """Writes to a temporary file and renames it into place: readers never see half a file."""
+def write_json_atomic(path: epath.Path, value) -> None:
+    """Writes to a temporary file and renames it into place: readers never see half a file
+    (an object store's single-object writes are whole by themselves; the rename keeps one path)."""
     tmp = path.with_name(path.name + '.tmp')
     tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    tmp.replace(path)
 
 
-def string_bindings(directory: pathlib.Path, *names: str) -> list[str]:
+def string_bindings(directory: epath.Path, *names: str) -> list[str]:
     """The string values bound to any of `names` (gin: `NAME = 'value'`) in a run directory's
     config.gin, or in the model.gin of an upcycled or imported model, in file order."""
     for file in (CONFIG, MODEL_GIN):

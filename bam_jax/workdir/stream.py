@@ -9,9 +9,9 @@ stays near a few tensors and an interrupted run leaves no output behind.
 
 from __future__ import annotations
 
-import pathlib
-import shutil
+import os
 import sys
+import tempfile
 from collections.abc import Iterable
 
 import numpy as np
@@ -19,10 +19,13 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.experimental.v1 import partial as partial_save
 from tqdm import tqdm
 
+from bam_jax import storage
 from bam_jax.errors import BamJaxError
 from bam_jax.models.config import ModelConfig
 from bam_jax.models.params import unflatten
 from bam_jax.workdir import files
+
+_COMMIT_MARKER = 'commit_success.txt'  # orbax.checkpoint's name for it
 
 
 def _nest(path: str, value) -> dict:
@@ -35,7 +38,7 @@ def _nest(path: str, value) -> dict:
 class CheckpointReader:
     """Reads single parameter tensors of one checkpoint step as numpy arrays."""
 
-    def __init__(self, step_dir: pathlib.Path):
+    def __init__(self, step_dir: storage.Path):
         self.step_dir = step_dir
         self.bytes_read = 0
         self._checkpointer = ocp.PyTreeCheckpointer()
@@ -59,7 +62,7 @@ def progress_bar(items, desc: str, unit: str, enabled: bool, total: int | None =
                 mininterval=0.5 if sys.stderr.isatty() else 30)
 
 
-def write_params(tmp: pathlib.Path, tensors: Iterable[tuple[str, np.ndarray]], *, budget: int,
+def write_params(tmp: storage.Path, tensors: Iterable[tuple[str, np.ndarray]], *, budget: int,
                  step: int = 0) -> tuple[int, int]:
     """Writes (path, tensor) pairs, as they come, as tmp/checkpoints/<step>/params; returns
     (bytes written, largest tensor's bytes).
@@ -82,43 +85,63 @@ def write_params(tmp: pathlib.Path, tensors: Iterable[tuple[str, np.ndarray]], *
     step_dir = tmp / files.CHECKPOINTS / str(step)
     step_dir.mkdir(parents=True)
     (staging / 'state').rename(step_dir / 'params')
-    shutil.rmtree(staging)
+    storage.remove(staging)
     return written, largest
 
 
-def write_model_config(tmp: pathlib.Path, config: ModelConfig, step: int = 0) -> None:
+def write_model_config(tmp: storage.Path, config: ModelConfig, step: int = 0) -> None:
     """The step's `model` item: the ModelConfig every reader of the checkpoint checks against."""
     with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
         checkpointer.save(tmp / files.CHECKPOINTS / str(step) / 'model', args=ocp.args.JsonSave(config.to_dict()))
 
 
-def staging_dir(out: pathlib.Path, kind: str) -> pathlib.Path:
-    """The hidden temporary directory an output is built in (one left by a killed run is cleared)."""
-    tmp = out.parent / f'.{out.name}.{kind}-tmp'
-    if tmp.exists():
-        shutil.rmtree(tmp)
+def staging_dir(out: storage.Path, kind: str) -> storage.Path:
+    """The hidden temporary directory an output is built in (one left by a killed run is cleared).
+
+    An output on remote storage is built on local disk and uploaded by `publish`: Orbax's partial
+    saving adds to a checkpoint in place, which it cannot do on an object store.
+    """
+    if storage.is_uri(out):
+        local = tempfile.mkdtemp(prefix=f'bam_jax-{kind}-')
+        os.rmdir(local)  # a fresh name; the writers create the directory
+        return storage.path(local)
+    tmp = _hidden(out, kind, 'tmp')
+    storage.remove(tmp)
     return tmp
 
 
-def publish(tmp: pathlib.Path, out: pathlib.Path, kind: str) -> None:
-    """Renames tmp to out; an existing out is moved aside first and deleted only afterwards."""
-    old = out.parent / f'.{out.name}.{kind}-old'
-    remove(old)
-    if out.exists() or out.is_symlink():
+def _hidden(out: storage.Path, kind: str, role: str) -> storage.Path:
+    return out.parent / f'.{out.name}.{kind}-{role}'
+
+
+def publish(tmp: storage.Path, out: storage.Path, kind: str) -> None:
+    """Renames tmp to out; an existing out is moved aside first and deleted only afterwards.
+    A local tmp for a remote out is first uploaded next to it."""
+    if storage.is_uri(out) and not storage.is_uri(tmp):
+        remote = _hidden(out, kind, 'tmp')
+        storage.remove(remote)
+        storage.copy_tree(tmp, remote)
+        _mark_committed(remote, out)
+        storage.remove(tmp)
+        tmp = remote
+    old = _hidden(out, kind, 'old')
+    storage.remove(old)
+    if storage.occupied(out):
         out.rename(old)
     tmp.rename(out)
-    remove(old)
+    storage.remove(old)
 
 
-def remove(path: pathlib.Path) -> None:
-    """Deletes a directory tree, or a file or link (an output path may have been one)."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+def _mark_committed(tmp: storage.Path, out: storage.Path) -> None:
+    """On object stores, Orbax reads a checkpoint directory only once it holds the marker that its
+    own saves write last there; an uploaded checkpoint gets the same marker in each directory."""
+    for step_dir in (tmp / files.CHECKPOINTS).iterdir() if (tmp / files.CHECKPOINTS).is_dir() else ():
+        for directory in [step_dir, *(d for d in step_dir.iterdir() if d.is_dir())]:
+            final = out / directory.relative_to(tmp)
+            (directory / _COMMIT_MARKER).write_text(f'Checkpoint commit was successful to {final}')
 
 
-def check_output(out: pathlib.Path, overwrite: bool) -> None:
+def check_output(out: storage.Path, overwrite: bool) -> None:
     """Refuses an existing output unless it may be replaced."""
-    if (out.exists() or out.is_symlink()) and not overwrite:
+    if storage.occupied(out) and not overwrite:
         raise BamJaxError(f'{out} exists; pass --overwrite to replace it')

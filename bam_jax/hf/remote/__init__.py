@@ -13,8 +13,9 @@ bam_jax).
 from __future__ import annotations
 
 import pathlib
-import shutil
 from typing import TYPE_CHECKING, Any
+
+from etils import epath
 
 if TYPE_CHECKING:
     from bam_jax.models.config import ModelConfig
@@ -25,12 +26,14 @@ AUTO_MAP = {'AutoConfig': 'configuration_bam_jax.BamJaxConfig',
             'AutoModelForCausalLM': 'modeling_bam_jax.BamJaxForCausalLM'}
 
 
-def copy_code(out_dir) -> list[pathlib.Path]:
-    """Copies FILES into out_dir (created if missing). Returns the copies' paths."""
-    out = pathlib.Path(out_dir)
+def copy_code(out_dir) -> list[epath.Path]:
+    """Copies FILES into out_dir (created if missing; a local path or a URI). Returns the copies' paths."""
+    out = epath.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     here = pathlib.Path(__file__).parent
-    return [pathlib.Path(shutil.copyfile(here / name, out / name)) for name in FILES]
+    for name in FILES:
+        (out / name).write_bytes((here / name).read_bytes())
+    return [out / name for name in FILES]
 
 
 def config_dict(model_config: ModelConfig, **token_ids: Any) -> dict[str, Any]:

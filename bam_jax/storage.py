@@ -1,0 +1,79 @@
+"""Where run directories live: a local path, or any URI `etils.epath` opens (gs://, s3://).
+
+Every run directory, checkpoint, metrics and config file, eval output, upcycler input and output
+and export goes through `path()`, so a pod can write its run to a bucket that every worker sees.
+epath is the filesystem layer Orbax itself uses: a local path goes through `os`, a URI through
+`tf.io.gfile` (or fsspec when `EPATH_USE_TF=false`), and Orbax writes the arrays themselves with
+TensorStore's own drivers (file, gcs, s3). On object stores a "directory" is a key prefix and a
+rename is a copy then a delete, so outputs published by rename appear whole there too, only slower.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+from etils import epath
+
+Path = epath.Path
+_COPY_CHUNK = 16 << 20
+
+
+def is_uri(path: os.PathLike | str) -> bool:
+    """Whether `path` names remote storage (`scheme://...`) rather than a local path."""
+    return '://' in os.fspath(path)
+
+
+def path(value: os.PathLike | str) -> epath.Path:
+    """`value` as an epath.Path: a local path made absolute with `~` expanded, a URI as given."""
+    text = os.fspath(value)
+    return epath.Path(text if is_uri(text) else os.path.abspath(os.path.expanduser(text)))
+
+
+def occupied(target: epath.Path) -> bool:
+    """Whether anything is at `target`, a dangling symbolic link included."""
+    return target.exists() or (not is_uri(target) and os.path.islink(target))
+
+
+def remove(target: epath.Path) -> None:
+    """Deletes a directory tree, or a file or link (an output path may have been one)."""
+    if not is_uri(target) and os.path.islink(target):
+        os.unlink(target)
+    elif target.is_dir():
+        target.rmtree()
+    elif target.exists():
+        target.unlink()
+
+
+def copy_file(source: epath.Path, target: epath.Path) -> None:
+    """Copies one file between any two filesystems, in chunks."""
+    with source.open('rb') as reader, target.open('wb') as writer:
+        shutil.copyfileobj(reader, writer, _COPY_CHUNK)
+
+
+def copy_tree(source: epath.Path, target: epath.Path) -> None:
+    """Copies a directory tree between any two filesystems, file by file."""
+    for directory, _, names in source.walk():
+        relative = directory.relative_to(source)
+        (target / relative).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            copy_file(directory / name, target / relative / name)
+
+
+@contextlib.contextmanager
+def local_copy(directory: epath.Path, names: list[str]) -> Iterator[epath.Path]:
+    """A local directory holding `names` (those that exist) of `directory`: the directory itself
+    when it is local, else a temporary copy, for readers that only open local files (safetensors'
+    memory map, the tokenizers library)."""
+    if not is_uri(directory):
+        yield directory
+        return
+    with tempfile.TemporaryDirectory(prefix='bam_jax-') as tmp:
+        local = epath.Path(tmp)
+        for name in names:
+            if (directory / name).exists():
+                copy_file(directory / name, local / name)
+        yield local
