@@ -14,11 +14,14 @@
 # second time with other seeds (router init, data order) as NAME_seed1: the differences give the
 # run-to-run noise that the comparison weighs every gap against.
 #
-# Every training and eval command goes through launch/run.sh, so with TPU_NAME set it runs on
-# every worker of that pod slice, and with LOCAL_PROCESSES=N as N processes on this machine. Branches are independent: BRANCH_TPUS="slice-a slice-b slice-c" runs them at
-# once, one per slice; PARALLEL_BRANCHES=1 runs them at once on this machine; by default they run
-# one after another. A finished stage leaves OUT/.done/<stage> and is skipped on rerun; a run
-# stopped in the middle resumes from its last checkpoint.
+# Every bam-jax command goes through launch/run.sh: with TPU_NAME set, training and eval run on
+# every worker of that pod slice and the host commands (upcycle, import-hf, export-hf) on worker 0;
+# with LOCAL_PROCESSES=N, training and eval run as N processes on this machine. On a pod, OUT is a
+# bucket (OUT=gs://BUCKET/DIR) or a filesystem every worker shares. Branches are independent:
+# BRANCH_TPUS="slice-a slice-b slice-c" runs them at once, one per slice; PARALLEL_BRANCHES=1 runs
+# them at once on this machine; by default they run one after another. A finished stage leaves a
+# marker, OUT/.done/<stage> (for a bucket: runs/.done/<OUT's name>/<stage> on this machine), and
+# is skipped on rerun; a run stopped in the middle resumes from its last checkpoint.
 #
 # Settings (environment): OUT, MODEL (a gin file), SEED_STEPS, BRANCH_STEPS, MIX_STEPS,
 # BATCH_SIZE, SEQ_LEN, DOMAINS, MIXES (the mix runs, default all; btx_top1 is required), RERUNS
@@ -64,6 +67,7 @@ read -r -a BRANCH_TPUS <<< "${BRANCH_TPUS:-}"
 read -r -a RERUNS <<< "${RERUNS:-}"
 launch=(launch/run.sh)  # every device command: here, on a pod (TPU_NAME), or as N local processes
 [[ -n "${LOCAL_PROCESSES:-}" ]] && launch+=(--local_processes="$LOCAL_PROCESSES")
+host=(launch/run.sh "${dry_run[@]}")  # host commands: here, or on a pod's worker 0
 read -r -a MIXES <<< "${MIXES:-btx_top1 btx_top2 bam bam_compute bam_shared_kv bam_shared_kv_compute lory}"
 common=(--gin_file="$MODEL" --gin.BATCH_SIZE="$BATCH_SIZE" --gin.SEQ_LEN="$SEQ_LEN" "${EXTRA[@]}")
 # Each mix run: the upcycle method of its initial checkpoint, its run gin file, and what it
@@ -84,7 +88,8 @@ all_in "${RERUNS[*]}" "${MIXES[*]}" || { echo "error: RERUNS='${RERUNS[*]}' must
 mapfile -t METHODS < <(for name in "${MIXES[@]}"; do echo "${INIT[$name]}"; done | awk '!seen[$0]++')
 
 wants() { [[ " ${stages[*]} " == *" $1 "* ]]; }
-done_marker() { echo "$OUT/.done/$1"; }
+if [[ "$OUT" == *://* ]]; then DONE="runs/.done/${OUT//[:\/]/_}"; else DONE="$OUT/.done"; fi
+done_marker() { echo "$DONE/$1"; }
 
 # run STAGE_NAME COMMAND...: skip if finished before; mark finished after.
 run() {
@@ -96,13 +101,13 @@ run() {
     return
   fi
   "$@"
-  mkdir -p "$OUT/.done" && touch "$(done_marker "$name")"
+  mkdir -p "$DONE" && touch "$(done_marker "$name")"
 }
 
-if wants import; then  # host work, run here: Hugging Face models become the seed and the experts
-  run import_seed .venv/bin/bam-jax import-hf --hf_dir="$HF_SEED" --out="$OUT/seed" --overwrite
+if wants import; then  # host work: Hugging Face models become the seed and the experts
+  run import_seed "${host[@]}" import-hf --hf_dir="$HF_SEED" --out="$OUT/seed" --overwrite
   for i in "${!DOMAINS[@]}"; do
-    run "import_${DOMAINS[$i]}" .venv/bin/bam-jax import-hf --hf_dir="${HF_EXPERTS[$i]}" \
+    run "import_${DOMAINS[$i]}" "${host[@]}" import-hf --hf_dir="${HF_EXPERTS[$i]}" \
       --out="$OUT/${DOMAINS[$i]}" --overwrite
   done
 fi
@@ -132,9 +137,9 @@ fi
 
 experts=$(IFS=,; echo "${DOMAINS[*]/#/$OUT/}")
 if wants upcycle; then
-  upcycle() {  # upcycle METHOD OUT_NAME [FLAGS...]; host work on the shared filesystem, run here
+  upcycle() {  # upcycle METHOD OUT_NAME [FLAGS...]; host work
     local method="$1" name="$2"; shift 2
-    run "upcycle_$name" .venv/bin/bam-jax upcycle --method="$method" --seed="$OUT/seed" \
+    run "upcycle_$name" "${host[@]}" upcycle --method="$method" --seed="$OUT/seed" \
       --experts="$experts" --out="$OUT/${name}_init" --overwrite "$@"
   }
   for method in "${METHODS[@]}"; do upcycle "$method" "$method"; done
@@ -169,7 +174,7 @@ if wants eval; then  # one process for every run not evaluated yet: they share t
     [[ -n "$TASK_LIMIT" ]] && cmd+=(--limit="$TASK_LIMIT")
     if [[ ${#dry_run[@]} -gt 0 ]]; then "${cmd[@]}"; else
       "${cmd[@]}"
-      mkdir -p "$OUT/.done" && for name in "${todo[@]}"; do touch "$(done_marker "eval_$name")"; done
+      mkdir -p "$DONE" && for name in "${todo[@]}"; do touch "$(done_marker "eval_$name")"; done
     fi
   fi
 fi
@@ -187,7 +192,7 @@ fi
 
 if wants export; then  # every mix run as a Hugging Face model (the format that computes it exactly)
   for name in "${MIXES[@]}"; do
-    run "export_$name" .venv/bin/bam-jax export-hf --workdir="$OUT/$name" --out="$OUT/hf/$name" \
+    run "export_$name" "${host[@]}" export-hf --workdir="$OUT/$name" --out="$OUT/hf/$name" \
       --dtype="${EXPORT_DTYPE:-bfloat16}" --overwrite
   done
 fi

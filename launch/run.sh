@@ -10,7 +10,8 @@
 # default ~/bam_jax). Device commands (train, eval, generate) then run on all workers through
 # `gcloud compute tpus tpu-vm ssh --worker=all`, with --distributed so each worker joins the
 # run (jax.distributed.initialize); host commands (upcycle, import-hf, export-hf) run once, on
-# worker 0. Workdirs must then be on a filesystem all workers share.
+# worker 0. Workdirs must then be where every worker sees them: a bucket (--workdir=gs://BUCKET/DIR)
+# or a filesystem they share.
 set -euo pipefail
 
 dry_run=0 local_processes=0 local_devices=

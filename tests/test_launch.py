@@ -46,7 +46,7 @@ def test_local_processes_start_the_local_job():
     cmds = dict(zip([line[3:] for line in lines if line.startswith('== ')], commands(lines)))
     for stage in ('seed', 'mix_btx_top1', 'eval seed code law math btx_top1'):
         assert cmds[stage][1:5] == ['-m', 'bam_jax.parallel.local_job', '--processes=2', '--'], stage
-    assert cmds['upcycle_btx'][0] == '.venv/bin/bam-jax'  # host work: one process
+    assert cmds['upcycle_btx'][0].endswith('.venv/bin/bam-jax')  # host work: one process
 
 
 def test_pipeline_dry_run_lists_every_stage_in_order():
@@ -131,3 +131,25 @@ def test_pipeline_on_pods_spreads_branches_over_slices():
     slices = [cmd[5] for cmd in commands(lines)]
     assert slices == ['s1', 's2', 's1']  # round robin
     assert all('--worker=all' in cmd for cmd in commands(lines))
+
+
+def test_pipeline_on_a_pod_writes_its_runs_to_a_bucket():
+    lines = dry_run('pipeline', OUT='gs://bucket/bam', TPU_NAME='pod-a', TPU_ZONE='z', DOMAINS='code math',
+                    MIXES='btx_top1 bam', TASKS='')
+    stages = [line[3:] for line in lines if line.startswith('== ')]
+    assert stages == ['seed', 'branch_code', 'branch_math', 'upcycle_btx', 'upcycle_bam', 'mix_btx_top1', 'mix_bam',
+                      'eval seed code math btx_top1 bam', 'compare']
+    for stage, cmd in zip(stages, commands(lines)):
+        if stage == 'compare':  # reads the runs' small JSON files, here
+            assert cmd[1:4] == ['-m', 'bam_jax.evaluate.compare', '--out'] and cmd[4] == 'gs://bucket/bam'
+            continue
+        assert cmd[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'pod-a'], stage
+        remote = next(a for a in cmd if a.startswith('--command='))
+        host_work = stage.startswith('upcycle')
+        assert ('--worker=0' if host_work else '--worker=all') in cmd, stage
+        assert remote.endswith(' --distributed') != host_work, stage
+        assert 'gs://bucket/bam/' in remote, stage
+    remotes = [next(a for a in cmd if a.startswith('--command=')) for cmd in commands(lines)[:-1]]
+    assert "--gin.INIT_CHECKPOINT=\\'gs://bucket/bam/seed\\'" in remotes[1]
+    assert '--gin_file=gs://bucket/bam/bam_init/model.gin' in remotes[6]
+    assert not (REPO / 'gs:').exists() and not (REPO / 'runs' / '.done' / 'gs___bucket_bam').exists()
