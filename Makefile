@@ -9,13 +9,15 @@ STAMP  := $(VENV)/.installed
 $(STAMP): setup.cfg
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	# --no-compile: byte-compiling every installed module (TensorFlow, torch, ...) takes longer than
+	# the rest of the install; Python compiles the modules it imports, once, on first use.
+	$(BIN)/pip install --quiet --no-compile -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 -q tests
+	$(BIN)/python -m pytest -n 2 --dist loadfile -q tests
 
 demo: $(STAMP)
 	bash launch/demo.sh

@@ -23,10 +23,13 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
 
 
-# The longest tests (subprocess pipelines, multi-process jobs, several runs each) start first, so
-# that no xdist worker is left running one of them alone at the end of the suite.
-SLOW_FIRST = ('test_pipeline.py', 'test_multiprocess.py', 'test_lory_train.py', 'test_train.py', 'test_cli.py',
-              'test_eval.py', 'test_upcycle.py')
+# `make test` gives each xdist worker whole files (--dist loadfile: a module's fixtures are built
+# once, and no worker waits on another's). The longest files (subprocess pipelines, multi-process
+# jobs, several runs each) start first, longest first, so that no worker is left running one of
+# them alone at the end of the suite.
+SLOW_FIRST = ('test_pipeline.py', 'test_cli.py', 'test_multiprocess.py', 'test_generate.py', 'test_train.py',
+              'test_harness.py', 'test_data.py', 'test_storage.py', 'test_upcycle.py', 'test_lory_train.py',
+              'test_hf.py', 'test_eval.py', 'test_workdir.py')
 
 
 def pytest_collection_modifyitems(items):
@@ -47,7 +50,7 @@ def no_gin_bindings():
 
 @pytest.fixture(scope='session')
 def bam_run(tmp_path_factory):
-    """One tiny BAM run (2 layers, trained 1 step on 64-token rows) and its `bam-jax eval --json`,
+    """One tiny BAM run (1 layer, trained 1 step on 64-token rows) and its `bam-jax eval --json`,
     made once per session and shared by the xdist workers (a file lock): {'run': workdir, 'cli':
     {'status', 'stdout', 'stderr'} of the eval, 'result': its parsed output}. Tests that write
     into the run work on a copy of it."""

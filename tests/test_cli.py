@@ -18,7 +18,7 @@ SMALL = ['--gin.TRAIN_STEPS=2', '--gin.BATCH_SIZE=8', '--gin.SEQ_LEN=64',
          '--gin.TrainConfig.checkpoint_every=1', '--gin.TrainConfig.eval_every=2',
          '--gin.TrainConfig.warmup_steps=1', '--gin.TrainConfig.log_every=1',
          '--gin.DataConfig.eval_batches=1',
-         '--gin.DataConfig.math_documents=500', '--gin.ModelConfig.num_layers=2',
+         '--gin.DataConfig.math_documents=500', '--gin.ModelConfig.num_layers=1',
          "--gin.ModelConfig.dtype='float32'"]
 SEED = ['--gin_file=gin/models/tiny.gin', '--gin_file=gin/seed.gin', *SMALL]
 BRANCH = ['--gin_file=gin/models/tiny.gin', '--gin_file=gin/branch.gin', *SMALL]
@@ -182,15 +182,15 @@ def test_expert_architectures_train_from_scratch(tmp_path, arch, extra, monkeypa
     step_dir = tmp_path / 'checkpoints' / '1'
     shapes = {k: v.shape for k, v in flatten(params(step_dir)).items()}
     # tiny: D 128, H 4, K 2, Dh 32, F 512; 4 experts of each kind
-    assert shapes['layers/1/ffn/experts/wi_gate'] == (4, 128, 512)
-    assert shapes['layers/1/ffn/router/kernel'] == (128, 4)
-    assert 'layers/1/ffn/wi_gate' not in shapes
+    assert shapes['layers/0/ffn/experts/wi_gate'] == (4, 128, 512)
+    assert shapes['layers/0/ffn/router/kernel'] == (128, 4)
+    assert 'layers/0/ffn/wi_gate' not in shapes
     if arch == 'btx':
-        assert shapes['layers/1/attn/wq'] == (128, 4, 32)
+        assert shapes['layers/0/attn/wq'] == (128, 4, 32)
     else:
-        assert shapes['layers/1/attn/experts/wq'] == (4, 128, 4, 32)
+        assert shapes['layers/0/attn/experts/wq'] == (4, 128, 4, 32)
         kv = 'attn/wk' if arch == 'bam_shared_kv' else 'attn/experts/wk'
-        assert shapes[f'layers/1/{kv}'] == ((128, 2, 32) if arch == 'bam_shared_kv' else (4, 128, 2, 32))
+        assert shapes[f'layers/0/{kv}'] == ((128, 2, 32) if arch == 'bam_shared_kv' else (4, 128, 2, 32))
     model = json.loads((step_dir / 'model' / 'metadata').read_text())
     assert model['moe']['num_experts'] == 4 and (model['moa'] is None) == (arch == 'btx')
     record = json.loads((tmp_path / 'metrics.json').read_text())['train'][-1]

@@ -18,7 +18,7 @@ from bam_jax.train.optimizer import learning_rate_schedule, make_optimizer
 
 from helpers import assert_same_state
 
-LORY = ModelConfig(vocab_size=384, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64,
+LORY = ModelConfig(vocab_size=384, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, d_ff=64,
                    dtype='float32', lory=LoryConfig(num_experts=3, segment_len=16))
 DATA = DataConfig(source='seed', eval_domains=('code',), eval_batches=1, math_documents=500, shuffle_buffer=64)
 # 6 steps, the first 3 dense.
@@ -44,7 +44,7 @@ def test_converted_model_computes_the_dense_function():
     assert jax.tree.map(np.shape, lory) == jax.tree.map(np.shape, expected)
     experts = lory['layers']['0']['ffn']['experts']['wi_gate']
     np.testing.assert_array_equal(experts, np.broadcast_to(params['layers']['0']['ffn']['wi_gate'], experts.shape))
-    assert np.std(lory['layers']['1']['ffn']['router']['kernel']) > 0  # a real router, not zeros
+    assert np.std(lory['layers']['0']['ffn']['router']['kernel']) > 0  # a real router, not zeros
 
     tokens = np.random.default_rng(0).integers(1, 384, (2, 64)).astype(np.int32)
     want = merge_params(split_params(build_model(dense))[0], params)(tokens)
