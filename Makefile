@@ -6,12 +6,16 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install test demo bench lint clean
 
+# pip byte-compiles what it installs one file at a time, which takes longer than the rest of the
+# install; compileall does the same work on every core. A few installed files are not valid Python
+# (templates, test data): pip skips them, and so does this step.
+SITE := $(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'
+
 $(STAMP): setup.cfg
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# --no-compile: byte-compiling every installed module (TensorFlow, torch, ...) takes longer than
-	# the rest of the install; Python compiles the modules it imports, once, on first use.
 	$(BIN)/pip install --quiet --no-compile -e '.[test]'
+	$(BIN)/python -m compileall -q -j 0 "$$($(SITE))" > /dev/null || true
 	touch $(STAMP)
 
 install: $(STAMP)
