@@ -3,18 +3,25 @@ the upcycler, of the Hugging Face import and export, and of a resume's data work
 and JSON ({"train_step": [rows], "decode": [rows], "upcycle": {...}, "hf_io": {...}, "resume":
 {...}}, null for a table not run).
 
-  python -m bam_jax.benchmarks [--model gin/models/X.gin] [--archs dense,btx,bam,bam_shared_kv,lory4,lory8]
+  python -m bam_jax.benchmarks [--model gin/models/X.gin]
+                               [--archs dense,btx,btx_dropless,bam,bam_dropless,bam_shared_kv,lory4,lory8]
                                [--decode_archs dense,btx,bam,bam_shared_kv,lory4]
                                [--batch N] [--seq_len T] [--steps S] [--tables train,decode,upcycle,hf_io,resume]
                                [--resume_position N]
 
 Every architecture is timed in the same run on the same model size. BTX has 4 FFN experts
 with top-1 routing, so its active parameters are the dense model's (plus a router); BAM adds
-4 soft-routed attention experts (expert KV or shared KV). lory4 and lory8 merge 4 or 8 FFN experts
-per segment of --lory_segment_len tokens (the dense model's active size plus the merge, E/T of an
-FFN, shown as "merge"). The decode table (decode.py) times prefill and the decode loop of the
-generation engine, at batch 1 and 16, in the BAM paper's setting and at long context, with each
-model's cache size and its decode speed relative to BTX. The upcycle table (upcycle.py) times
+4 soft-routed attention experts (expert KV or shared KV). btx_dropless and bam_dropless train
+the same models without a capacity (MoEConfig.dropless: every assignment computed, sorted by
+expert, through jax.lax.ragged_dot); their model FLOPs are the capacity rows' (the chosen
+experts only), so the FLOP-rate columns compare the two directly. On CPU, XLA computes
+ragged_dot densely, every row against every group's weights (E times the chosen experts'
+FLOPs), so CPU dropless rows are expected to be slower; on TPU and GPU it is a grouped matmul.
+lory4 and lory8 merge 4 or 8 FFN experts per segment of --lory_segment_len tokens (the dense
+model's active size plus the merge, E/T of an FFN, shown as "merge"). The decode table
+(decode.py) times prefill and the decode loop of the generation engine, at batch 1 and 16, in the
+BAM paper's setting and at long context, with each model's cache size and its decode speed
+relative to BTX. The upcycle table (upcycle.py) times
 a BAM upcycle of 4 dense checkpoints against a copy of their files and measures its peak memory.
 The hf_io table (hf_io.py) does the same for `import-hf` of a Llama model and `export-hf` of the
 result, against copies of its safetensors file. The resume table (resume.py) times the data
@@ -31,7 +38,7 @@ import pathlib
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
-ARCHS = ('dense', 'btx', 'bam', 'bam_shared_kv', 'lory4', 'lory8')
+ARCHS = ('dense', 'btx', 'btx_dropless', 'bam', 'bam_dropless', 'bam_shared_kv', 'lory4', 'lory8')
 TABLES = ('train', 'decode', 'upcycle', 'hf_io', 'resume')
 
 
@@ -43,10 +50,13 @@ def arch_config(dense, arch: str, lory_segment_len: int = 64):
         return dataclasses.replace(dense, lory=LoryConfig(num_experts=int(arch[4:]), segment_len=lory_segment_len))
 
     top1 = MoEConfig(num_experts=4, routing='top_k', top_k=1, gate='softmax')
+    dropless = dataclasses.replace(top1, dropless=True)
     return {
         'dense': dense,
         'btx': dataclasses.replace(dense, moe=top1),
+        'btx_dropless': dataclasses.replace(dense, moe=dropless),
         'bam': dataclasses.replace(dense, moe=top1, moa=MoAConfig(num_experts=4, shared_kv=False)),
+        'bam_dropless': dataclasses.replace(dense, moe=dropless, moa=MoAConfig(num_experts=4, shared_kv=False)),
         'bam_shared_kv': dataclasses.replace(dense, moe=top1, moa=MoAConfig(num_experts=4, shared_kv=True)),
     }[arch]
 
@@ -95,8 +105,13 @@ def _print_train_table(rows: list[dict], args: argparse.Namespace, dtype: str, d
               f'{r["step_time_vs_dense"]:>7.2f}x {r["tokens_per_s"]:>10,.0f} '
               f'{r["flops_per_token"] / 1e9:>10.3f} {r["achieved_flops"] / 1e12:>8.3f} '
               f'{r["flop_rate_vs_dense"]:>10.2f} {r["mfu"]:>6.1%} {merge}')
+    dropless = ''
+    if any(r['arch'].endswith('_dropless') for r in rows):
+        dropless = '; *_dropless: none, the same model FLOPs'
+        if devices.lower().endswith('cpu'):
+            dropless += ', slower on CPU, where ragged_dot computes every group densely'
     print(f'config: {dtype}, batch {args.batch} x seq_len {args.seq_len}, {args.steps} timed steps (median), '
-          f'{devices}; experts: 4 FFN top-1 (capacity factor 1.25), 4 soft attention; '
+          f'{devices}; experts: 4 FFN top-1 (capacity factor 1.25{dropless}), 4 soft attention; '
           f'Lory segments of {args.lory_segment_len} tokens (merge: E/T of an FFN per token)')
     print(f'MFU peak: {rows[0]["peak_flops"] / 1e12:.3f} TFLOP/s ({rows[0]["peak_source"]})')
 

@@ -4,8 +4,8 @@ Its fields are of two kinds. The architecture (`ModelConfig.architecture()`) fix
 parameters and what they mean: sizes, block form, RoPE, which layers are experts and how many.
 A checkpoint is only ever read into a model of the same architecture. The settings are
 everything else: routing mode, top_k, gate form, capacity factors, loss weights, Lory's segment
-length, the compute dtype. They are training (or evaluation) choices and may differ between a
-checkpoint and the run that reads it; `setting_changes` lists the differences.
+length, the compute dtype, the attention kernel. They are training (or evaluation) choices and
+may differ between a checkpoint and the run that reads it; `setting_changes` lists the differences.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from bam_jax.errors import BamJaxError
 ROUTING_MODES = ('top_k', 'soft', 'sample_top1')
 ROPE_SCALINGS = ('none', 'linear', 'llama3')
 GATE_FORMS = ('softmax', 'renormalize')
+ATTENTION_IMPLS = ('plain', 'xla', 'cudnn', 'splash')  # bam_jax/models/attention_kernels.py
 
 # Settings that earlier versions stored (in a checkpoint's model record and a run's config.gin)
 # and that no longer exist, with the reason. Reading an older run skips them.
@@ -86,12 +87,17 @@ class MoEConfig(RoutedConfig):
       ceil(factor * tokens * k / experts) tokens of a dispatch group (a device's share of the
       batch); the rest pass through on the residual and are counted as dropped. Inference
       (evaluation, log-likelihoods, decoding) has no capacity: it never drops a token.
+    dropless: training without a capacity too: every assignment is computed, nothing is dropped
+      (the dropped fraction is exactly 0) and capacity_factor_train is unused. Inference is always
+      dropless. With the experts spread over the mesh axis `expert`, each device's buffers are
+      sized for the worst case (all its assignments on one device's experts).
     expert_split: BTX's split-experts ablation: each expert's FFN is cut into this many
       chunks of d_ff / expert_split hidden units, giving num_experts * expert_split experts.
     """
     ARCHITECTURE: ClassVar[tuple[str, ...]] = ('num_experts', 'expert_split')
 
     capacity_factor_train: float = 1.25
+    dropless: bool = False
     expert_split: int = 1
 
     def __post_init__(self):
@@ -155,7 +161,7 @@ class ModelConfig:
     exactly in float32.
     """
     # Fields of this record that are settings, not architecture (see the module docstring).
-    SETTINGS: ClassVar[tuple[str, ...]] = ('dtype', 'init_std')
+    SETTINGS: ClassVar[tuple[str, ...]] = ('dtype', 'init_std', 'attention_impl')
     EXPERT_LAYERS: ClassVar[tuple[str, ...]] = ('moe', 'moa', 'lory')
 
     vocab_size: int = 384
@@ -183,6 +189,9 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: str = 'bfloat16'
     param_dtype: str = 'float32'
+    # How attention runs (bam_jax/models/attention_kernels.py): 'plain' (einsums, the reference),
+    # 'xla' (jax.nn.dot_product_attention), 'cudnn' (fused, GPU), 'splash' (Pallas, TPU): one function, rounding aside.
+    attention_impl: str = 'plain'
     moe: MoEConfig | None = None  # routed FFN experts instead of the dense FFN
     moa: MoAConfig | None = None  # attention experts instead of the dense attention
     lory: LoryConfig | None = None  # Lory's merged FFN experts instead of the dense FFN
@@ -202,6 +211,8 @@ class ModelConfig:
         if self.rope_scaling == 'llama3' and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
             raise BamJaxError('llama3 RoPE scaling needs 0 < rope_low_freq_factor < rope_high_freq_factor, got '
                               f'{self.rope_low_freq_factor} and {self.rope_high_freq_factor}')
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise BamJaxError(f'ModelConfig.attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}')
         if self.sliding_window < 0:
             raise BamJaxError(f'ModelConfig.sliding_window must be >= 0, got {self.sliding_window}')
         for name in ('dtype', 'param_dtype'):

@@ -3,7 +3,8 @@
 Expert layers count what runs for a token: a routed FFN its k chosen experts (all E for soft
 routing) plus the router; attention experts all N experts, since the wide attention computes
 every expert's heads and top-k only zeroes gates. Dispatch (gathers, all_to_all) and the slots
-a capacity leaves empty are overhead, not model FLOPs. A Lory FFN runs one merged FFN per token;
+a capacity leaves empty are overhead, not model FLOPs; so are dropless training's padded buffers,
+which therefore counts what the capacity path does. A Lory FFN runs one merged FFN per token;
 its router (on one mean per segment) and the merge of the E experts' weights (once per segment)
 are counted per token as their per-segment cost divided by the segment length T, as if the
 sequence were a whole number of segments.

@@ -1,7 +1,8 @@
 """Dense transformer layers: RMSNorm, RoPE, grouped-query attention, SwiGLU FFN, embeddings.
 
 Every weight is an `nnx.Param` named by the checkpoint contract (docs/checkpoint_format.md)
-and carries logical axis names (bam_jax/parallel/sharding.py maps them to the mesh).
+and carries logical axis names (bam_jax/parallel/sharding.py maps them to the mesh). The
+attention itself runs in bam_jax/models/attention_kernels.py, by ModelConfig.attention_impl.
 Shapes: B batch, T length, D d_model, H query heads, K kv heads, Dh head_dim, F d_ff, V vocab.
 """
 
@@ -12,9 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bam_jax.models.attention_kernels import (
+    attention,
+    attention_mask,  # noqa: F401  (re-exported: callers build masks from here)
+    check_attention_impl,
+    dot_product_attention,
+)
 from bam_jax.models.config import ModelConfig
-
-NEG_INF = -1e9
 
 
 def param(rngs: nnx.Rngs, init, shape, dtype, names) -> nnx.Param:
@@ -70,16 +75,6 @@ def rope(x, positions, freqs):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention_mask(segment_ids, window: int = 0):
-    """Causal mask that also keeps packed documents apart and, with window > 0, lets a query
-    read only the last `window` positions. segment_ids: [B, T] -> [B, 1, T, T]."""
-    length = segment_ids.shape[-1]
-    offset = jnp.arange(length)[:, None] - jnp.arange(length)[None, :]  # query - key
-    allowed = (offset >= 0) & ((offset < window) if window else True)
-    same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return (allowed[None] & same_doc)[:, None]
-
-
 def cache_mask(positions, cache_len: int, window: int = 0):
     """What a query may read from a KV cache: the slots up to its own position (the last
     `window` of them when window > 0).
@@ -112,37 +107,23 @@ def write_cache(cache, k, v, positions):
     return {'k': put(cache['k'], k), 'v': put(cache['v'], v)}
 
 
-def attend(q, k, v, positions, mask, cache=None, gate=None, window: int = 0):
-    """dot_product_attention over the step's own K/V, or through a KV cache.
+def attend(q, k, v, positions, mask, cache=None, gate=None, window: int = 0, impl: str = 'plain'):
+    """Grouped-query attention (attention_kernels.attention, by `impl`) over the step's own K/V,
+    or through a KV cache. q: [B, T, H, Dh]; k, v: [B, T, K, Dh]; mask: attention_kernels.Documents
+    or a boolean [B, 1, T, T]; gate [B, T, H] scales each head's output.
 
     With a cache ({'k', 'v'} [B, S, K, Dh], see bam_jax/generate/cache.py), k and v are written
     at their positions first and q reads the whole cache under cache_mask(window) (mask is
-    unused). Returns (out [B, T, H, Dh], the updated cache or None).
+    unused), with the plain kernel whatever `impl`: each row reads the cache up to its own
+    positions, which the fused kernels' fixed causal masks do not express (and a decoding step
+    is one query per row, where a fused kernel has nothing to skip).
+    Returns (out [B, T, H, Dh], the updated cache or None).
     """
     if cache is not None:
         cache = write_cache(cache, k, v, positions)
         k, v, mask = cache['k'], cache['v'], cache_mask(positions, cache['k'].shape[1], window)
-    return dot_product_attention(q, k, v, mask, gate), cache
-
-
-def dot_product_attention(q, k, v, mask, gate=None):
-    """Grouped-query attention. q: [B, T, H, Dh]; k, v: [B, S, K, Dh]; mask: [B, 1, T, S].
-
-    H must be a multiple of K: each group of H/K query heads reads one K/V head. `gate`, if
-    given ([B, T, H]), scales each head's output per token (used by attention experts).
-    Returns [B, T, H, Dh].
-    """
-    batch, length, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum('btkgd,bskd->bkgts', q, k, preferred_element_type=jnp.float32)
-    scores = scores / jnp.sqrt(head_dim).astype(jnp.float32)
-    scores = jnp.where(mask[:, :, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum('bkgts,bskd->btkgd', probs, v).reshape(batch, length, heads, head_dim)
-    if gate is not None:
-        out = out * gate[..., None].astype(out.dtype)
-    return out
+        return dot_product_attention(q, k, v, mask, gate), cache
+    return attention(q, k, v, mask, impl=impl, window=window, gate=gate), cache
 
 
 class Attention(nnx.Module):
@@ -150,6 +131,7 @@ class Attention(nnx.Module):
     bq [H, Dh], bk, bv [K, Dh] (qkv_bias), q_norm, k_norm [Dh] (qk_norm)."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        check_attention_impl(config)
         d, h, k, dh = config.d_model, config.num_heads, config.num_kv_heads, config.resolved_head_dim
         init = nnx.initializers.normal(config.init_std)
         wd = config.weight_dtype
@@ -171,7 +153,8 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, mask, *, train: bool = False, rng=None, cache=None):
         """x: [B, T, D] -> [B, T, D], or (y, cache) when a KV cache ({'k', 'v'} [B, S, K, Dh])
-        is given (see attend). train, rng: the routed layers' interface; unused here."""
+        is given (see attend). mask: attention_kernels.self_attention_mask's (Documents or a
+        boolean [B, 1, T, T]). train, rng: the routed layers' interface; unused here."""
         config, dt = self.config, self.config.compute_dtype
         x = x.astype(dt)
 
@@ -181,7 +164,8 @@ class Attention(nnx.Module):
 
         freqs = rope_frequencies(config)
         q, k = rope(heads('wq', 'bq', 'q_norm'), positions, freqs), rope(heads('wk', 'bk', 'k_norm'), positions, freqs)
-        out, cache = attend(q, k, heads('wv', 'bv'), positions, mask, cache, window=config.sliding_window)
+        out, cache = attend(q, k, heads('wv', 'bv'), positions, mask, cache, window=config.sliding_window,
+                            impl=config.attention_impl)
         y = jnp.einsum('bthk,hkd->btd', out, self.wo[...].astype(dt))
         return y if cache is None else (y, cache)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
+from bam_jax.models.attention_kernels import check_attention_impl
 from bam_jax.models.config import ModelConfig
 from bam_jax.models.layers import attend, head_extras, optional, param, rope, rope_frequencies
 from bam_jax.models.routing import Router, combine_weights, report, route, router_aux
@@ -67,6 +68,7 @@ class MoAttention(nnx.Module):
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        check_attention_impl(config)
         self.config = config
         self.moa = config.moa
         self.router = Router(config.moa.num_experts, config, rngs=rngs)
@@ -84,7 +86,8 @@ class MoAttention(nnx.Module):
                 self.k_norm = param(rngs, nnx.initializers.ones, (dh,), wd, ('head_dim',))
 
     def __call__(self, x, positions, mask, *, train: bool = False, rng=None, cache=None):
-        """x: [B, T, D]; positions: [B, T]; mask: [B, 1, T, T] -> [B, T, D].
+        """x: [B, T, D]; positions: [B, T]; mask: attention_kernels.self_attention_mask's
+        (Documents or a boolean [B, 1, T, T]) -> [B, T, D].
 
         cache: a KV cache {'k', 'v'} [B, S, N*K, Dh] (expert KV) or [B, S, K, Dh] (shared KV,
         the dense model's); given one, returns (y, cache) (see layers.attend).
@@ -114,8 +117,9 @@ class MoAttention(nnx.Module):
 
     def _attend(self, q, k, v, positions, mask, cache, gate):
         freqs = rope_frequencies(self.config)
+        # Whatever the kernel (ModelConfig.attention_impl), the gate multiplies its output per head.
         return attend(rope(q, positions, freqs), rope(k, positions, freqs), v, positions, mask, cache,
-                      gate=gate, window=self.config.sliding_window)
+                      gate=gate, window=self.config.sliding_window, impl=self.config.attention_impl)
 
     def _expert_kv(self, x, q, gates, positions, mask, cache):
         # Heads ordered (expert, head): query head j*H + h falls in K/V group j*K + h // (H/K),

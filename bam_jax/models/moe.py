@@ -12,15 +12,16 @@ Three computations of the same function:
             all_to_all brings the outputs back, and each token sums its experts' outputs. An
             assignment past its expert's capacity is dropped: it adds nothing, so the token
             passes on the residual alone.
-  dropless  inference's token choice (evaluation, log-likelihoods, decoding): every assignment is
-            computed, so a token's output never depends on its batch-mates or the device count.
-            The assignments are sorted by expert and each projection is one grouped matmul
-            (jax.lax.ragged_dot): N*K rows are computed. A handful of assignments (no more than
-            there are experts: decoding a few rows) instead gathers each one's expert weights
-            and multiplies them directly, so a step reads only the chosen experts' weights. With
-            the experts spread over the mesh axis `expert`, each device gathers that axis's
-            tokens, runs its own experts on the assignments they received, and a reduce-scatter
-            returns each token's sum home.
+  dropless  inference's token choice (evaluation, log-likelihoods, decoding), and training's with
+            MoEConfig.dropless: every assignment is computed, so a token's output never depends
+            on its batch-mates or the device count (bam_jax/models/dropless.py). The assignments
+            are sorted by expert and each projection is one grouped matmul (jax.lax.ragged_dot)
+            over them; with the experts spread over the mesh axis `expert`, an all_to_all of
+            worst-case buffers (each big enough for all of a device's assignments) carries them
+            to the experts' devices and another brings the outputs home, where each token
+            gathers and sums its own. A handful of assignments (no more than there are experts:
+            decoding a few rows) instead gathers each one's expert weights and multiplies them
+            directly, so a step reads only the chosen experts' weights.
   dense     every expert on every token, weighted by the gates (zero for unchosen experts).
             It is the algorithm for soft routing, and the reference the tests check dispatch by.
 """
@@ -35,6 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bam_jax.models.config import ModelConfig
+from bam_jax.models.dropless import dropless_group
 from bam_jax.models.layers import param
 from bam_jax.models.routing import Router, combine_weights, report, route, router_aux
 from bam_jax.parallel.sharding import logical_to_spec
@@ -119,54 +121,6 @@ def dispatch_group(x, expert_index, gate, weights, *, num_experts: int, capacity
     return y.astype(x.dtype).reshape(b, t, d), keep.reshape(b, t, k)
 
 
-def dropless_group(x, expert_index, gate, weights, *, expert_axis: str | None = None,
-                   tensor_axis: str | None = None):
-    """Token-choice experts with no capacity, for one group (one device's tokens in shard_map).
-
-    x: [b, T, D]; expert_index, gate: [b, T, K]; weights: this device's expert weights
-    ([E or E/ep, D, F or F/tp], ...). expert_axis, tensor_axis: as for dispatch_group.
-    Returns y [b, T, D].
-    """
-    b, t, d = x.shape
-    k = expert_index.shape[-1]
-    rows, index, gate = x.reshape(-1, d), expert_index.reshape(-1), gate.reshape(-1)
-    if expert_axis:  # every device sees the tokens of the whole axis, for its own experts
-        rows, index, gate = (jax.lax.all_gather(a, expert_axis, tiled=True) for a in (rows, index, gate))
-    local = weights[0].shape[0]
-    first = jax.lax.axis_index(expert_axis) * local if expert_axis else 0
-    index = index - first
-    mine = (index >= 0) & (index < local)
-    weight = jnp.where(mine, gate, 0.0)
-    token = jnp.arange(index.shape[0]) // k  # assignment a is token a // K's choice a % K
-    if index.shape[0] <= local:  # a handful: read the chosen experts' weights only
-        out = _chosen_swiglu(rows[token], jnp.where(mine, index, 0), weights)
-    else:
-        order = jnp.argsort(jnp.where(mine, index, local), stable=True)  # others' experts sort last
-        token, weight = token[order], weight[order]
-        sizes = jnp.sum(jax.nn.one_hot(index, local, dtype=jnp.int32), axis=0)  # others' in no group
-        out = _grouped_swiglu(rows[token], sizes, weights)
-    y = jnp.zeros((rows.shape[0], d), jnp.float32).at[token].add(out.astype(jnp.float32) * weight[:, None])
-    if expert_axis:  # each token's partial sums, from every device, back to its own device
-        y = jax.lax.psum_scatter(y, expert_axis, scatter_dimension=0, tiled=True)
-    if tensor_axis:
-        y = jax.lax.psum(y, tensor_axis)
-    return y.astype(x.dtype).reshape(b, t, d)
-
-
-def _grouped_swiglu(rows, sizes, weights):
-    """Rows sorted by expert, sizes[e] of them for expert e (rows past them: zeros). [A, D] -> [A, D]."""
-    wi_gate, wi_up, wo = weights
-    hidden = jax.nn.silu(jax.lax.ragged_dot(rows, wi_gate, sizes)) * jax.lax.ragged_dot(rows, wi_up, sizes)
-    return jax.lax.ragged_dot(hidden, wo, sizes)
-
-
-def _chosen_swiglu(rows, expert, weights):
-    """Row a through expert[a], with that expert's weights gathered. [A, D] -> [A, D]."""
-    wi_gate, wi_up, wo = (w[expert] for w in weights)
-    hidden = jax.nn.silu(jnp.einsum('ad,adf->af', rows, wi_gate)) * jnp.einsum('ad,adf->af', rows, wi_up)
-    return jnp.einsum('af,afd->ad', hidden, wo)
-
-
 def _over_mesh(group_fn, x, expert_index, gate, weights, num_outputs: int):
     """group_fn(x, expert_index, gate, weights, expert_axis=, tensor_axis=) over the current mesh
     (jax.set_mesh), one group per batch shard. Without a mesh, the whole batch is one group."""
@@ -212,7 +166,8 @@ class MoEFeedForward(nnx.Module):
         self.experts = SwiGLUExperts(self.num_experts, config.d_ff // config.moe.expert_split, config, rngs=rngs)
 
     def __call__(self, x, *, train: bool = False, rng=None):
-        """x: [B, T, D] -> [B, T, D]. train: capacity and sampled routing; otherwise dropless."""
+        """x: [B, T, D] -> [B, T, D]. train: sampled routing, and a capacity unless moe.dropless;
+        otherwise dropless."""
         x = x.astype(self.dtype)
         logits = self.router(x)
         index, gate, probs = route(logits, self.moe, rng if train else None)
@@ -222,7 +177,7 @@ class MoEFeedForward(nnx.Module):
             combine = combine_weights(index, gate, self.num_experts)
             y = dense_experts(x.reshape(-1, x.shape[-1]), combine.reshape(-1, self.num_experts), *weights)
             y = y.reshape(x.shape)
-        elif train:
+        elif train and not self.moe.dropless:
             y, keep = dispatch(x, index, gate, weights, num_experts=self.num_experts,
                                capacity_factor=self.moe.capacity_factor_train)
             dropped = jnp.mean(~keep, dtype=jnp.float32)  # exactly 0 when nothing is dropped

@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bam_jax.models.attention_kernels import self_attention_mask
 from bam_jax.models.config import ModelConfig
-from bam_jax.models.layers import Attention, Embed, RMSNorm, SwiGLU, Unembed, attention_mask
+from bam_jax.models.layers import Attention, Embed, RMSNorm, SwiGLU, Unembed
 from bam_jax.models.lory import LoryFeedForward
 from bam_jax.models.moa import MoAttention
 from bam_jax.models.moe import MoEFeedForward
@@ -111,11 +112,12 @@ class DecoderLM(nnx.Module):
                prompt_len=None, cache=None):
         """The final normed hidden states [B, T, D] (and the cache, if given): __call__ without
         the output layer, for callers that need the logits of a few positions only."""
+        one_document = segment_ids is None  # then a fused kernel needs no document mask
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
-        mask = attention_mask(segment_ids, self.config.sliding_window) if cache is None else None
+        mask = self_attention_mask(segment_ids, self.config, one_document) if cache is None else None
         x = self.embed(tokens)
         new_cache = []
         for i, block in enumerate(self.layers):
