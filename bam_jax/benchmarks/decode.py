@@ -74,19 +74,19 @@ def time_decode(config: ModelConfig, prompt_len: int, new_tokens: int, batch: in
             'bytes_per_token': bytes_per_step(config, batch, tokens.shape[1] + new_tokens) / batch}
 
 
-def run(configs: dict[str, ModelConfig], progress=print) -> list[dict]:
-    """One row per (architecture, setting): batch 1 and 16 side by side, and the ratio to BTX."""
+def run(configs: dict[str, ModelConfig], progress=print, settings=SETTINGS, batches=BATCHES) -> list[dict]:
+    """One row per (architecture, setting): the two batch sizes side by side, and the ratio to BTX."""
     rows = []
-    for setting, prompt_len, new_tokens in SETTINGS:
+    for setting, prompt_len, new_tokens in settings:
         for arch, config in configs.items():
             progress(f'timing decode {arch}, {setting} ({prompt_len} + {new_tokens} tokens) ...')
             row = {'arch': arch, 'setting': setting, 'prompt_len': prompt_len, 'new_tokens': new_tokens}
-            for batch in BATCHES:
+            for batch in batches:
                 row[f'batch_{batch}'] = time_decode(config, prompt_len, new_tokens, batch)
             rows.append(row)
     for row in rows:
         btx = next((r for r in rows if r['arch'] == 'btx' and r['setting'] == row['setting']), None)
-        for batch in BATCHES:
+        for batch in batches:
             mine, base = row[f'batch_{batch}'], btx and btx[f'batch_{batch}']
             mine['vs_btx'] = mine['decode_tokens_per_s'] / base['decode_tokens_per_s'] if base else None
             # What a memory-bound device would give: BTX's bytes read per token over this model's.
@@ -99,12 +99,15 @@ def _ratio(x) -> str:
 
 
 def print_table(rows: list[dict], description: str) -> None:
-    header = (f'{"model":<14} {"setting":<7} {"prefill ms b1/b16":>18} {"tok/s b1":>9} {"tok/s b16":>9} '
-              f'{"cache MiB b16":>13} {"MiB/tok b1/b16":>15} {"vs BTX b1/b16":>14} {"bytes vs BTX":>13}')
+    small, large = sorted(int(k[len('batch_'):]) for k in rows[0] if k.startswith('batch_'))
+    pair = f'b{small}/b{large}'
+    header = (f'{"model":<14} {"setting":<7} {"prefill ms " + pair:>18} {f"tok/s b{small}":>9} '
+              f'{f"tok/s b{large}":>9} {f"cache MiB b{large}":>13} {"MiB/tok " + pair:>15} {"vs BTX " + pair:>14} '
+              f'{"bytes vs BTX":>13}')
     print(header)
     print('-' * len(header))
     for r in rows:
-        one, many = r['batch_1'], r['batch_16']
+        one, many = r[f'batch_{small}'], r[f'batch_{large}']
         prefill = '{:.0f}/{:.0f}'.format(one['prefill_s'] * 1e3, many['prefill_s'] * 1e3)
         read = '{:.1f}/{:.1f}'.format(one['bytes_per_token'] / 2**20, many['bytes_per_token'] / 2**20)
         speed = f'{_ratio(one["vs_btx"])}/{_ratio(many["vs_btx"])}'

@@ -29,10 +29,11 @@ carries the parent's peak into a child across fork and exec); a row's peak less 
 over the largest tensor, is its "delta/largest". The resident set includes the pages of memory-
 mapped files the process has touched (safetensors maps its files: up to the whole input, pages
 the kernel may drop at will), so each subprocess also samples its anonymous resident memory
-(RssAnon, its own allocations) every ANON_SAMPLE_S from a background thread; "anon/largest" is
-that peak less the baseline's, over the largest tensor (a sample can miss a shorter peak).
-The input was just written, so reads are likely served from the page cache, for every row alike;
-writes end in the page cache too (nothing syncs inside a timed part).
+(RssAnon, its own allocations) every 5 ms from a background thread (benchmarks/child.py);
+"anon/largest" is that peak less the baseline's, over the largest tensor (a sample can miss a
+shorter peak). The input was just written, so reads are likely served from the page cache, for
+every row alike. The copies' writes end in the page cache; Orbax's (through TensorStore) are
+synced to disk file by file.
 """
 
 from __future__ import annotations
@@ -43,13 +44,13 @@ import os
 import pathlib
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
+
+from bam_jax.benchmarks import child
 
 BENCH_MODEL = dict(vocab_size=32000, d_model=1024, num_layers=8, num_heads=8, num_kv_heads=8, d_ff=4096,
                    parallel_block=False, tie_embeddings=False)
@@ -59,7 +60,6 @@ FAMILY = 'llama'
 # The ids of the byte-level tokenizer's special tokens (bos and pad '<pad>', eos '</s>').
 TOKEN_IDS = {'bos_token_id': 0, 'eos_token_id': 1, 'pad_token_id': 0}
 COPY_REPEATS = 3
-ANON_SAMPLE_S = 0.005
 # Room needed on disk at once: the input, the import, the export and one copy, plus a margin.
 DISK_MULTIPLE = 5
 
@@ -107,20 +107,8 @@ def write_hf_model(directory: pathlib.Path, model: dict) -> list:
     return specs
 
 
-def _file_bytes(directory: pathlib.Path, pattern: str = '*') -> int:
-    return sum(p.stat().st_size for p in directory.rglob(pattern) if p.is_file())
-
-
-def _subprocess(*args: str) -> dict:
-    """Runs this module's _child in a fresh interpreter; its JSON result plus 'wall_seconds'."""
-    os.sync()
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, '-m', __name__, *args], capture_output=True, text=True,
-                          env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
-    wall = time.perf_counter() - start
-    if done.returncode:
-        raise RuntimeError(f'hf_io benchmark subprocess {args[:1]} failed:\n{done.stderr[-4000:]}')
-    return {**json.loads(done.stdout.strip().splitlines()[-1]), 'wall_seconds': wall}
+def _row(*args: str) -> dict:
+    return child.run(__name__, *args)
 
 
 def _parameters(model: dict) -> int:
@@ -152,12 +140,12 @@ def measure(directory: pathlib.Path, model: dict) -> dict:
     tensor_bytes = sum(s.nbytes for s in specs)
     largest = max(s.nbytes for s in specs)
 
-    rows = {'import': _subprocess('import', str(hf_dir), str(imported)),
-            'export': _subprocess('export', str(imported), str(exported))}
+    rows = {'import': _row('import', str(hf_dir), str(imported)),
+            'export': _row('export', str(imported), str(exported))}
     for kind in ('copy', 'numpy'):
-        rows[kind] = _subprocess(kind, str(hf_dir), str(directory / kind))
+        rows[kind] = _row(kind, str(hf_dir), str(directory / kind))
         shutil.rmtree(directory / kind)
-    baseline = _subprocess('baseline')
+    baseline = _row('baseline')
 
     copy_rate = rows['copy']['bytes_read'] * 2 / rows['copy']['seconds']
     for row in rows.values():
@@ -170,9 +158,9 @@ def measure(directory: pathlib.Path, model: dict) -> dict:
     return {
         'model': model, 'family': FAMILY, 'dtype': 'float32', 'tensors': len(specs),
         'tensor_bytes': tensor_bytes, 'largest_tensor_bytes': largest,
-        'hf_file_bytes': _file_bytes(hf_dir, '*.safetensors'),
-        'import_file_bytes': _file_bytes(imported / 'checkpoints' / '0' / 'params'),
-        'export_file_bytes': _file_bytes(exported, '*.safetensors'),
+        'hf_file_bytes': child.file_bytes(hf_dir, '*.safetensors'),
+        'import_file_bytes': child.file_bytes(imported / 'checkpoints' / '0' / 'params'),
+        'export_file_bytes': child.file_bytes(exported, '*.safetensors'),
         'input_write_seconds': write_seconds, 'copy_repeats': COPY_REPEATS,
         'rows': {name: {k: row[k] for k in keep} for name, row in rows.items()},
         'baseline': {k: baseline[k] for k in ('wall_seconds', 'peak_rss_bytes', 'peak_anon_bytes')},
@@ -237,26 +225,6 @@ def _copy(source: pathlib.Path, target: pathlib.Path, read_with_numpy: bool) -> 
     return {'seconds': statistics.median(times), 'bytes_read': nbytes, 'bytes_written': nbytes}
 
 
-def _status_bytes(field: str) -> int:
-    """A field of /proc/self/status (given in kB there) in bytes."""
-    with open('/proc/self/status') as status:
-        line = next(line for line in status if line.startswith(f'{field}:'))
-    return int(line.split()[1]) * 1024
-
-
-def _sample_anon_peak() -> dict:
-    """Starts a daemon thread that keeps the largest RssAnon it sees in the returned {'peak': bytes}."""
-    seen = {'peak': _status_bytes('RssAnon')}
-
-    def sample() -> None:
-        while True:
-            seen['peak'] = max(seen['peak'], _status_bytes('RssAnon'))
-            time.sleep(ANON_SAMPLE_S)
-
-    threading.Thread(target=sample, daemon=True).start()
-    return seen
-
-
 def _child(argv: list[str]) -> None:
     """Subprocess: `import HF OUT`, `export RUN OUT`, `copy HF DIR`, `numpy HF DIR` or `baseline`;
     each imports the same modules and starts JAX first."""
@@ -267,7 +235,7 @@ def _child(argv: list[str]) -> None:
     from bam_jax.hf import export_hf, import_hf
 
     jax.devices()
-    anon = _sample_anon_peak()
+    anon = child.sample_anon_peak()
     result = {}
     if argv[0] == 'import':
         result = import_hf(argv[1], argv[2], dtype='float32', progress=False)
@@ -275,9 +243,7 @@ def _child(argv: list[str]) -> None:
         result = export_hf(argv[1], argv[2], fmt=FAMILY, dtype='float32', progress=False)
     elif argv[0] in ('copy', 'numpy'):
         result = _copy(pathlib.Path(argv[1]), pathlib.Path(argv[2]), read_with_numpy=argv[0] == 'numpy')
-    result['peak_rss_bytes'] = _status_bytes('VmHWM')
-    result['peak_anon_bytes'] = max(anon['peak'], _status_bytes('RssAnon'))
-    print(json.dumps(result))
+    print(json.dumps({**result, **child.peaks(anon)}))
 
 
 if __name__ == '__main__':

@@ -1,22 +1,24 @@
-"""Speed and peak memory of the streaming upcycler, against a plain copy of the same files.
+"""Speed and peak memory of `bam-jax upcycle`, against plain copies of the same files.
 
-Inputs: 4 dense run checkpoints (a seed and 3 experts) of BENCH_MODEL, 74.8M float32 parameters
-(299 MB) each, whose largest tensor is the tied [32000, 1024] embedding (131 MB; the largest BAM
-output tensor, a stacked FFN weight, is 34 MB). Random weights, written with RunCheckpoints into a
-temporary directory that is removed afterwards. os.sync() runs before each timed part, so none
-pays for another's write-back.
+Inputs: NUM_INPUTS dense run checkpoints of BENCH_MODEL (d_model 1024, d_ff 4096, 8 layers, vocab
+32,000, untied, float32: 200M parameters, 799 MB of tensors each), random weights written with
+RunCheckpoints (as training writes them: zstd-compressed) into a temporary directory that is
+removed afterwards. They are mixed into a 4-expert BTX. Each row runs in a fresh subprocess
+(benchmarks/child.py):
 
-  upcycle  `upcycle_checkpoints('bam', ...)`, seed + 3 experts, in a fresh subprocess; rate =
-           (bytes_read + bytes_written) / seconds, all three from the upcycler's summary.
-  copy     shutil.copytree of the 4 inputs' params directories (what `cp -r` does), median of 3;
-           rate = 2 x the inputs' tensor bytes / seconds: it reads every input tensor and writes
-           as much, counted as the upcycler counts (tensor bytes; the zstd-compressed files are
-           ~8% smaller, for the upcycler's reads and writes alike; both sizes are saved).
-  memory   peak resident set of the upcycle subprocess, less that of a subprocess that imports the
-           same modules and stops (both with JAX_PLATFORMS=cpu: the upcycler needs no accelerator);
-           the difference over the largest tensor is compared with the streaming target, inputs + 1.
-           Each subprocess reads its own VmHWM from /proc/self/status. getrusage's ru_maxrss is no
-           use here: Linux carries the parent's peak into a child across fork and exec.
+  upcycle     `bam-jax upcycle --method=btx --experts=A,B,C,D --out=OUT` through the CLI's own
+              entry point. seconds: the upcycler's summary (from reading the inputs' metadata to
+              the renamed output); wall: the whole subprocess, interpreter start included;
+              rate = (bytes_read + bytes_written) / seconds, tensor bytes, from the summary.
+  copy        shutil.copytree of the 4 inputs' params directories (what `cp -r` does), median of
+              COPY_REPEATS; rate = 2 x the inputs' tensor bytes / seconds (it reads every input
+              tensor and writes as much, counted as the upcycler counts).
+  copy+sync   the same copy followed by os.sync(): what a copy costs once its files are on disk,
+              as the upcycler's are (TensorStore syncs each file it writes).
+  baseline    a subprocess that imports the upcycler's modules and stops.
+
+Memory: peak less the baseline's, over the largest tensor (the 131 MB embedding); the target is
+inputs + 1. "anon" counts only the process's own allocations (sampled).
 """
 
 from __future__ import annotations
@@ -26,27 +28,30 @@ import os
 import pathlib
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 
-BENCH_MODEL = dict(vocab_size=32000, d_model=1024, num_layers=4, num_heads=8, num_kv_heads=8, d_ff=2048,
-                   tie_embeddings=True, dtype='float32')
-NUM_INPUTS = 4  # a seed and 3 experts
+from bam_jax.benchmarks import child
+
+BENCH_MODEL = dict(vocab_size=32000, d_model=1024, num_layers=8, num_heads=8, num_kv_heads=8, d_ff=4096,
+                   tie_embeddings=False, dtype='float32')
+NUM_INPUTS = 4
+METHOD = 'btx'
 COPY_REPEATS = 3
+MERGEKIT_SECONDS = 12.1  # mergekit-moe 0.1.5 on the same shape, measured on this project's 2-core machine
 
 
-def write_inputs(directory: pathlib.Path) -> tuple[list[pathlib.Path], int]:
-    """NUM_INPUTS dense run checkpoints of BENCH_MODEL with random weights: (workdirs, tensor bytes)."""
+def write_inputs(directory: pathlib.Path, model: dict = BENCH_MODEL) -> tuple[list[pathlib.Path], int]:
+    """NUM_INPUTS dense run checkpoints of `model` with random weights: (workdirs, tensor bytes)."""
     import jax
 
     from bam_jax.models import ModelConfig, abstract_model, split_params
     from bam_jax.workdir import RunCheckpoints
 
-    config = ModelConfig(**BENCH_MODEL)
+    config = ModelConfig(**model)
     _, shapes = split_params(abstract_model(config))
     workdirs, nbytes = [], 0
     for i in range(NUM_INPUTS):
@@ -61,21 +66,7 @@ def write_inputs(directory: pathlib.Path) -> tuple[list[pathlib.Path], int]:
     return workdirs, nbytes
 
 
-def _file_bytes(directory: pathlib.Path) -> int:
-    return sum(p.stat().st_size for p in directory.rglob('*') if p.is_file())
-
-
-def _subprocess(*args: str) -> dict:
-    """Runs this module's _child in a fresh interpreter; its JSON result."""
-    os.sync()
-    done = subprocess.run([sys.executable, '-m', __name__, *args], capture_output=True, text=True,
-                          env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
-    if done.returncode:
-        raise RuntimeError(f'upcycle benchmark subprocess {args[:1]} failed:\n{done.stderr[-4000:]}')
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _copy_seconds(sources: list[pathlib.Path], directory: pathlib.Path) -> float:
+def _copy_seconds(sources: list[pathlib.Path], directory: pathlib.Path, sync: bool) -> float:
     times = []
     for _ in range(COPY_REPEATS):
         shutil.rmtree(directory, ignore_errors=True)
@@ -83,33 +74,42 @@ def _copy_seconds(sources: list[pathlib.Path], directory: pathlib.Path) -> float
         start = time.perf_counter()
         for i, source in enumerate(sources):
             shutil.copytree(source, directory / str(i))
+        if sync:
+            os.sync()
         times.append(time.perf_counter() - start)
+    shutil.rmtree(directory, ignore_errors=True)
     return statistics.median(times)
 
 
 def measure(directory: pathlib.Path) -> dict:
-    """Writes the inputs under `directory`, then times the upcycle and the copy and measures memory."""
+    """Writes the inputs under `directory`, then times the upcycle and the copies and measures memory."""
+    print(f'  writing {NUM_INPUTS} dense checkpoints ...', flush=True)
     workdirs, input_bytes = write_inputs(directory)
-    out = directory / 'bam'
-    upcycle = _subprocess('upcycle', str(out), *map(str, workdirs))
-    baseline = _subprocess('baseline')
+    out = directory / 'out'
+    upcycle = child.run(__name__, 'upcycle', str(out), *map(str, workdirs))
+    baseline = child.run(__name__, 'baseline')
     params_dirs = [w / 'checkpoints' / '0' / 'params' for w in workdirs]
-    copy_seconds = _copy_seconds(params_dirs, directory / 'copy')
+    copy = _copy_seconds(params_dirs, directory / 'copy', sync=False)
+    copy_sync = _copy_seconds(params_dirs, directory / 'copy', sync=True)
 
-    upcycle_rate = (upcycle['bytes_read'] + upcycle['bytes_written']) / upcycle['seconds']
-    copy_rate = 2 * input_bytes / copy_seconds
-    delta = upcycle['peak_rss_bytes'] - baseline['peak_rss_bytes']
+    moved = upcycle['bytes_read'] + upcycle['bytes_written']
+    rate = moved / upcycle['seconds']
+    largest = upcycle['largest_tensor_bytes']
     return {
-        'model': BENCH_MODEL, 'method': 'bam', 'inputs': NUM_INPUTS, 'tensors': upcycle['tensors'],
-        'input_tensor_bytes': input_bytes, 'input_file_bytes': sum(map(_file_bytes, params_dirs)),
-        'output_file_bytes': _file_bytes(out / 'checkpoints' / '0' / 'params'),
-        'bytes_read': upcycle['bytes_read'], 'bytes_written': upcycle['bytes_written'],
-        'largest_tensor_bytes': upcycle['largest_tensor_bytes'],
-        'upcycle_seconds': upcycle['seconds'], 'upcycle_bytes_per_s': upcycle_rate,
-        'copy_seconds': copy_seconds, 'copy_bytes_per_s': copy_rate, 'upcycle_vs_copy': upcycle_rate / copy_rate,
+        'model': BENCH_MODEL, 'method': METHOD, 'inputs': NUM_INPUTS, 'tensors': upcycle['tensors'],
+        'input_tensor_bytes': input_bytes, 'input_file_bytes': sum(map(child.file_bytes, params_dirs)),
+        'output_file_bytes': child.file_bytes(out / 'checkpoints' / '0' / 'params'),
+        'bytes_read': upcycle['bytes_read'], 'bytes_written': upcycle['bytes_written'], 'largest_tensor_bytes': largest,
+        'upcycle_seconds': upcycle['seconds'], 'upcycle_wall_seconds': upcycle['wall_seconds'],
+        'upcycle_bytes_per_s': rate, 'copy_seconds': copy, 'copy_bytes_per_s': 2 * input_bytes / copy,
+        'copy_sync_seconds': copy_sync, 'copy_sync_bytes_per_s': 2 * input_bytes / copy_sync,
+        'upcycle_vs_copy': rate * copy / (2 * input_bytes),
+        'upcycle_vs_copy_sync': rate * copy_sync / (2 * input_bytes),
         'peak_rss_bytes': upcycle['peak_rss_bytes'], 'baseline_rss_bytes': baseline['peak_rss_bytes'],
-        'rss_delta_over_largest_tensor': delta / upcycle['largest_tensor_bytes'],
-        'target_rss_multiple': NUM_INPUTS + 1, 'target_vs_copy': 0.7,
+        'rss_delta_over_largest_tensor': (upcycle['peak_rss_bytes'] - baseline['peak_rss_bytes']) / largest,
+        'anon_delta_over_largest_tensor': (upcycle['peak_anon_bytes'] - baseline['peak_anon_bytes']) / largest,
+        'baseline_wall_seconds': baseline['wall_seconds'],
+        'target_rss_multiple': NUM_INPUTS + 1, 'target_vs_copy': 0.7, 'mergekit_seconds': MERGEKIT_SECONDS,
     }
 
 
@@ -119,36 +119,43 @@ def run() -> dict:
 
 
 def print_table(r: dict) -> None:
-    header = (f'{"upcycle":<24} {"upcycle MB/s":>12} {"copy MB/s":>10} {"ratio":>6} {"peak RSS MiB":>12} '
-              f'{"baseline MiB":>12} {"delta/largest":>13}')
+    header = (f'{"upcycle":<26} {"seconds":>8} {"wall s":>7} {"MB/s":>7} {"vs copy":>7} {"vs c+sync":>9} '
+              f'{"peak RSS MiB":>12} {"delta/largest":>13} {"anon/largest":>12}')
     print(header)
     print('-' * len(header))
-    print(f'{"bam, seed + 3 experts":<24} {r["upcycle_bytes_per_s"] / 1e6:>12,.0f} '
-          f'{r["copy_bytes_per_s"] / 1e6:>10,.0f} {r["upcycle_vs_copy"]:>6.2f} '
-          f'{r["peak_rss_bytes"] / 2**20:>12,.0f} {r["baseline_rss_bytes"] / 2**20:>12,.0f} '
-          f'{r["rss_delta_over_largest_tensor"]:>12.1f}x')
+    print(f'{f"{METHOD}, {NUM_INPUTS} dense -> {NUM_INPUTS} experts":<26} {r["upcycle_seconds"]:>8.2f} '
+          f'{r["upcycle_wall_seconds"]:>7.1f} {r["upcycle_bytes_per_s"] / 1e6:>7,.0f} {r["upcycle_vs_copy"]:>7.2f} '
+          f'{r["upcycle_vs_copy_sync"]:>9.2f} {r["peak_rss_bytes"] / 2**20:>12,.0f} '
+          f'{r["rss_delta_over_largest_tensor"]:>12.1f}x {r["anon_delta_over_largest_tensor"]:>11.1f}x')
+    for name, key in (('copy (shutil.copytree)', 'copy'), ('copy + os.sync()', 'copy_sync')):
+        print(f'{name:<26} {r[f"{key}_seconds"]:>8.2f} {"-":>7} {r[f"{key}_bytes_per_s"] / 1e6:>7,.0f} '
+              f'{r[f"{key}_bytes_per_s"] / r["copy_bytes_per_s"]:>7.2f} '
+              f'{r[f"{key}_bytes_per_s"] / r["copy_sync_bytes_per_s"]:>9.2f} {"-":>12} {"-":>13} {"-":>12}')
+    print(f'{"imports only (baseline)":<26} {"-":>8} {r["baseline_wall_seconds"]:>7.1f} {"-":>7} {"-":>7} {"-":>9} '
+          f'{r["baseline_rss_bytes"] / 2**20:>12,.0f} {"-":>13} {"-":>12}')
     m = r['model']
     print(f'config: {r["inputs"]} dense float32 inputs of {r["input_tensor_bytes"] / r["inputs"] / 1e6:.0f} MB '
-          f'(V {m["vocab_size"]}, D {m["d_model"]}, L {m["num_layers"]}, F {m["d_ff"]}, tied); '
-          f'read {r["bytes_read"] / 1e6:,.0f} MB + wrote {r["bytes_written"] / 1e6:,.0f} MB '
-          f'({r["tensors"]} tensors) in {r["upcycle_seconds"]:.1f} s; copy {r["copy_seconds"]:.2f} s '
-          f'(median of {COPY_REPEATS}); largest tensor {r["largest_tensor_bytes"] / 2**20:.0f} MiB')
-    print(f'targets: ratio >= {r["target_vs_copy"]}, delta/largest <= {r["target_rss_multiple"]}x '
-          f'(inputs + 1); rates in tensor bytes (read + written) per second')
+          f'(V {m["vocab_size"]}, D {m["d_model"]}, L {m["num_layers"]}, F {m["d_ff"]}, untied); read '
+          f'{r["bytes_read"] / 1e6:,.0f} MB + wrote {r["bytes_written"] / 1e6:,.0f} MB ({r["tensors"]} tensors); '
+          f'largest tensor {r["largest_tensor_bytes"] / 2**20:.0f} MiB; copies: median of {COPY_REPEATS}')
+    print(f'targets: wall < {r["mergekit_seconds"]} s (mergekit-moe on this shape), vs copy >= {r["target_vs_copy"]}, '
+          f'delta/largest <= {r["target_rss_multiple"]}x (inputs + 1); MB/s: (read + written) tensor bytes per s')
 
 
 def _child(argv: list[str]) -> None:
-    """Subprocess: `upcycle OUT SEED EXPERT...` runs the upcycle; `baseline` only imports what it needs."""
-    from bam_jax.upcycle.io import upcycle_checkpoints
-
+    """Subprocess: `upcycle OUT INPUT...` runs the CLI; `baseline` only imports what it needs."""
+    anon = child.sample_anon_peak()
     result = {}
     if argv[0] == 'upcycle':
-        out, seed, *experts = argv[1:]
-        result = upcycle_checkpoints('bam', experts, out, seed=seed, progress=False)
-    with open('/proc/self/status') as status:
-        hwm = next(line for line in status if line.startswith('VmHWM:'))
-    result['peak_rss_bytes'] = int(hwm.split()[1]) * 1024
-    print(json.dumps(result))
+        from bam_jax import cli
+        out, *inputs = argv[1:]
+        status = cli.main(['upcycle', f'--method={METHOD}', f'--experts={",".join(inputs)}', f'--out={out}'])
+        if status:
+            sys.exit(status)
+        result = json.loads((pathlib.Path(out) / 'upcycle.json').read_text())
+    else:
+        import bam_jax.upcycle.io  # noqa: F401
+    print(json.dumps({**result, **child.peaks(anon)}))
 
 
 if __name__ == '__main__':

@@ -32,10 +32,12 @@ from bam_jax.hf.importer import IMPORT_RECORD
 from bam_jax.hf.safetensors_files import DEFAULT_SHARD_BYTES, TensorSpec, write_safetensors
 from bam_jax.models import ModelConfig
 from bam_jax.workdir import files, stream
+from bam_jax.workdir import tensors as workdir_tensors
 
 CUSTOM = 'bam_jax'
 FORMATS = ('auto', *families.DENSE.values(), *families.MOE.values(), CUSTOM)
 EXPORT_RECORD = 'export.json'
+READ_AHEAD = 2  # tensors' worth of bytes (the largest's) read ahead of the one being converted
 DTYPES = {'float32': np.dtype(np.float32), 'bfloat16': np.dtype(ml_dtypes.bfloat16)}
 
 
@@ -125,23 +127,32 @@ def _token_ids(vocabulary, hf: dict) -> dict:
     return {k: hf.get(k, v) for k, v in ids.items()}
 
 
-def _tensor_specs(config: ModelConfig, fmt: str, shapes: dict, reader: stream.CheckpointReader,
+def _tensor_specs(config: ModelConfig, fmt: str, shapes: dict, reader: workdir_tensors.CheckpointReader,
                   dtype: np.dtype) -> list[TensorSpec]:
     """What to write, in order; each tensor is read (the last source kept: experts share one) and
-    converted when it is written."""
+    converted when it is written, with the next sources read ahead (READ_AHEAD x the largest)."""
     last: dict[str, np.ndarray] = {}
+    if fmt == CUSTOM:  # bam_jax's own names and layouts, '/' -> '.'
+        tensors_in_order = [(path, path) for path in shapes]
+    else:
+        tensors_in_order = [(t, None if t.kind == 'zeros' else t.bam) for t in families.tensors(config, fmt)]
+    wanted = [p for _, p in tensors_in_order if p]
+    sources = [p for i, p in enumerate(wanted) if not i or p != wanted[i - 1]]  # as `source` reads them
+    ahead = workdir_tensors.ReadAhead((reader, p) for p in sources)
+    room = READ_AHEAD * max(reader.nbytes.values())
 
     def source(path: str) -> np.ndarray:
         if path not in last:
             last.clear()
-            last[path] = reader.read(path)
+            ahead.top_up(room)
+            last[path] = ahead.get(reader, path)
         return last[path]
 
-    if fmt == CUSTOM:  # bam_jax's own names and layouts, '/' -> '.'
+    if fmt == CUSTOM:
         return [TensorSpec(path.replace('/', '.'), shape, dtype, lambda p=path: source(p).astype(dtype))
                 for path, shape in shapes.items()]
     specs = []
-    for tensor in families.tensors(config, fmt):
+    for tensor, _ in tensors_in_order:
         if tensor.kind == 'zeros':
             specs.append(TensorSpec(tensor.hf, tensor.zeros_shape, dtype,
                                     lambda t=tensor: np.zeros(t.zeros_shape, dtype)))
@@ -187,7 +198,7 @@ def export_hf(run: str | storage.Path, out: str | storage.Path, *, fmt: str = 'a
     tmp = stream.staging_dir(out, 'export')
     tmp.mkdir(parents=True)
     try:
-        reader = stream.CheckpointReader(step_dir)
+        reader = workdir_tensors.CheckpointReader(step_dir)
         specs = _tensor_specs(config, fmt, shapes, reader, DTYPES[dtype])
         bar = stream.progress_bar(None, f'export {fmt}', 'tensor', progress, total=len(specs))
         index = write_safetensors(tmp, specs, max_shard_bytes=max_shard_bytes, done=lambda spec: bar.update())

@@ -28,7 +28,7 @@ from bam_jax.hf import families
 from bam_jax.hf.safetensors_files import SafetensorsReader, weight_files
 from bam_jax.models import abstract_model, flatten, split_params
 from bam_jax.upcycle.gin_file import model_gin
-from bam_jax.workdir import files, stream
+from bam_jax.workdir import files, stream, tensors
 from bam_jax.workdir.files import TOKENIZER_DIR
 
 IMPORT_RECORD = 'import.json'
@@ -113,7 +113,7 @@ def _write_import(tmp: storage.Path, out: storage.Path, hf_dir: storage.Path, hf
             yield tensor.bam, tensor.to_bam(hf_value, shape).astype(dtype, order='C')  # one copy, transposed
 
     largest = max(math.prod(s) for s in shapes.values()) * np.dtype(dtype).itemsize
-    written, _ = stream.write_params(tmp, converted(), budget=largest)
+    written, _ = tensors.write_params(tmp, converted(), budget=largest)
     stream.write_model_config(tmp, config)
     copied = copy_tokenizer_files(hf_dir, tmp / TOKENIZER_DIR)
     seq_len = min(int(hf.get('max_position_embeddings') or DEFAULT_SEQ_LEN), DEFAULT_SEQ_LEN)

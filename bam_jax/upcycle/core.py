@@ -140,32 +140,50 @@ def _router(spec: UpcycleSpec, dense: ModelConfig, path: str, num_experts: int) 
                   seed=zlib.crc32(f'{spec.router_seed}:{path}'.encode()))
 
 
-def build(recipe: Recipe, read: Callable[[int, str], np.ndarray], num_models: int) -> np.ndarray:
-    """One output tensor. read(model index, path) returns that input tensor (float32).
+def reads(recipe: Recipe, num_models: int) -> list[tuple[int, str]]:
+    """The (input model, path) reads `build` makes for the recipe, in its order."""
+    if recipe.kind == 'average':
+        return [(i, recipe.source) for i in range(num_models)]
+    if recipe.kind == 'stack':  # sparse upcycling repeats a model: read once per run of it
+        runs = [m for slot, m in enumerate(recipe.experts) if not slot or recipe.experts[slot - 1] != m]
+        return [(m, recipe.source) for m in runs]
+    return []
 
-    Holds at most the output and one input at a time.
-    """
+
+def build(recipe: Recipe, read: Callable[[int, str], np.ndarray], num_models: int) -> np.ndarray:
+    """One output tensor. read(model index, path) returns that input tensor (float32); it is
+    called in the order `reads` lists. Holds the output and the recipe's inputs."""
     if recipe.kind == 'router':
         rng = np.random.default_rng(recipe.seed)
         return (rng.standard_normal(recipe.shape) * recipe.std).astype(np.float32)
     if recipe.kind == 'average':
-        # One float64 accumulator, summed in place: never a float64 copy of an input.
-        total = np.array(read(0, recipe.source), np.float64)
-        for i in range(1, num_models):
-            total += read(i, recipe.source)
-        total /= num_models
-        return total.astype(np.float32)
-    out, cache = None, {}
+        return mean([read(i, recipe.source) for i in range(num_models)])
+    out, source, last = None, None, None
     for slot, model in enumerate(recipe.experts):
-        # sparse upcycling repeats a model: read it once
-        source = cache.get(model)
-        if source is None:
-            cache = {model: np.asarray(read(model, recipe.source))}
-            source = cache[model]
+        if model != last:
+            source, last = np.asarray(read(model, recipe.source)), model
         chunks = np.split(source, recipe.split, axis=recipe.split_axis)
         if out is None:
             out = np.empty((len(recipe.experts) * recipe.split, *chunks[0].shape), source.dtype)
         out[slot * recipe.split:(slot + 1) * recipe.split] = chunks
+    return out
+
+
+_MEAN_BLOCK = 1 << 20  # elements: an 8 MB float64 scratch
+
+
+def mean(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """The element-wise mean, summed in float64 and rounded once to float32 (numpy's float64
+    mean, exactly), block by block so the float64 scratch stays small."""
+    out = np.empty(arrays[0].shape, np.float32)
+    flat, result = [np.ravel(a) for a in arrays], out.reshape(-1)
+    for start in range(0, result.size, _MEAN_BLOCK):
+        block = slice(start, start + _MEAN_BLOCK)
+        total = flat[0][block].astype(np.float64)
+        for a in flat[1:]:
+            total += a[block]
+        total /= len(arrays)
+        result[block] = total
     return out
 
 

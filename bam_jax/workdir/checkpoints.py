@@ -82,8 +82,9 @@ def _absl_errors_only():
         logger.setLevel(level)
 
 
-def read_param_shapes(step_dir: storage.Path) -> dict[str, Any]:
-    """{path: (shape, dtype)} of the stored parameters, read from metadata only."""
+def read_param_metadata(step_dir: storage.Path):
+    """Orbax's metadata of the stored parameters: .tree (one ArrayMetadata per leaf: name,
+    directory, shape, dtype) and .use_zarr3."""
     try:
         # Orbax warns that a lone item has no step-level metadata file; that is expected here.
         with _absl_errors_only(), ocp.StandardCheckpointer() as checkpointer:
@@ -92,8 +93,12 @@ def read_param_shapes(step_dir: storage.Path) -> dict[str, Any]:
         raise BamJaxError(f'cannot read the parameters of {step_dir}: {e}') from None
     if metadata is None:
         raise BamJaxError(f'cannot read the parameters of {step_dir}: their metadata is missing or damaged')
-    tree = metadata.tree
-    return {k: (tuple(m.shape), m.dtype) for k, m in flatten(tree).items()}
+    return metadata
+
+
+def read_param_shapes(step_dir: storage.Path) -> dict[str, Any]:
+    """{path: (shape, dtype)} of the stored parameters, read from metadata only."""
+    return {k: (tuple(m.shape), m.dtype) for k, m in flatten(read_param_metadata(step_dir).tree).items()}
 
 
 def _check_same_params(expected: dict[str, Any], found: dict[str, Any], source: str) -> None:

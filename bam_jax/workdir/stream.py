@@ -1,10 +1,7 @@
-"""Checkpoints built or read one tensor at a time, and output directories that appear whole.
-
-The upcycler, `import-hf` and `export-hf` move whole models between formats. They read single
-tensors (Orbax partial restore: TensorStore reads that array only), write them in groups no
-larger than the largest tensor (Orbax partial saving), and build everything under a hidden
-temporary directory next to the output that is renamed into place at the end, so host memory
-stays near a few tensors and an interrupted run leaves no output behind.
+"""Outputs that appear whole, for the commands that move whole models (the upcycler,
+`import-hf`, `export-hf`): each builds everything under a hidden temporary directory next to the
+output (bam_jax.workdir.tensors reads and writes the tensors) that is renamed into place at the
+end, so an interrupted run leaves no output behind. Also their progress bars and the model item.
 """
 
 from __future__ import annotations
@@ -12,81 +9,22 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from collections.abc import Iterable
 
-import numpy as np
 import orbax.checkpoint as ocp
-from orbax.checkpoint.experimental.v1 import partial as partial_save
 from tqdm import tqdm
 
 from bam_jax import storage
 from bam_jax.errors import BamJaxError
 from bam_jax.models.config import ModelConfig
-from bam_jax.models.params import unflatten
 from bam_jax.workdir import files
 
 _COMMIT_MARKER = 'commit_success.txt'  # orbax.checkpoint's name for it
-
-
-def _nest(path: str, value) -> dict:
-    tree = value
-    for key in reversed(path.split('/')):
-        tree = {key: tree}
-    return tree
-
-
-class CheckpointReader:
-    """Reads single parameter tensors of one checkpoint step as numpy arrays."""
-
-    def __init__(self, step_dir: storage.Path):
-        self.step_dir = step_dir
-        self.bytes_read = 0
-        self._checkpointer = ocp.PyTreeCheckpointer()
-
-    def read(self, path: str) -> np.ndarray:
-        target = _nest(path, ocp.RestoreArgs(restore_type=np.ndarray))
-        try:
-            tree = self._checkpointer.restore(self.step_dir / 'params', args=ocp.args.PyTreeRestore(
-                item=_nest(path, 0), restore_args=target, partial_restore=True))
-        except Exception as e:  # noqa: BLE001 - a damaged checkpoint, whatever orbax calls it
-            raise BamJaxError(f'cannot read {path} from {self.step_dir}: {str(e).splitlines()[0]}') from None
-        for key in path.split('/'):
-            tree = tree[key]
-        self.bytes_read += tree.nbytes
-        return tree
 
 
 def progress_bar(items, desc: str, unit: str, enabled: bool, total: int | None = None):
     """tqdm on stderr; redrawn at most every 30 s when stderr is a log file, not a terminal."""
     return tqdm(items, desc=desc, unit=unit, total=total, disable=not enabled,
                 mininterval=0.5 if sys.stderr.isatty() else 30)
-
-
-def write_params(tmp: storage.Path, tensors: Iterable[tuple[str, np.ndarray]], *, budget: int,
-                 step: int = 0) -> tuple[int, int]:
-    """Writes (path, tensor) pairs, as they come, as tmp/checkpoints/<step>/params; returns
-    (bytes written, largest tensor's bytes).
-
-    Tensors are saved in groups of at most `budget` bytes (the largest input tensor): each
-    partial save has a fixed cost, and the group never outgrows the memory bound.
-    """
-    staging = tmp / 'params'
-    written, largest, group, group_bytes = 0, 0, {}, 0
-    for path, tensor in tensors:
-        if group and group_bytes + tensor.nbytes > budget:
-            partial_save.save(staging, unflatten(group))
-            group, group_bytes = {}, 0
-        group[path] = tensor
-        group_bytes += tensor.nbytes
-        written, largest = written + tensor.nbytes, max(largest, tensor.nbytes)
-    if group:
-        partial_save.save(staging, unflatten(group))
-    partial_save.finalize(staging)
-    step_dir = tmp / files.CHECKPOINTS / str(step)
-    step_dir.mkdir(parents=True)
-    (staging / 'state').rename(step_dir / 'params')
-    storage.remove(staging)
-    return written, largest
 
 
 def write_model_config(tmp: storage.Path, config: ModelConfig, step: int = 0) -> None:
