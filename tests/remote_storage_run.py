@@ -31,7 +31,7 @@ def _run(*args) -> None:
 def _params(directory: str) -> dict[str, np.ndarray]:
     from bam_jax.models.params import flatten
     from bam_jax.workdir import read_param_shapes, resolve_checkpoint
-    from bam_jax.workdir.stream import CheckpointReader
+    from bam_jax.workdir.tensors import CheckpointReader
 
     step_dir = resolve_checkpoint(directory)
     reader = CheckpointReader(step_dir)

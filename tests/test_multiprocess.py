@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from bam_jax.workdir import latest_step_dir, read_param_shapes
-from bam_jax.workdir.stream import CheckpointReader
+from bam_jax.workdir.tensors import CheckpointReader
 
 from helpers import REPO, cli_env, shared
 
