@@ -123,9 +123,9 @@ class ReadAhead:
 class ParamsWriter:
     """Writes (path, tensor) pairs, as they come, as tmp/checkpoints/<step>/params.
 
-    Tensors are gathered in groups of at most `group_bytes` (the largest tensor): each partial
-    save has a fixed cost, and a group never outgrows the memory bound. A full group is saved in
-    the background while the next one fills; `held` counts the bytes of both. close() finishes
+    Tensors are gathered in groups of at most `group_bytes` (a tensor alone may exceed it): each
+    partial save has a fixed cost, and a group must stay within the caller's memory budget. A full
+    group is saved in the background while the next one fills; `held` counts the bytes of both. close() finishes
     the checkpoint and returns (bytes written, largest tensor's bytes).
     """
 
