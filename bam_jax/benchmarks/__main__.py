@@ -21,8 +21,8 @@ lory4 and lory8 merge 4 or 8 FFN experts per segment of --lory_segment_len token
 model's active size plus the merge, E/T of an FFN, shown as "merge"). The decode table
 (decode.py) times prefill and the decode loop of the generation engine, at batch 1 and 16, in the
 BAM paper's setting and at long context, with each model's cache size and its decode speed
-relative to BTX. The upcycle table (upcycle.py) times
-a BAM upcycle of 4 dense checkpoints against a copy of their files and measures its peak memory.
+relative to BTX. The upcycle table (upcycle.py) times `bam-jax upcycle --method=btx` of 4 dense
+200M checkpoints end to end against copies of their files and measures its peak memory.
 The hf_io table (hf_io.py) does the same for `import-hf` of a Llama model and `export-hf` of the
 result, against copies of its safetensors file. The resume table (resume.py) times the data
 work of a resume at --resume_position: a replay against a restore of the saved stream state.
@@ -151,7 +151,7 @@ def main() -> None:
                                               '(all rows); cache: K/V (and Lory\'s merged FFNs) at batch 16')
     if 'upcycle' in args.tables:
         from bam_jax.benchmarks import upcycle as upcycle_bench
-        print('\ntiming upcycle (bam) and a copy of its inputs ...', flush=True)
+        print('\ntiming upcycle (btx, 4 x 200M) and copies of its inputs ...', flush=True)
         results['upcycle'] = upcycle_bench.run()
         upcycle_bench.print_table(results['upcycle'])
     if 'hf_io' in args.tables:
