@@ -130,16 +130,16 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     import jax
 
+    shape = SMOKE if args.smoke else FULL
+    platform = jax.default_backend()
+    fused = 'xla' if args.smoke else FUSED.get(platform)
+    if fused is None:  # before the heavy imports: a mistaken launch fails at once
+        print(f'error: no fused attention kernel on {platform}; run with --smoke, or on a GPU or TPU', file=sys.stderr)
+        return 1
     from bam_jax.benchmarks import decode
     from bam_jax.benchmarks.__main__ import arch_config
     from bam_jax.models import ModelConfig
 
-    shape = SMOKE if args.smoke else FULL
-    platform = jax.default_backend()
-    fused = 'xla' if args.smoke else FUSED.get(platform)
-    if fused is None:
-        print(f'error: no fused attention kernel on {platform}; run with --smoke, or on a GPU or TPU', file=sys.stderr)
-        return 1
     devices = f'{jax.device_count()} x {jax.devices()[0].device_kind}'
     print(f'accelerator check on {devices}, {"smoke shape" if args.smoke else "full shape"}', flush=True)
     log = lambda message: print(message, flush=True)  # noqa: E731
