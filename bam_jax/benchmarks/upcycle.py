@@ -41,7 +41,7 @@ BENCH_MODEL = dict(vocab_size=32000, d_model=1024, num_layers=8, num_heads=8, nu
 NUM_INPUTS = 4
 METHOD = 'btx'
 COPY_REPEATS = 3
-MERGEKIT_SECONDS = 12.1  # mergekit-moe 0.1.5 on the same shape, measured on this project's 2-core machine
+MERGEKIT_SECONDS = 12.1  # the goal: mergekit-moe 0.1.5's time on this shape when it was set (2 CPU cores)
 
 
 def write_inputs(directory: pathlib.Path, model: dict = BENCH_MODEL) -> tuple[list[pathlib.Path], int]:
