@@ -29,7 +29,7 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
 # them alone at the end of the suite.
 SLOW_FIRST = ('test_pipeline.py', 'test_cli.py', 'test_multiprocess.py', 'test_generate.py', 'test_train.py',
               'test_harness.py', 'test_data.py', 'test_storage.py', 'test_upcycle.py', 'test_lory_train.py',
-              'test_hf.py', 'test_eval.py', 'test_gpu_check.py', 'test_workdir.py')
+              'test_hf.py', 'test_eval.py', 'test_gpu_check.py', 'test_upcycle_errors.py', 'test_workdir.py')
 
 
 def pytest_collection_modifyitems(items):
