@@ -4,10 +4,11 @@ whole models (the upcycler, `import-hf`, `export-hf`).
 Reading opens every array of a checkpoint once, straight through TensorStore with Orbax's own
 read specs, and all inputs share one TensorStore context (one cache pool, one set of I/O and
 decompression threads). `ReadAhead` keeps the next tensors' reads in flight while the current
-one is built, within a byte budget. Writing gathers finished tensors into Orbax partial saves no
-larger than the largest tensor. The tensors are written without zstd: float32 weights shrink by
-under a tenth, and compressing every byte costs more CPU time than all the rest of the write on
-a host's few cores; a training run's own checkpoints stay compressed.
+one is built, within a byte budget. Writing gathers finished tensors into groups of a few
+tensors' worth, each an Orbax partial save run in the background while the next group fills.
+The tensors are written without zstd: float32 weights shrink by under a tenth, and compressing
+every byte costs more CPU time than all the rest of the write on a host's few cores; a training
+run's own checkpoints stay compressed.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -191,8 +192,3 @@ def write_params(tmp: storage.Path, tensors: Iterable[tuple[str, np.ndarray]], *
         for path, tensor in tensors:
             writer.add(path, tensor)
         return writer.close()
-
-
-def read_order(readers: Sequence[CheckpointReader], reads: Iterable[tuple[int, str]]):
-    """[(reader, path)] for (input index, path) pairs: the order a ReadAhead hands them out."""
-    return [(readers[i], path) for i, path in reads]
