@@ -17,8 +17,9 @@ from bam_jax.models import (
     param_shardings,
     split_params,
 )
+from bam_jax.models.attention_kernels import attention_mask
 from bam_jax.models.config import MoAConfig, MoEConfig
-from bam_jax.models.layers import Attention, attention_mask
+from bam_jax.models.layers import Attention
 from bam_jax.models.moa import MoAttention
 from bam_jax.models.routing import call_with_aux
 from bam_jax.parallel import MeshConfig, batch_sharding, create_mesh

@@ -13,12 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bam_jax.models.attention_kernels import (
-    attention,
-    attention_mask,  # noqa: F401  (re-exported: callers build masks from here)
-    check_attention_impl,
-    dot_product_attention,
-)
+from bam_jax.models.attention_kernels import attention, check_attention_impl, dot_product_attention
 from bam_jax.models.config import ModelConfig
 
 
