@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo bench lint clean device-wheels
 
 # pip byte-compiles what it installs one file at a time, which takes longer than the rest of the
 # install; compileall does the same work on every core. A few installed files are not valid Python
@@ -29,9 +29,21 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bam_jax.benchmarks
 
+# The lent GPU machine's image has jax, flax, optax, orbax and the rest of the accelerator check's
+# needs, but not gin-config: its wheel (pure Python, for the image's Python 3.12) travels with the
+# working tree in .device_wheels/ (git-ignored), where launch/gpu_check.sh finds it.
+# docs/accelerator_check.md has the whole command.
+DEVICE_WHEELS ?= .device_wheels
+
+device-wheels: $(STAMP)
+	rm -rf $(DEVICE_WHEELS)
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation py \
+		--abi none --platform any -d $(DEVICE_WHEELS) "$$(grep -o 'gin-config[^ ]*' setup.cfg)"
+	du -sh $(DEVICE_WHEELS)
+
 lint: $(STAMP)
 	$(BIN)/python -m compileall -q bam_jax tests
 	$(BIN)/pip install --quiet ruff && $(BIN)/ruff check bam_jax tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache $(DEVICE_WHEELS) .jax_cache

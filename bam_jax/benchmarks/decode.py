@@ -74,32 +74,45 @@ def time_decode(config: ModelConfig, prompt_len: int, new_tokens: int, batch: in
             'bytes_per_token': bytes_per_step(config, batch, tokens.shape[1] + new_tokens) / batch}
 
 
-def run(configs: dict[str, ModelConfig], progress=print, settings=SETTINGS, batches=BATCHES) -> list[dict]:
-    """One row per (architecture, setting): the two batch sizes side by side, and the ratio to BTX."""
-    rows = []
-    for setting, prompt_len, new_tokens in settings:
-        for arch, config in configs.items():
-            progress(f'timing decode {arch}, {setting} ({prompt_len} + {new_tokens} tokens) ...')
-            row = {'arch': arch, 'setting': setting, 'prompt_len': prompt_len, 'new_tokens': new_tokens}
-            for batch in batches:
-                row[f'batch_{batch}'] = time_decode(config, prompt_len, new_tokens, batch)
-            rows.append(row)
-    for row in rows:
-        btx = next((r for r in rows if r['arch'] == 'btx' and r['setting'] == row['setting']), None)
+def time_row(arch: str, config: ModelConfig, setting: tuple, batches=BATCHES) -> dict:
+    """One architecture in one setting ((name, prompt tokens, new tokens)), at every batch size."""
+    name, prompt_len, new_tokens = setting
+    row = {'arch': arch, 'setting': name, 'prompt_len': prompt_len, 'new_tokens': new_tokens}
+    for batch in batches:
+        row[f'batch_{batch}'] = time_decode(config, prompt_len, new_tokens, batch)
+    return row
+
+
+def compare_to_btx(rows: list[dict], batches=BATCHES) -> list[dict]:
+    """Adds to each timed row its speed relative to BTX's row of the same setting, and the speed a
+    memory-bound device would give (BTX's bytes read per token over this model's)."""
+    timed = [r for r in rows if 'skipped' not in r]
+    for row in timed:
+        btx = next((r for r in timed if r['arch'] == 'btx' and r['setting'] == row['setting']), None)
         for batch in batches:
             mine, base = row[f'batch_{batch}'], btx and btx[f'batch_{batch}']
             mine['vs_btx'] = mine['decode_tokens_per_s'] / base['decode_tokens_per_s'] if base else None
-            # What a memory-bound device would give: BTX's bytes read per token over this model's.
             mine['bytes_vs_btx'] = base['bytes_per_token'] / mine['bytes_per_token'] if base else None
     return rows
+
+
+def run(configs: dict[str, ModelConfig], progress=print, settings=SETTINGS, batches=BATCHES) -> list[dict]:
+    """One row per (architecture, setting): the batch sizes side by side, and the ratio to BTX."""
+    rows = []
+    for setting in settings:
+        for arch, config in configs.items():
+            progress(f'timing decode {arch}, {setting[0]} ({setting[1]} + {setting[2]} tokens) ...')
+            rows.append(time_row(arch, config, setting, batches))
+    return compare_to_btx(rows, batches)
 
 
 def _ratio(x) -> str:
     return '-' if x is None or math.isnan(x) else f'{x:.2f}x'
 
 
-def print_table(rows: list[dict], description: str) -> None:
-    small, large = sorted(int(k[len('batch_'):]) for k in rows[0] if k.startswith('batch_'))
+def print_table(rows: list[dict], description: str, batches=BATCHES) -> None:
+    """The table of `rows`; a row with a 'skipped' entry (not timed, or failed) says why."""
+    small, large = sorted(batches)
     pair = f'b{small}/b{large}'
     header = (f'{"model":<14} {"setting":<7} {"prefill ms " + pair:>18} {f"tok/s b{small}":>9} '
               f'{f"tok/s b{large}":>9} {f"cache MiB b{large}":>13} {"MiB/tok " + pair:>15} {"vs BTX " + pair:>14} '
@@ -107,6 +120,9 @@ def print_table(rows: list[dict], description: str) -> None:
     print(header)
     print('-' * len(header))
     for r in rows:
+        if 'skipped' in r:
+            print(f'{r["arch"]:<14} {r["setting"]:<7} skipped: {r["skipped"]}')
+            continue
         one, many = r[f'batch_{small}'], r[f'batch_{large}']
         prefill = '{:.0f}/{:.0f}'.format(one['prefill_s'] * 1e3, many['prefill_s'] * 1e3)
         read = '{:.1f}/{:.1f}'.format(one['bytes_per_token'] / 2**20, many['bytes_per_token'] / 2**20)

@@ -11,18 +11,14 @@ Every batch is a dict of numpy arrays shaped [batch, seq_len]:
     loss_weights  float32  0 on padding
 """
 
-import dataclasses
 import functools
 
-import gin
 import numpy as np
-import seqio
-import tensorflow as tf
 
-from bam_jax.data import corpora, tasks
+from bam_jax.data import tasks
+from bam_jax.data.tf_setup import seqio, tf
 from bam_jax.data.train_stream import TrainStream, has_state, process_shards, shard_count, shard_info
-from bam_jax.data.user_domains import DomainSpec
-from bam_jax.data.vocab import make_vocabulary, start_id
+from bam_jax.data.vocab import start_id, vocabulary
 from bam_jax.errors import BamJaxError
 
 _FEATURES = {'inputs': 'decoder_input_tokens',
@@ -30,85 +26,6 @@ _FEATURES = {'inputs': 'decoder_input_tokens',
              'segment_ids': 'decoder_segment_ids',
              'positions': 'decoder_positions',
              'loss_weights': 'decoder_loss_weights'}
-
-
-@gin.configurable
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """What to read and how.
-
-    source: a domain ('code', or a user domain's name), 'seed', 'mix',
-      comma-separated domains (an equal-rate mixture of them), or the name of
-      any registered seqio task or mixture with a 'targets' feature.
-    eval_domains: domains evaluated on their validation split; user domains
-      are evaluated only when named here.
-    spm_path: a SentencePiece model (.model) as the vocabulary.
-    tokenizer_path: a Hugging Face tokenizer as the vocabulary: a directory
-      with tokenizer.json (a model's directory), or that file. Not with
-      spm_path. Neither: the byte vocabulary (vocab.py).
-    eval_batches: cap on validation batches per domain (0: no cap).
-    user_domains: DomainSpecs from `text_domain(...)`.
-    max_file_bytes, max_domain_bytes: size limits of the built-in corpora.
-    similarity_batching: the training split of every domain reads chains of
-      similar documents (as in Lory; similarity.py) joined into texts of about
-      `similarity_group_bytes` bytes, so a training row holds related
-      documents. Validation is unchanged.
-    data_shards: the training documents are split into this many disjoint
-      shards, each giving an equal part of every batch, and divided among
-      the processes (train_stream.py). 0: one per process. Fix it to make a
-      run's batches independent of the number of processes (a run resumed
-      on another slice size, or checked against one process).
-    """
-    source: str = 'seed'
-    eval_domains: tuple = ('general', 'code', 'law', 'math')
-    spm_path: str | None = None
-    tokenizer_path: str | None = None
-    validation_fraction: float = 0.05
-    shuffle_buffer: int = 1000
-    eval_batches: int = 8
-    user_domains: tuple = ()
-    math_documents: int = corpora.DEFAULT_MATH_DOCUMENTS
-    max_file_bytes: int = corpora.MAX_FILE_BYTES
-    max_domain_bytes: int = corpora.MAX_DOMAIN_BYTES
-    similarity_batching: bool = False
-    similarity_group_bytes: int = 16384
-    data_shards: int = 0
-
-    def __post_init__(self):
-        # gin hands over lists; keep the config hashable.
-        object.__setattr__(self, 'eval_domains', tuple(self.eval_domains))
-        object.__setattr__(self, 'user_domains', tuple(self.user_domains))
-        names = [s.name for s in self.user_domains
-                 if isinstance(s, DomainSpec)]
-        if len(names) != len(self.user_domains):
-            raise BamJaxError('DataConfig.user_domains takes text_domain(...) '
-                              'entries only')
-        if len(set(names)) != len(names):
-            raise BamJaxError(f'user domain names repeat: {names}')
-        if self.spm_path is not None and self.tokenizer_path is not None:
-            raise BamJaxError('set DataConfig.spm_path or '
-                              'DataConfig.tokenizer_path, not both')
-        if self.shuffle_buffer < 1:
-            raise BamJaxError(f'shuffle_buffer must be >= 1, got '
-                              f'{self.shuffle_buffer}')
-        if self.data_shards < 0:
-            raise BamJaxError(f'data_shards must be >= 0, got '
-                              f'{self.data_shards}')
-        if self.similarity_group_bytes < 1:
-            raise BamJaxError(f'similarity_group_bytes must be >= 1, got '
-                              f'{self.similarity_group_bytes}')
-
-    @property
-    def domains(self):
-        """All domain names: built-in, then user."""
-        return corpora.BUILTIN_DOMAINS + tuple(
-            s.name for s in self.user_domains)
-
-
-def vocabulary(config):
-    """The seqio vocabulary of `config`: bytes, its SentencePiece model or its
-    Hugging Face tokenizer."""
-    return make_vocabulary(config.spm_path, config.tokenizer_path)
 
 
 def _task_names(config):
@@ -266,13 +183,3 @@ def eval_batches(config, domain, batch_size, seq_len):
             [v, np.zeros((missing,) + v.shape[1:], v.dtype)])
             for k, v in last.items()}
     return batches
-
-
-def eval_domain_names(config):
-    """config.eval_domains (user domains join only when named there)."""
-    names = set(config.domains)
-    unknown = [d for d in config.eval_domains if d not in names]
-    if unknown:
-        raise BamJaxError(f'unknown eval domains {unknown}; domains are '
-                          f'{list(config.domains)}')
-    return config.eval_domains

@@ -1,6 +1,6 @@
 """TensorFlow preprocessors of the bam tasks."""
 
-import tensorflow as tf
+from bam_jax.data.tf_setup import tf
 
 
 def split_into_chunks(dataset, sequence_length, feature='targets'):

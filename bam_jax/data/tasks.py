@@ -23,11 +23,9 @@ vocabulary or a corpus setting changes, and left alone otherwise.
 
 import functools
 
-import seqio
-import tensorflow as tf
-
 from bam_jax.data import corpora, similarity
 from bam_jax.data.preprocessors import split_into_chunks
+from bam_jax.data.tf_setup import seqio, tf
 from bam_jax.data.vocab import make_vocabulary, vocabulary_key
 
 SEED_MIXTURE = 'bam.seed'

@@ -1,5 +1,7 @@
-"""Keep TensorFlow on the host: the data pipeline must not take accelerator
-memory that JAX needs. Imported first by the data package, before seqio."""
+"""seqio and TensorFlow, loaded for the data pipeline with TensorFlow kept on the host: it must not
+take accelerator memory that JAX needs. The modules that read data take both from here
+(`from bam_jax.data.tf_setup import seqio, tf`), so no import order can skip this; the model,
+training step, generation, upcycler and Hugging Face paths never import it."""
 
 import contextlib
 import os

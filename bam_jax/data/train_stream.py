@@ -20,9 +20,8 @@ import pathlib
 import tempfile
 
 import numpy as np
-import seqio
-import tensorflow as tf
 
+from bam_jax.data.tf_setup import seqio, tf
 from bam_jax.errors import BamJaxError
 
 

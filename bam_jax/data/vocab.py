@@ -12,11 +12,8 @@ when it has no BOS (the token that separates its documents, as in Qwen).
 import functools
 import os
 
-import seqio
-from google.protobuf import message
-
 from bam_jax import storage
-from bam_jax.data.hf_tokenizer import TOKENIZER_FILES, HFTokenizerVocabulary
+from bam_jax.data.tokenizer_files import TOKENIZER_FILES
 from bam_jax.errors import BamJaxError
 
 
@@ -44,6 +41,10 @@ def make_vocabulary(spm_path=None, tokenizer_path=None):
 
 @functools.cache
 def _load(key):
+    from google.protobuf import message
+
+    from bam_jax.data.tf_setup import seqio  # on demand: generation and export import this module
+
     kind, path = key[0], key[-1]
     if kind == 'bytes':
         return seqio.ByteVocabulary()
@@ -59,9 +60,16 @@ def _load(key):
     return vocab
 
 
-def _hf_vocabulary(path: str) -> HFTokenizerVocabulary:
+def vocabulary(config):
+    """The vocabulary of a DataConfig: bytes, its SentencePiece model or its Hugging Face tokenizer."""
+    return make_vocabulary(config.spm_path, config.tokenizer_path)
+
+
+def _hf_vocabulary(path: str):
     """The tokenizers library reads local files only: a tokenizer on remote storage is read from a
     temporary copy (it is wholly in memory afterwards), and keeps its remote name."""
+    from bam_jax.data.hf_tokenizer import HFTokenizerVocabulary
+
     if not storage.is_uri(path):
         return HFTokenizerVocabulary(path)
     remote = storage.path(path)
@@ -77,6 +85,4 @@ def _hf_vocabulary(path: str) -> HFTokenizerVocabulary:
 def start_id(vocabulary):
     """The id in front of every document (and chunk) a model reads: 0 for the byte and
     SentencePiece vocabularies; for a Hugging Face tokenizer its BOS, or its EOS when it has none."""
-    if isinstance(vocabulary, HFTokenizerVocabulary):
-        return vocabulary.bos_id if vocabulary.bos_id is not None else vocabulary.eos_id
-    return 0
+    return getattr(vocabulary, 'start_id', 0)  # HFTokenizerVocabulary.start_id
