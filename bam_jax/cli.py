@@ -10,6 +10,7 @@
   bam-jax import-hf --hf_dir=DIR --out=DIR [--dtype=float32|bfloat16] [--overwrite]
   bam-jax export-hf --workdir=DIR --out=DIR [--format=auto|llama|...|bam_jax] [--dtype=bfloat16|float32]
                     [--max_shard_mb=N] [--overwrite] [--gin.NAME=VALUE ...]
+  bam-jax prepare-data --gin_file=F [--gin_file=F2 ...] [--domains=a,b] [--skip_bad] [--gin.NAME=VALUE ...]
 
 train, eval and generate also take --distributed: join a multi-process job (a pod's hosts, or
 launch/run.sh --local_processes=N on one machine) through jax.distributed.initialize().
@@ -97,6 +98,15 @@ def _parser() -> argparse.ArgumentParser:
                           help='one JSON object per prompt on stdout: prompt, completion, prompt_ids, '
                                'completion_ids, stop_reason')
     _hf_parsers(commands)
+    prepare = commands.add_parser(
+        'prepare-data', help='tokenize the domains of gin files into prepared token files',
+        description='Reads every domain the gin files name (the built-in corpora and the text_domain(...) '
+                    'user domains), de-duplicates and splits it by content hash, tokenizes it with the run\'s '
+                    'vocabulary and writes token files and a manifest to DataConfig.data_dir/DOMAIN (atomically).')
+    prepare.add_argument('--gin_file', action='append', required=True, help='gin file; repeatable')
+    prepare.add_argument('--domains', default='', help='comma-separated domains (default: all the files name)')
+    prepare.add_argument('--skip_bad', action='store_true',
+                         help='skip malformed lines and unreadable files, counting them, instead of stopping')
     return parser
 
 
@@ -225,6 +235,29 @@ def _upcycle(args, bindings) -> int:
     return 0
 
 
+def _prepare_data(args, bindings) -> int:
+    from bam_jax.data import DataConfig
+    from bam_jax.data.prepare import prepare_domain
+    from bam_jax.gin_config import parse_gin
+
+    parse_gin(args.gin_file, bindings)
+    config = DataConfig()
+    domains = [d.strip() for d in args.domains.split(',') if d.strip()] or list(config.domains)
+    unknown = [d for d in domains if d not in config.domains]
+    if unknown:
+        raise BamJaxError(f"unknown domains {', '.join(unknown)}; the gin files name {', '.join(config.domains)}")
+    print(f'{"domain":<12} {"read":>9} {"duplicate":>9} {"train docs":>10} {"train tokens":>13} '
+          f'{"valid docs":>10} {"valid tokens":>13} {"skipped":>7} {"seconds":>8}')
+    for domain in domains:
+        r = prepare_domain(config, domain, skip_bad=args.skip_bad, progress=sys.stderr.isatty())
+        train, valid = r['splits']['train'], r['splits']['validation']
+        print(f'{domain:<12} {r["documents_read"]:>9} {r["duplicates"]:>9} {train["documents"]:>10} '
+              f'{train["tokens"]:>13} {valid["documents"]:>10} {valid["tokens"]:>13} {len(r["skipped"]):>7} '
+              f'{r["seconds"]:>8.1f}', flush=True)
+    print(f'wrote {", ".join(domains)} under {config.data_dir}')
+    return 0
+
+
 def _train(args, bindings) -> int:
     from bam_jax.gin_config import parse_gin
     from bam_jax.train import train
@@ -245,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             from bam_jax.parallel import maybe_initialize_distributed
             maybe_initialize_distributed(force=args.distributed)
         commands = {'train': _train, 'upcycle': _upcycle, 'eval': _eval, 'generate': _generate,
-                    'import-hf': _import_hf, 'export-hf': _export_hf}
+                    'import-hf': _import_hf, 'export-hf': _export_hf, 'prepare-data': _prepare_data}
         return commands[args.command](args, bindings)
     except BamJaxError as e:
         # Everything worth keeping is already saved or was never written. Skip the interpreter's

@@ -77,3 +77,43 @@ def local_copy(directory: epath.Path, names: list[str]) -> Iterator[epath.Path]:
             if (directory / name).exists():
                 copy_file(directory / name, local / name)
         yield local
+
+
+def staging_dir(out: epath.Path, kind: str) -> epath.Path:
+    """The hidden directory an output is built in before `publish` moves it into place (one left
+    by a killed run is cleared), so an interrupted command leaves no output behind.
+
+    An output on remote storage is built on local disk and uploaded by `publish` (Orbax's partial
+    saving adds to a checkpoint in place, which it cannot do on an object store).
+    """
+    if is_uri(out):
+        local = tempfile.mkdtemp(prefix=f'bam_jax-{kind}-')
+        os.rmdir(local)  # a fresh name; the writers create the directory
+        return path(local)
+    tmp = _hidden(out, kind, 'tmp')
+    remove(tmp)
+    return tmp
+
+
+def _hidden(out: epath.Path, kind: str, role: str) -> epath.Path:
+    return out.parent / f'.{out.name}.{kind}-{role}'
+
+
+def publish(tmp: epath.Path, out: epath.Path, kind: str, on_upload=None) -> None:
+    """Renames tmp to out; an existing out is moved aside first and deleted only afterwards.
+    A local tmp for a remote out is first uploaded next to it; on_upload(uploaded, out) then
+    runs, before the rename."""
+    if is_uri(out) and not is_uri(tmp):
+        remote = _hidden(out, kind, 'tmp')
+        remove(remote)
+        copy_tree(tmp, remote)
+        if on_upload:
+            on_upload(remote, out)
+        remove(tmp)
+        tmp = remote
+    old = _hidden(out, kind, 'old')
+    remove(old)
+    if occupied(out):
+        out.rename(old)
+    tmp.rename(out)
+    remove(old)

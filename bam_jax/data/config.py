@@ -30,6 +30,8 @@ class DataConfig:
     eval_batches: cap on validation batches per domain (0: no cap).
     user_domains: DomainSpecs from `text_domain(...)`.
     max_file_bytes, max_domain_bytes: size limits of the built-in corpora.
+    data_dir: where `bam-jax prepare-data` writes prepared domains (a local
+      path or a bucket, gs://...), one directory per domain (prepare.py).
     similarity_batching: the training split of every domain reads chains of
       similar documents (as in Lory; similarity.py) joined into texts of about
       `similarity_group_bytes` bytes, so a training row holds related
@@ -54,6 +56,7 @@ class DataConfig:
     similarity_batching: bool = False
     similarity_group_bytes: int = 16384
     data_shards: int = 0
+    data_dir: str = '~/.cache/bam_jax/data'
 
     def __post_init__(self):
         # gin hands over lists; keep the config hashable.

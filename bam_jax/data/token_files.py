@@ -41,21 +41,21 @@ class PartWriter:
         self.prefix, self.dtype = storage.path(prefix), np.dtype(dtype)
         self._file = storage.path(f'{self.prefix}{TOKENS}').open('wb')
         self._ends: list[int] = []
-        self._tokens = 0
+        self.tokens = 0
 
     def add(self, ids) -> None:
         ids = np.asarray(ids)
         if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(self.dtype).max):
             raise BamJaxError(f'token ids outside [0, {np.iinfo(self.dtype).max}] for {self.dtype.name}')
         self._file.write(ids.astype(self.dtype, copy=False).tobytes())
-        self._tokens += ids.size
-        self._ends.append(self._tokens)
+        self.tokens += ids.size
+        self._ends.append(self.tokens)
 
     def close(self) -> dict:
         self._file.close()
         with storage.path(f'{self.prefix}{ENDS}').open('wb') as f:
             np.save(f, np.asarray(self._ends, np.int64))
-        return {'tokens': self._tokens, 'documents': len(self._ends)}
+        return {'tokens': self.tokens, 'documents': len(self._ends)}
 
 
 @dataclasses.dataclass

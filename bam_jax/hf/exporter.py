@@ -195,7 +195,7 @@ def export_hf(run: str | storage.Path, out: str | storage.Path, *, fmt: str = 'a
     max_length = int(hf_origin.get('max_position_embeddings') or TrainConfig().seq_len)
     shapes = {path: shape for path, (shape, _) in workdir.read_param_shapes(step_dir).items()}
 
-    tmp = stream.staging_dir(out, 'export')
+    tmp = storage.staging_dir(out, 'export')
     tmp.mkdir(parents=True)
     try:
         reader = workdir_tensors.CheckpointReader(step_dir)

@@ -83,7 +83,7 @@ def import_hf(hf_dir: str | storage.Path, out: str | storage.Path, *, dtype: str
     with storage.local_copy(hf_dir, weight_files(hf_dir)) as local:
         reader = SafetensorsReader(local, source=hf_dir)
         mapping = _hf_tensors(reader, families.tensors(config, family), family, config.tie_embeddings)
-        tmp = stream.staging_dir(out, 'import')
+        tmp = storage.staging_dir(out, 'import')
         try:
             record = _write_import(tmp, out, hf_dir, hf, reader, mapping, config, family, dtype, progress)
             record['seconds'] = time.perf_counter() - start

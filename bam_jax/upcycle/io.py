@@ -117,7 +117,7 @@ def upcycle_checkpoints(method: str, experts: list[str], out: str | storage.Path
     recipes = plan(spec, dense, {k: v[0] for k, v in inputs[0][3].items()})
     moe_config = model_config(dense, spec)
 
-    tmp = stream.staging_dir(out, 'upcycle')
+    tmp = storage.staging_dir(out, 'upcycle')
     try:
         context = tensors.shared_context()
         readers = [tensors.CheckpointReader(step_dir, context) for _, step_dir, _, _ in inputs]

@@ -6,9 +6,7 @@ end, so an interrupted run leaves no output behind. Also their progress bars and
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 
 import orbax.checkpoint as ocp
 from tqdm import tqdm
@@ -33,41 +31,10 @@ def write_model_config(tmp: storage.Path, config: ModelConfig, step: int = 0) ->
         checkpointer.save(tmp / files.CHECKPOINTS / str(step) / 'model', args=ocp.args.JsonSave(config.to_dict()))
 
 
-def staging_dir(out: storage.Path, kind: str) -> storage.Path:
-    """The hidden temporary directory an output is built in (one left by a killed run is cleared).
-
-    An output on remote storage is built on local disk and uploaded by `publish`: Orbax's partial
-    saving adds to a checkpoint in place, which it cannot do on an object store.
-    """
-    if storage.is_uri(out):
-        local = tempfile.mkdtemp(prefix=f'bam_jax-{kind}-')
-        os.rmdir(local)  # a fresh name; the writers create the directory
-        return storage.path(local)
-    tmp = _hidden(out, kind, 'tmp')
-    storage.remove(tmp)
-    return tmp
-
-
-def _hidden(out: storage.Path, kind: str, role: str) -> storage.Path:
-    return out.parent / f'.{out.name}.{kind}-{role}'
-
-
 def publish(tmp: storage.Path, out: storage.Path, kind: str) -> None:
-    """Renames tmp to out; an existing out is moved aside first and deleted only afterwards.
-    A local tmp for a remote out is first uploaded next to it."""
-    if storage.is_uri(out) and not storage.is_uri(tmp):
-        remote = _hidden(out, kind, 'tmp')
-        storage.remove(remote)
-        storage.copy_tree(tmp, remote)
-        _mark_committed(remote, out)
-        storage.remove(tmp)
-        tmp = remote
-    old = _hidden(out, kind, 'old')
-    storage.remove(old)
-    if storage.occupied(out):
-        out.rename(old)
-    tmp.rename(out)
-    storage.remove(old)
+    """storage.publish, with Orbax's commit marker in every checkpoint directory uploaded to an
+    object store."""
+    storage.publish(tmp, out, kind, on_upload=_mark_committed)
 
 
 def _mark_committed(tmp: storage.Path, out: storage.Path) -> None:

@@ -1,0 +1,216 @@
+"""`bam-jax prepare-data`: raw files of every format to prepared token files. Checked against the
+inputs themselves (every distinct document decodes back exactly), corpora.split_documents (the
+same split), the tokenizers library (the same ids), and the files left behind by bad inputs and
+by a run killed mid-way (none that look prepared)."""
+
+import gzip
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from bam_jax.data import DataConfig, corpora, text_domain
+from bam_jax.data.prepare import MANIFEST, SeenHashes, document_hash, open_split, prepare_domain
+from bam_jax.errors import BamJaxError
+
+from helpers import REPO, assert_one_line_error, cli_env, run_cli
+
+EOS = 1
+
+
+def decoded(split):
+    """The documents of a prepared byte-vocabulary split, as texts."""
+    ids, starts = split.window(0, split.tokens)
+    bounds = list(starts) + [len(ids)]
+    texts = []
+    for a, b in zip(bounds, bounds[1:]):
+        doc = ids[a:b].tolist()
+        assert doc[-1] == EOS and EOS not in doc[:-1]
+        texts.append(bytes(t - 3 for t in doc[:-1]).decode('utf-8'))
+    return texts
+
+
+def write_inputs(directory, documents):
+    """The documents spread over every input format; returns the paths pattern."""
+    directory.mkdir()
+    chunks = [documents[i::5] for i in range(5)]
+    (directory / 'a.jsonl').write_text(''.join(json.dumps({'text': t, 'id': i}) + '\n'
+                                               for i, t in enumerate(chunks[0])))
+    with gzip.open(directory / 'b.jsonl.gz', 'wt') as f:
+        f.writelines(json.dumps({'text': t}) + '\n' for t in chunks[1])
+    (directory / 'c.jsonl.zst').write_bytes(zstandard.ZstdCompressor().compress(
+        ''.join(json.dumps({'text': t}) + '\n' for t in chunks[2]).encode()))
+    pq.write_table(pa.table({'text': chunks[3], 'n': list(range(len(chunks[3])))}), directory / 'd.parquet')
+    for i, text in enumerate(chunks[4]):
+        (directory / f'e{i}.txt').write_text(text)
+    return [str(directory / '*')]
+
+
+def config_for(tmp_path, paths, **settings):
+    return DataConfig(user_domains=(text_domain('notes', paths),), data_dir=str(tmp_path / 'prepared'), **settings)
+
+
+def corpus_texts(seed, count):
+    rng = np.random.default_rng(seed)
+    words = ['alpha', 'beta', 'gamma', 'delta', 'é', 'λόγος', '数据', 'x = 1;', '\t', '\n']
+    return [f'{seed}.{i}: ' + ' '.join(rng.choice(words, rng.integers(1, 30))) for i in range(count)]
+
+
+def test_every_distinct_document_of_every_format_decodes_back_in_its_split(tmp_path):
+    texts = corpus_texts(0, 200)
+    texts += [texts[3].upper(), '  ' + texts[7], ' \n\t ']  # duplicates once normalised, a blank one
+    config = config_for(tmp_path, write_inputs(tmp_path / 'raw', texts), validation_fraction=0.2)
+    record = prepare_domain(config, 'notes', progress=False)
+    train, validation = (decoded(open_split(config.data_dir, 'notes', s)) for s in ('train', 'validation'))
+    reference = corpora.split_documents('notes', [(str(i), t) for i, t in enumerate(texts) if t.strip()], 0.2)
+    assert sorted(map(corpora.normalise, train)) == sorted(corpora.normalise(d.text) for d in reference.train)
+    assert sorted(map(corpora.normalise, validation)) == sorted(corpora.normalise(d.text) for d in reference.validation)
+    assert set(train + validation) <= set(texts)  # each kept exactly as read
+    nonblank = [t for t in texts if t.strip()]  # blank documents are dropped as they are read
+    assert record['documents_read'] == len(nonblank)
+    assert record['duplicates'] == len(nonblank) - len(set(map(corpora.normalise, nonblank)))
+    manifest = json.loads((tmp_path / 'prepared' / 'notes' / MANIFEST).read_text())
+    assert manifest['vocabulary'] == {'kind': 'bytes', 'vocab_size': 259, 'eos_id': 1}
+    assert sorted(i['path'].rsplit('/', 1)[1] for i in manifest['inputs'])[:4] == [
+        'a.jsonl', 'b.jsonl.gz', 'c.jsonl.zst', 'd.parquet']
+
+
+def test_a_small_domain_lends_its_smallest_hashes_to_validation(tmp_path):
+    texts = corpus_texts(1, 12)
+    config = config_for(tmp_path, write_inputs(tmp_path / 'raw', texts), validation_fraction=0.0)
+    prepare_domain(config, 'notes', progress=False)
+    validation = decoded(open_split(config.data_dir, 'notes', 'validation'))
+    smallest = sorted(set(texts), key=document_hash)[:corpora.MIN_VALIDATION_DOCUMENTS]
+    assert sorted(validation) == sorted(smallest)
+
+
+def test_hashes_are_the_corpora_content_hash_and_the_seen_set_is_exact():
+    text = 'Some  Text\n'
+    assert document_hash(text) == int(corpora.content_hash(text)[:16], 16)
+    seen, values = SeenHashes(buffer=7), np.random.default_rng(0).integers(0, 2**63, 100).tolist()
+    assert all(seen.add(v) for v in values) and not any(seen.add(v) for v in values) and len(seen) == 100
+
+
+def test_hugging_face_tokenizer_ids_are_the_tokenizers_own(tmp_path):
+    tokenizers = pytest.importorskip('tokenizers')
+    from tokenizers import models, pre_tokenizers, trainers
+
+    texts = corpus_texts(2, 300)
+    tokenizer = tokenizers.Tokenizer(models.BPE(unk_token='<unk>'))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=['<unk>', '</s>'],
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    (tmp_path / 'tok').mkdir()
+    tokenizer.save(str(tmp_path / 'tok' / 'tokenizer.json'))
+    (tmp_path / 'tok' / 'tokenizer_config.json').write_text(json.dumps({'eos_token': '</s>'}))
+    config = config_for(tmp_path, write_inputs(tmp_path / 'raw', texts), tokenizer_path=str(tmp_path / 'tok'))
+    prepare_domain(config, 'notes', progress=False)
+    split = open_split(config.data_dir, 'notes', 'train')
+    ids, starts = split.window(0, split.tokens)
+    eos = tokenizer.token_to_id('</s>')
+    documents = [ids[a:b].tolist() for a, b in zip(starts, list(starts[1:]) + [len(ids)])]
+    expected = {tuple(tokenizer.encode(t, add_special_tokens=False).ids + [eos]) for t in texts}
+    assert {tuple(d) for d in documents} <= expected and len(documents) > 200
+
+
+@pytest.mark.parametrize('name, content, message', [
+    ('bad.jsonl', b'{"text": "fine"}\n{"text": broken\n', r'bad\.jsonl:2: bad JSON'),
+    ('bad.jsonl', b'{"text": "fine"}\n{"body": "x"}\n', r"bad\.jsonl:2: no 'text' field"),
+    ('bad.jsonl', b'{"text": "fine"}\n{"text": "\xff\xfe"}\n', r'bad\.jsonl:2: not UTF-8'),
+    ('bad.txt', b'\xff\xfe\x00 binary', r'bad\.txt: not UTF-8'),
+    ('bad.parquet', None, r"bad\.parquet: no 'text' column \(columns: body\)"),
+    ('bad.jsonl.gz', b'not gzip at all', r'bad\.jsonl\.gz: cannot read'),
+])
+def test_a_bad_input_names_its_file_and_line_and_keeps_what_was_prepared(tmp_path, name, content, message):
+    raw = tmp_path / 'raw'
+    raw.mkdir()
+    (raw / 'good.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in corpus_texts(3, 20)))
+    prepare_domain(config_for(tmp_path, [str(raw / 'good.jsonl')]), 'notes', progress=False)
+    manifest = (tmp_path / 'prepared' / 'notes' / MANIFEST).read_text()
+    if content is None:
+        pq.write_table(pa.table({'body': ['a', 'b']}), raw / name)
+    else:
+        (raw / name).write_bytes(content)
+    with pytest.raises(BamJaxError, match=message):
+        prepare_domain(config_for(tmp_path, [str(raw / '*')]), 'notes', progress=False)
+    assert (tmp_path / 'prepared' / 'notes' / MANIFEST).read_text() == manifest
+    assert sorted(p.name for p in (tmp_path / 'prepared').iterdir()) == ['notes']  # no staging left
+
+
+def test_the_command_prints_its_table_or_one_error_line(tmp_path):
+    raw = tmp_path / 'raw'
+    raw.mkdir()
+    (raw / 'a.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in corpus_texts(5, 40)))
+    gin_file = tmp_path / 'notes.gin'
+    gin_file.write_text(f"DataConfig.user_domains = [@notes/text_domain()]\nnotes/text_domain.name = 'notes'\n"
+                        f"notes/text_domain.paths = ['{raw}/*']\nDataConfig.data_dir = '{tmp_path}/prepared'\n")
+    done = run_cli('prepare-data', f'--gin_file={gin_file}', '--domains=notes,math',
+                   '--gin.DataConfig.math_documents=50')
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()[1:3]}
+    assert rows['notes'][1] == '40' and rows['math'][1] == '50'
+    assert json.loads((tmp_path / 'prepared' / 'math' / MANIFEST).read_text())['settings']['math_documents'] == 50
+    (raw / 'b.jsonl').write_text('{"text": 1}\n')
+    assert_one_line_error(run_cli('prepare-data', f'--gin_file={gin_file}', '--domains=notes'),
+                          "b.jsonl:1: 'text' is not a string")
+    assert_one_line_error(run_cli('prepare-data', f'--gin_file={gin_file}', '--domains=nope'),
+                          'unknown domains nope')
+
+
+def test_a_killed_preparation_publishes_nothing_and_a_rerun_completes(tmp_path):
+    raw = tmp_path / 'raw'
+    raw.mkdir()
+    rng = np.random.default_rng(6)
+    with open(raw / 'big.jsonl', 'w') as f:  # enough to still be running a moment after it starts
+        for i in range(60_000):
+            f.write(json.dumps({'text': f'{i} ' + 'word ' * int(rng.integers(10, 200))}) + '\n')
+    gin_file = tmp_path / 'notes.gin'
+    gin_file.write_text(f"DataConfig.user_domains = [@notes/text_domain()]\nnotes/text_domain.name = 'notes'\n"
+                        f"notes/text_domain.paths = ['{raw}/*']\nDataConfig.data_dir = '{tmp_path}/prepared'\n")
+    args = [sys.executable, '-m', 'bam_jax.cli', 'prepare-data', f'--gin_file={gin_file}', '--domains=notes']
+    proc = subprocess.Popen(args, cwd=REPO, env=cli_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    staging = tmp_path / 'prepared' / '.notes.prepare-tmp'
+    deadline = time.monotonic() + 120
+    while not (staging / 'train').exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / 'prepared' / 'notes').exists()  # nothing that looks prepared
+    done = subprocess.run(args, cwd=REPO, env=cli_env(1), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not staging.exists()
+    assert json.loads((tmp_path / 'prepared' / 'notes' / MANIFEST).read_text())['documents_read'] == 60_000
+
+
+def test_skip_bad_counts_what_it_skipped(tmp_path):
+    raw = tmp_path / 'raw'
+    raw.mkdir()
+    good = corpus_texts(4, 30)
+    (raw / 'a.jsonl').write_bytes(b''.join(json.dumps({'text': t}).encode() + b'\n' for t in good[:15])
+                                  + b'{oops\n' + b'{"text": "\xff"}\n')
+    (raw / 'b.txt').write_bytes(b'\xff\xfe')
+    (raw / 'c.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in good[15:]))
+    config = config_for(tmp_path, [str(raw / '*')])
+    with pytest.raises(BamJaxError, match=r'a\.jsonl:16: bad JSON'):
+        prepare_domain(config, 'notes', progress=False)
+    assert not (tmp_path / 'prepared' / 'notes').exists()
+    record = prepare_domain(config, 'notes', skip_bad=True, progress=False)
+    assert len(record['skipped']) == 3 and 'a.jsonl:17: not UTF-8' in record['skipped'][1]
+    kept = decoded(open_split(config.data_dir, 'notes', 'train')) + decoded(
+        open_split(config.data_dir, 'notes', 'validation'))
+    assert sorted(kept) == sorted(set(good))
+
+
+def test_an_empty_domain_or_no_files_are_refused(tmp_path):
+    (tmp_path / 'empty.jsonl').write_text('\n\n')
+    with pytest.raises(BamJaxError, match='no training documents'):
+        prepare_domain(config_for(tmp_path, [str(tmp_path / 'empty.jsonl')]), 'notes', progress=False)
+    with pytest.raises(BamJaxError, match="domain 'notes': no files match"):
+        prepare_domain(config_for(tmp_path, [str(tmp_path / 'none*.jsonl')]), 'notes', progress=False)
