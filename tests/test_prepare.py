@@ -3,11 +3,13 @@ inputs themselves (every distinct document decodes back exactly), corpora.split_
 same split), the tokenizers library (the same ids), and the files left behind by bad inputs and
 by a run killed mid-way (none that look prepared)."""
 
+import dataclasses
 import gzip
 import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -16,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from bam_jax.data import DataConfig, corpora, text_domain
-from bam_jax.data.prepare import MANIFEST, SeenHashes, document_hash, open_split, prepare_domain
+from bam_jax.data import DataConfig, corpora, prepare, text_domain
+from bam_jax.data.prepare import MANIFEST, SeenHashes, document_hash, ensure_prepared, open_split, prepare_domain
 from bam_jax.errors import BamJaxError
 
 from helpers import REPO, assert_one_line_error, cli_env, run_cli
@@ -214,3 +216,51 @@ def test_an_empty_domain_or_no_files_are_refused(tmp_path):
         prepare_domain(config_for(tmp_path, [str(tmp_path / 'empty.jsonl')]), 'notes', progress=False)
     with pytest.raises(BamJaxError, match="domain 'notes': no files match"):
         prepare_domain(config_for(tmp_path, [str(tmp_path / 'none*.jsonl')]), 'notes', progress=False)
+
+
+def test_a_builtin_domain_is_prepared_on_first_use_and_again_when_its_settings_change(tmp_path):
+    config = DataConfig(data_dir=str(tmp_path / 'prepared'), math_documents=40)
+    first = ensure_prepared(config, 'math')
+    assert first['settings'] == {'validation_fraction': 0.05, 'math_documents': 40}
+    assert ensure_prepared(config, 'math') == first  # read, not prepared again
+    changed = ensure_prepared(dataclasses.replace(config, math_documents=60), 'math')
+    assert changed['documents_read'] == 60 and changed['settings']['math_documents'] == 60
+
+
+def test_a_large_or_changed_user_domain_is_refused_with_the_command(tmp_path, monkeypatch):
+    raw = tmp_path / 'raw'
+    raw.mkdir()
+    (raw / 'a.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in corpus_texts(7, 30)))
+    config = config_for(tmp_path, [str(raw / '*')])
+    assert ensure_prepared(config, 'notes')['documents_read'] == 30  # small and local: prepared on use
+    monkeypatch.setattr(prepare, 'PREPARE_ON_USE_BYTES', 10)
+    assert ensure_prepared(config, 'notes')['documents_read'] == 30  # current: read as it is
+    with open(raw / 'a.jsonl', 'a') as f:
+        f.write(json.dumps({'text': 'one more'}) + '\n')
+    with pytest.raises(BamJaxError, match="domain 'notes' was prepared from files that have changed since .*"
+                                          'run bam-jax prepare-data --gin_file=... --domains=notes'):
+        ensure_prepared(config, 'notes')
+    with pytest.raises(BamJaxError, match='was prepared with other settings \\(validation_fraction\\)'):
+        ensure_prepared(dataclasses.replace(config, validation_fraction=0.5), 'notes')
+    prepare_domain(config, 'notes', progress=False)
+    assert ensure_prepared(config, 'notes')['documents_read'] == 31
+
+
+def test_processes_that_need_a_domain_at_once_prepare_it_once(tmp_path, monkeypatch):
+    config = DataConfig(data_dir=str(tmp_path / 'prepared'), math_documents=300)
+    calls = []
+    original = prepare.prepare_domain
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        time.sleep(0.5)  # the others arrive while it works
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(prepare, 'prepare_domain', counted)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(ensure_prepared(config, 'math'))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and len(results) == 3 and all(r == results[0] for r in results)

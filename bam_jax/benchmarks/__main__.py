@@ -1,12 +1,12 @@
 """`make bench`: speed of the train step and of decoding for dense, BTX, BAM and Lory models, of
-the upcycler, of the Hugging Face import and export, and of a resume's data work, as five tables
-and JSON ({"train_step": [rows], "decode": [rows], "upcycle": {...}, "hf_io": {...}, "resume":
-{...}}, null for a table not run).
+the upcycler, of the Hugging Face import and export, of a resume's data work and of the prepared
+data path, as six tables and JSON ({"train_step": [rows], "decode": [rows], "upcycle": {...},
+"hf_io": {...}, "resume": {...}, "data": {...}}, null for a table not run).
 
   python -m bam_jax.benchmarks [--model gin/models/X.gin]
                                [--archs dense,btx,btx_dropless,bam,bam_dropless,bam_shared_kv,lory4,lory8]
                                [--decode_archs dense,btx,bam,bam_shared_kv,lory4]
-                               [--batch N] [--seq_len T] [--steps S] [--tables train,decode,upcycle,hf_io,resume]
+                               [--batch N] [--seq_len T] [--steps S] [--tables train,decode,upcycle,hf_io,resume,data]
                                [--resume_position N]
 
 Every architecture is timed in the same run on the same model size. BTX has 4 FFN experts
@@ -26,6 +26,9 @@ relative to BTX. The upcycle table (upcycle.py) times `bam-jax upcycle --method=
 The hf_io table (hf_io.py) does the same for `import-hf` of a Llama model and `export-hf` of the
 result, against copies of its safetensors file. The resume table (resume.py) times the data
 work of a resume at --resume_position: a replay against a restore of the saved stream state.
+The data table (data.py) times `prepare-data`'s work (byte vocabulary, and a 32k BPE tokenizer
+against its bare encode_batch), the prepared-data training stream, its memory over a 200 MB and a
+2 GB domain, and a start at batch 1,000,000.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import pathlib
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 ARCHS = ('dense', 'btx', 'btx_dropless', 'bam', 'bam_dropless', 'bam_shared_kv', 'lory4', 'lory8')
-TABLES = ('train', 'decode', 'upcycle', 'hf_io', 'resume')
+TABLES = ('train', 'decode', 'upcycle', 'hf_io', 'resume', 'data')
 
 
 def arch_config(dense, arch: str, lory_segment_len: int = 64):
@@ -138,7 +141,7 @@ def main() -> None:
         name = 'bench_14m'
 
     devices = f'{jax.device_count()} x {jax.devices()[0].device_kind}'
-    results = {'train_step': None, 'decode': None, 'upcycle': None, 'hf_io': None, 'resume': None}
+    results = {'train_step': None, 'decode': None, 'upcycle': None, 'hf_io': None, 'resume': None, 'data': None}
     if 'train' in args.tables:
         results['train_step'] = _train_table(dense, name, dtype, devices, args)
     if 'decode' in args.tables:
@@ -164,6 +167,11 @@ def main() -> None:
         print(f'\ntiming a resume at batch {args.resume_position:,}: replay, then restore ...', flush=True)
         results['resume'] = resume.run(args.resume_position)
         resume.print_table(results['resume'])
+    if 'data' in args.tables:
+        from bam_jax.benchmarks import data as data_bench
+        print('\ntiming data preparation and the prepared-data stream ...', flush=True)
+        results['data'] = data_bench.run()
+        data_bench.print_table(results['data'])
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))

@@ -17,7 +17,9 @@ place at the end: an interrupted preparation publishes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import heapq
 import json
@@ -36,6 +38,7 @@ MANIFEST = 'manifest.json'
 SPLITS = ('train', 'validation')
 PART_TOKENS = 1 << 30  # a part rolls over after this many tokens
 _BATCH_BYTES = 4 << 20  # text tokenized together
+PREPARE_ON_USE_BYTES = 256 << 20  # a local user domain up to this size is prepared when first read
 
 
 def document_hash(text: str) -> int:
@@ -256,7 +259,7 @@ def prepare_domain(config, domain: str, skip_bad: bool = False, progress: bool =
         if not files:
             raise BamJaxError(f"domain '{domain}': no files match {', '.join(spec.paths)}")
         documents = reader.read(files)
-        inputs = [{'path': f.path, 'bytes': f.bytes} for f in files]
+        inputs = [dataclasses.asdict(f) for f in files]
         total, size = sum(f.bytes for f in files), lambda batch: sum(len(t.encode('utf-8')) for _, t in batch)
     bar = tqdm(total=total, desc=f'prepare {domain}', unit='B' if spec else 'doc', unit_scale=True,
                disable=not progress, mininterval=0.5)
@@ -266,3 +269,64 @@ def prepare_domain(config, domain: str, skip_bad: bool = False, progress: bool =
     finally:
         bar.close()
     return record
+
+
+def stale(config, domain: str, manifest: dict | None) -> str | None:
+    """Why the prepared `domain` does not serve `config` (None: it does)."""
+    if manifest is None:
+        return 'is not prepared'
+    if manifest.get('format') != FORMAT:
+        return f'was prepared in another format ({manifest.get("format")})'
+    if manifest['vocabulary'] != Encoder(config.spm_path, config.tokenizer_path).identity():
+        return 'was prepared with another vocabulary'
+    settings = domain_settings(config, domain)
+    if manifest['settings'] != settings:
+        changed = sorted(k for k in set(settings) | set(manifest['settings'])
+                         if settings.get(k) != manifest['settings'].get(k))
+        return f'was prepared with other settings ({", ".join(changed)})'
+    spec = next((s for s in config.user_domains if s.name == domain), None)
+    if spec is not None and manifest['inputs'] != [dataclasses.asdict(f) for f in sources.expand(spec.paths)]:
+        return 'was prepared from files that have changed since'
+    return None
+
+
+def _small_and_local(config, domain: str) -> bool:
+    """A built-in corpus, or a user domain of local files of PREPARE_ON_USE_BYTES at most."""
+    spec = next((s for s in config.user_domains if s.name == domain), None)
+    if spec is None:
+        return True
+    files = sources.expand(spec.paths)
+    return not any(storage.is_uri(p) for p in spec.paths) and sum(f.bytes for f in files) <= PREPARE_ON_USE_BYTES
+
+
+@contextlib.contextmanager
+def _lock(data_dir: str, domain: str):
+    """One process at a time prepares a domain on this machine (the others wait, then read it)."""
+    directory = storage.path(data_dir)
+    if storage.is_uri(directory):
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / f'.{domain}.lock', 'w') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_prepared(config, domain: str) -> dict:
+    """The manifest of `domain` prepared for `config`. A built-in corpus, or a small local user
+    domain, is prepared here when it is not (or is stale); any other is refused with the command
+    that prepares it."""
+    problem = stale(config, domain, read_manifest(config.data_dir, domain))
+    if problem is None:
+        return read_manifest(config.data_dir, domain)
+    if not _small_and_local(config, domain):
+        raise BamJaxError(f"domain '{domain}' {problem} in {config.data_dir}: run bam-jax prepare-data "
+                          f"--gin_file=... --domains={domain} with this run's gin files")
+    with _lock(config.data_dir, domain):
+        manifest = read_manifest(config.data_dir, domain)  # another process may have prepared it meanwhile
+        if stale(config, domain, manifest) is None:
+            return manifest
+        return prepare_domain(config, domain, progress=False)

@@ -30,8 +30,10 @@ _PARQUET_BATCH = 1024
 
 @dataclasses.dataclass(frozen=True)
 class InputFile:
+    """A file with its size and modification time (what says it changed, without reading it)."""
     path: str
     bytes: int
+    mtime: float
 
 
 def expand(patterns: tuple[str, ...]) -> list[InputFile]:
@@ -46,7 +48,8 @@ def expand(patterns: tuple[str, ...]) -> list[InputFile]:
                 found.update(os.path.join(root, n) for root, _, names in os.walk(match) for n in names)
             elif os.path.isfile(match):
                 found.add(os.path.abspath(match))
-    return [InputFile(path, storage.path(path).stat().length) for path in sorted(found)]
+    stats = {path: storage.path(path).stat() for path in sorted(found)}
+    return [InputFile(path, stat.length, stat.mtime) for path, stat in stats.items()]
 
 
 def _expand_remote(pattern: str) -> set[str]:

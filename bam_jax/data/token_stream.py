@@ -131,22 +131,22 @@ class Schedule:
         return domain, cycle * np.asarray(self.counts, np.int64)[domain] + before[r, domain]
 
 
-def pack_window(ids: np.ndarray, starts: np.ndarray, seq_len: int, start_id: int) -> dict[str, np.ndarray]:
-    """One row from a window's ids and its documents' starts (token_files.Split.window)."""
-    n = len(ids)
-    first = np.zeros(seq_len, bool)
-    first[starts] = True
-    segment = np.cumsum(first).astype(np.int32)
-    segment[n:] = 0
-    targets = np.zeros(seq_len, np.int32)
-    targets[:n] = ids
-    inputs = np.roll(targets, 1)
-    inputs[first] = start_id
-    inputs[n:] = 0
-    segment_start = np.maximum.accumulate(np.where(first, np.arange(seq_len), 0))
-    positions = np.where(segment > 0, np.arange(seq_len) - segment_start, 0).astype(np.int32)
-    return {'inputs': inputs, 'targets': targets, 'segment_ids': segment, 'positions': positions,
-            'loss_weights': (segment > 0).astype(np.float32)}
+def pack_windows(windows: list[tuple[np.ndarray, np.ndarray]], seq_len: int, start_id: int) -> dict[str, np.ndarray]:
+    """Rows [len(windows), seq_len] from windows' ids and their documents' starts (Split.window)."""
+    rows = len(windows)
+    first = np.zeros((rows, seq_len), bool)
+    targets = np.zeros((rows, seq_len), np.int32)
+    lengths = np.zeros((rows, 1), np.int64)
+    for r, (ids, starts) in enumerate(windows):
+        targets[r, :len(ids)], first[r, starts], lengths[r] = ids, True, len(ids)
+    column = np.arange(seq_len)
+    tokens = column < lengths
+    segment = np.where(tokens, np.cumsum(first, axis=1), 0).astype(np.int32)
+    inputs = np.where(first, start_id, np.roll(targets, 1, axis=1))
+    segment_start = np.maximum.accumulate(np.where(first, column, 0), axis=1)
+    return {'inputs': np.where(tokens, inputs, 0).astype(np.int32), 'targets': targets, 'segment_ids': segment,
+            'positions': np.where(tokens, column - segment_start, 0).astype(np.int32),
+            'loss_weights': tokens.astype(np.float32)}
 
 
 class TokenStream:
@@ -172,21 +172,26 @@ class TokenStream:
         self._rows = np.arange(process_index * rows, (process_index + 1) * rows)
         self.instances = [math.ceil(split.tokens / seq_len) for split in splits]
 
-    def instance(self, domain: int, occurrence: int) -> int:
-        """Which window of `domain` its occurrence-th read takes."""
+    def instances_of(self, domain: int, occurrences: np.ndarray) -> np.ndarray:
+        """Which windows of `domain` its occurrences (its reads, numbered from 0) take."""
         n = self.instances[domain]
-        epoch, k = divmod(occurrence, n)
-        return int(permute(np.array([k]), n, stream_key(self.seed, self.schedule.domains[domain], epoch))[0])
+        epochs, k = np.divmod(occurrences, n)
+        out = np.empty_like(k)
+        for epoch in np.unique(epochs).tolist():
+            here = epochs == epoch
+            out[here] = permute(k[here], n, stream_key(self.seed, self.schedule.domains[domain], epoch))
+        return out
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         domains, occurrences = self.schedule.rows(step * self.batch_size + self._rows)
-        rows = []
-        for d, occurrence in zip(domains.tolist(), occurrences.tolist()):
-            split, k = self.splits[d], self.instance(d, occurrence)
-            start = k * self.seq_len
-            ids, starts = split.window(start, min(start + self.seq_len, split.tokens))
-            rows.append(pack_window(ids, starts, self.seq_len, self.start_id))
-        return {field: np.stack([row[field] for row in rows]) for field in FIELDS}
+        windows = np.empty_like(occurrences)
+        for d in np.unique(domains).tolist():
+            windows[domains == d] = self.instances_of(d, occurrences[domains == d])
+        reads = []
+        for d, k in zip(domains.tolist(), windows.tolist()):
+            split, start = self.splits[d], k * self.seq_len
+            reads.append(split.window(start, min(start + self.seq_len, split.tokens)))
+        return pack_windows(reads, self.seq_len, self.start_id)
 
     def __iter__(self):
         return self
