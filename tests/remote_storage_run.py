@@ -4,7 +4,9 @@ it with the environment that points epath, TensorStore and TensorBoard at a loca
 Usage: python tests/remote_storage_run.py BUCKET REPORT.json
 Trains a tiny seed for 2 of 4 steps, resumes it to 4, upcycles it into 2 experts, evaluates the
 upcycled model (eval.json, routing map), exports the seed to Hugging Face files, imports them
-back and generates with the imported model's tokenizer, all under gs://BUCKET. The report holds what the test compares.
+back and generates with the imported model's tokenizer, and prepares a user domain of JSONL files
+in the bucket into prepared token files in the bucket, all under gs://BUCKET. The report holds
+what the test compares.
 """
 
 import json
@@ -38,8 +40,33 @@ def _params(directory: str) -> dict[str, np.ndarray]:
     return {path: reader.read(path) for path in flatten(read_param_shapes(step_dir))}
 
 
+PREPARED_TEXTS = [f'document {i}: ' + 'words ' * i for i in range(1, 41)]
+
+
+def _prepare(root: str) -> list[str]:
+    """prepare-data from gs://.../raw/*.jsonl to gs://.../prepared; the prepared texts, read back."""
+    from bam_jax import storage
+    from bam_jax.data.prepare import open_split
+
+    for i in range(2):
+        lines = ''.join(json.dumps({'text': t}) + '\n' for t in PREPARED_TEXTS[i::2])
+        storage.path(f'{root}/raw/part{i}.jsonl').write_text(lines)
+    gin_file = storage.path(f'{root}/notes.gin')
+    gin_file.write_text(f"DataConfig.user_domains = [@notes/text_domain()]\nnotes/text_domain.name = 'notes'\n"
+                        f"notes/text_domain.paths = ['{root}/raw/*.jsonl']\nDataConfig.data_dir = '{root}/prepared'\n")
+    _run('prepare-data', f'--gin_file={gin_file}', '--domains=notes')
+    texts = []
+    for split in ('train', 'validation'):
+        tokens = open_split(f'{root}/prepared', 'notes', split)
+        ids, starts = tokens.window(0, tokens.tokens)
+        bounds = [*starts.tolist(), len(ids)]
+        texts += [bytes(t - 3 for t in ids[a:b - 1]).decode() for a, b in zip(bounds, bounds[1:])]
+    return texts
+
+
 def main(bucket: str, report: str) -> None:
     root = f'gs://{bucket}'
+    prepared = _prepare(root)
     _run('train', *RUN, '--gin.TrainConfig.stop_at_step=2', f'--workdir={root}/seed')
     _run('train', *RUN, f'--workdir={root}/seed')
     _run('upcycle', '--method=sparse_upcycle', '--num_experts=2', f'--seed={root}/seed', f'--out={root}/moe')
@@ -50,7 +77,8 @@ def main(bucket: str, report: str) -> None:
     _run('generate', f'--workdir={root}/imported', '--prompt=def ', '--max_new_tokens=4', '--json')
     seed, imported = _params(f'{root}/seed'), _params(f'{root}/imported')
     with open(report, 'w') as f:
-        json.dump({'seed_params': sorted(seed), 'imported_params': sorted(imported),
+        json.dump({'prepared_texts': sorted(prepared), 'input_texts': sorted(PREPARED_TEXTS),
+                   'seed_params': sorted(seed), 'imported_params': sorted(imported),
                    'max_difference': max(float(np.max(np.abs(seed[k] - imported[k]))) for k in seed)}, f)
 
 

@@ -75,18 +75,37 @@ def train_tokenizer(texts: list[str], directory: pathlib.Path) -> pathlib.Path:
 
 def _encode_half(args):
     path, texts = args
+    os.environ['TOKENIZERS_PARALLELISM'] = 'false'  # one core each
     from tokenizers import Tokenizer
 
-    return sum(len(e.ids) for e in Tokenizer.from_file(path).encode_batch(texts, add_special_tokens=False))
+    tokenizer = Tokenizer.from_file(path)
+    return sum(len(e.ids) for chunk in _chunks(texts)
+               for e in tokenizer.encode_batch(chunk, add_special_tokens=False))
+
+
+def _chunks(texts: list[str]) -> list[list[str]]:
+    """The texts in batches of about the size preparation encodes at once."""
+    from bam_jax.data.prepare import _BATCH_BYTES
+
+    chunks, size = [[]], 0
+    for text in texts:
+        chunks[-1].append(text)
+        size += len(text)
+        if size >= _BATCH_BYTES:
+            chunks.append([])
+            size = 0
+    return chunks
 
 
 def _limits(texts: list[str], tokenizer_dir: pathlib.Path) -> dict:
-    """The bare tokenizer's speed: encode_batch on all cores, and 2 processes of half each."""
+    """The bare tokenizer's speed on the same batches as preparation's: encode_batch on all
+    cores, and 2 processes of half each."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(tokenizer_dir / 'tokenizer.json'))
     start = time.perf_counter()
-    tokens = sum(len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=False))
+    tokens = sum(len(e.ids) for chunk in _chunks(texts)
+                 for e in tokenizer.encode_batch(chunk, add_special_tokens=False))
     batch_s = time.perf_counter() - start
     halves = [(str(tokenizer_dir / 'tokenizer.json'), texts[i::2]) for i in range(2)]
     with multiprocessing.get_context('spawn').Pool(2) as pool:
