@@ -240,6 +240,7 @@ def _prepare_data(args, bindings) -> int:
     from bam_jax.data.prepare import prepare_domain
     from bam_jax.gin_config import parse_gin
 
+    os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # host work only
     parse_gin(args.gin_file, bindings)
     config = DataConfig()
     domains = [d.strip() for d in args.domains.split(',') if d.strip()] or list(config.domains)
