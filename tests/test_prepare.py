@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from bam_jax.data import DataConfig, corpora, prepare, text_domain
+from bam_jax.data import DataConfig, corpora, prepare, similarity, text_domain
 from bam_jax.data.prepare import MANIFEST, SeenHashes, document_hash, ensure_prepared, open_split, prepare_domain
 from bam_jax.errors import BamJaxError
 
@@ -264,3 +264,23 @@ def test_processes_that_need_a_domain_at_once_prepare_it_once(tmp_path, monkeypa
     for thread in threads:
         thread.join()
     assert len(calls) == 1 and len(results) == 3 and all(r == results[0] for r in results)
+
+
+def test_the_similarity_variant_orders_each_group_of_the_training_split(tmp_path):
+    paths = write_inputs(tmp_path / 'raw', corpus_texts(8, 90))
+    plain = config_for(tmp_path, paths)
+    similar = dataclasses.replace(plain, similarity_batching=True, similarity_group_documents=25)
+    prepare_domain(plain, 'notes', progress=False)
+    record = ensure_prepared(similar, 'notes')
+    assert record['settings']['similarity_group_documents'] == 25
+    assert prepare.prepared_name(similar, 'notes') == 'notes.similar'
+    plain_train = decoded(open_split(plain.data_dir, 'notes', 'train'))
+    similar_train = decoded(open_split(plain.data_dir, 'notes.similar', 'train'))
+    expected = []
+    for lo in range(0, len(plain_train), 25):  # the same documents, in the same groups, each group reordered
+        group = plain_train[lo:lo + 25]
+        expected += [group[i] for i in similarity.similarity_order(group, shard_size=25)]
+    assert similar_train == expected and similar_train != plain_train
+    assert decoded(open_split(plain.data_dir, 'notes.similar', 'validation')) == decoded(
+        open_split(plain.data_dir, 'notes', 'validation'))
+    assert ensure_prepared(plain, 'notes')['settings'] == prepare.domain_settings(plain, 'notes')  # both kept

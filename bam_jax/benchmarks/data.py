@@ -119,12 +119,12 @@ def _limits(texts: list[str], tokenizer_dir: pathlib.Path) -> dict:
 
 def _prepare(path: pathlib.Path, data_dir: pathlib.Path, domain: str, tokenizer_dir=None) -> dict:
     from bam_jax.data import sources
-    from bam_jax.data.prepare import Encoder, prepare_documents
+    from bam_jax.data.prepare import Encoder, domain_dir, prepare_documents
 
     encoder = Encoder(tokenizer_path=str(tokenizer_dir) if tokenizer_dir else None)
     files = sources.expand((str(path),))
     start = time.perf_counter()
-    record = prepare_documents(domain, sources.DocumentReader().read(files), encoder, str(data_dir),
+    record = prepare_documents(domain, sources.DocumentReader().read(files), encoder, domain_dir(str(data_dir), domain),
                                {'validation_fraction': 0.05}, [])
     seconds = time.perf_counter() - start
     tokens = sum(split['tokens'] for split in record['splits'].values())

@@ -30,6 +30,9 @@ class DataConfig:
     eval_batches: cap on validation batches per domain (0: no cap).
     user_domains: DomainSpecs from `text_domain(...)`.
     max_file_bytes, max_domain_bytes: size limits of the built-in corpora.
+    similarity_group_documents: prepare-data puts a domain's training split
+      in similarity order over groups of this many documents (its memory
+      bound), into a variant of its own, DOMAIN.similar.
     data_dir: where `bam-jax prepare-data` writes prepared domains (a local
       path or a bucket, gs://...), one directory per domain (prepare.py).
     similarity_batching: the training split of every domain reads chains of
@@ -55,6 +58,7 @@ class DataConfig:
     max_domain_bytes: int = corpora.MAX_DOMAIN_BYTES
     similarity_batching: bool = False
     similarity_group_bytes: int = 16384
+    similarity_group_documents: int = 8192
     data_shards: int = 0
     data_dir: str = '~/.cache/bam_jax/data'
 
@@ -78,6 +82,9 @@ class DataConfig:
         if self.data_shards < 0:
             raise BamJaxError(f'data_shards must be >= 0, got '
                               f'{self.data_shards}')
+        if self.similarity_group_documents < 1:
+            raise BamJaxError(f'similarity_group_documents must be >= 1, got '
+                              f'{self.similarity_group_documents}')
         if self.similarity_group_bytes < 1:
             raise BamJaxError(f'similarity_group_bytes must be >= 1, got '
                               f'{self.similarity_group_bytes}')

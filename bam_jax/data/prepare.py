@@ -141,36 +141,67 @@ class _Held:
     """A validation candidate held back: the heap keeps the largest hash on top."""
     negative_hash: int
     ids: np.ndarray
+    text: str
 
     def __lt__(self, other):
         return self.negative_hash < other.negative_hash
 
 
+class SimilarityOrder:
+    """Passes training documents on to `write` in groups of `group` documents, each group in
+    similarity order (similarity.similarity_order: chains of similar documents, as in Lory), so
+    the windows cut from the split hold similar neighbours. Holds one group's texts at most."""
+
+    def __init__(self, write, group: int):
+        self.write, self.group, self._buffer = write, group, []
+
+    def add(self, ids: np.ndarray, text: str) -> None:
+        self._buffer.append((ids, text))
+        if len(self._buffer) >= self.group:
+            self.flush()
+
+    def flush(self) -> None:
+        from bam_jax.data import similarity
+
+        order = similarity.similarity_order([text for _, text in self._buffer], shard_size=self.group)
+        for i in order:
+            self.write(self._buffer[i][0])
+        self._buffer = []
+
+
 def write_domain(documents: Iterable[tuple[str, str]], encoder: Encoder, tmp: storage.Path,
-                 validation_fraction: float, on_document=None) -> dict:
-    """Writes the de-duplicated, split and tokenized documents under tmp; returns the counts."""
+                 validation_fraction: float, on_document=None, similarity_group: int = 0) -> dict:
+    """Writes the de-duplicated, split and tokenized documents under tmp; returns the counts.
+    similarity_group > 0: the training split in similarity order over groups of that many."""
     if not 0.0 <= validation_fraction < 1.0:
         raise BamJaxError(f'validation_fraction must be in [0, 1), got {validation_fraction}')
     threshold = validation_fraction * 2.0 ** 64
     seen = SeenHashes()
     writers = {split: SplitWriter(tmp / split, encoder.dtype) for split in SPLITS}
     held: list[_Held] = []  # the train documents of smallest hash, in case validation is too small
+    train = SimilarityOrder(writers['train'].add, similarity_group) if similarity_group else None
     read = 0
     for batch in _batches(documents):
         read += len(batch)
         kept = [(h, text) for h, text in ((document_hash(text), text) for _, text in batch) if seen.add(h)]
-        for (h, _), ids in zip(kept, encoder.encode([text for _, text in kept])):
+        for (h, text), ids in zip(kept, encoder.encode([text for _, text in kept])):
             if h < threshold:
                 writers['validation'].add(ids)
                 continue
-            heapq.heappush(held, _Held(-h, ids))
+            heapq.heappush(held, _Held(-h, ids, text))
             if len(held) > corpora.MIN_VALIDATION_DOCUMENTS:
-                writers['train'].add(heapq.heappop(held).ids)
+                out = heapq.heappop(held)
+                train.add(out.ids, out.text) if train else writers['train'].add(out.ids)
         if on_document:
             on_document(batch)
     needed = max(0, min(corpora.MIN_VALIDATION_DOCUMENTS, len(seen) // 2) - writers['validation'].documents)
     for i, entry in enumerate(sorted(held, key=lambda e: -e.negative_hash)):
-        writers['validation' if i < needed else 'train'].add(entry.ids)
+        if i < needed:
+            writers['validation'].add(entry.ids)
+        else:
+            train.add(entry.ids, entry.text) if train else writers['train'].add(entry.ids)
+    if train:
+        train.flush()
     return {'documents_read': read, 'duplicates': read - len(seen),
             'splits': {split: writer.close() for split, writer in writers.items()}}
 
@@ -189,34 +220,40 @@ def _batches(documents: Iterable[tuple[str, str]]) -> Iterator[list[tuple[str, s
         yield batch
 
 
-def domain_dir(data_dir: str, domain: str) -> storage.Path:
-    return storage.path(data_dir) / domain
+def domain_dir(data_dir: str, name: str) -> storage.Path:
+    return storage.path(data_dir) / name
 
 
-def read_manifest(data_dir: str, domain: str) -> dict | None:
-    path = domain_dir(data_dir, domain) / MANIFEST
+def prepared_name(config, domain: str) -> str:
+    """Where a domain is prepared for `config`: DOMAIN, or DOMAIN.similar when its training split
+    is in similarity order (DataConfig.similarity_batching), a variant of its own."""
+    return f'{domain}.similar' if config.similarity_batching else domain
+
+
+def read_manifest(data_dir: str, name: str) -> dict | None:
+    path = domain_dir(data_dir, name) / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def open_split(data_dir: str, domain: str, split: str) -> Split:
-    """A prepared domain's split, for reading (token_stream.TokenStream, evaluation)."""
-    manifest = read_manifest(data_dir, domain)
+def open_split(data_dir: str, name: str, split: str) -> Split:
+    """A prepared domain's split (name: prepared_name), for reading (token_stream, evaluation)."""
+    manifest = read_manifest(data_dir, name)
     if manifest is None:
-        raise BamJaxError(f"domain '{domain}' is not prepared in {data_dir}: run bam-jax prepare-data")
-    directory, dtype = domain_dir(data_dir, domain) / split, np.dtype(manifest['dtype'])
+        raise BamJaxError(f"'{name}' is not prepared in {data_dir}: run bam-jax prepare-data")
+    directory, dtype = domain_dir(data_dir, name) / split, np.dtype(manifest['dtype'])
     return Split([Part.open(directory / part['name'], dtype) for part in manifest['splits'][split]['parts']])
 
 
-def prepare_documents(domain: str, documents: Iterable[tuple[str, str]], encoder: Encoder, data_dir: str,
+def prepare_documents(domain: str, documents: Iterable[tuple[str, str]], encoder: Encoder, out: storage.Path,
                       settings: dict, inputs: list[dict], progress=None, skipped: list | None = None) -> dict:
-    """Prepares one domain from its (id, text) stream into data_dir/domain; returns its manifest."""
+    """Prepares one domain from its (id, text) stream into `out`; returns its manifest."""
     start = time.perf_counter()
-    out = domain_dir(data_dir, domain)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = storage.staging_dir(out, 'prepare')
     tmp.mkdir(parents=True)
     try:
-        counts = write_domain(documents, encoder, tmp, settings['validation_fraction'], progress)
+        counts = write_domain(documents, encoder, tmp, settings['validation_fraction'], progress,
+                              settings.get('similarity_group_documents', 0))
         if not counts['splits']['train']['documents']:
             raise BamJaxError(f"domain '{domain}': no training documents in {counts['documents_read']} read")
         record = {'format': FORMAT, 'domain': domain, 'vocabulary': encoder.identity(),
@@ -234,6 +271,8 @@ def domain_settings(config, domain: str) -> dict:
     """The settings a prepared domain depends on besides its inputs and vocabulary."""
     spec = next((s for s in config.user_domains if s.name == domain), None)
     settings = {'validation_fraction': config.validation_fraction}
+    if config.similarity_batching:
+        settings['similarity_group_documents'] = config.similarity_group_documents
     if spec is not None:
         return {**settings, 'paths': list(spec.paths), 'text_key': spec.text_key}
     if domain == 'math':
@@ -264,7 +303,8 @@ def prepare_domain(config, domain: str, skip_bad: bool = False, progress: bool =
     bar = tqdm(total=total, desc=f'prepare {domain}', unit='B' if spec else 'doc', unit_scale=True,
                disable=not progress, mininterval=0.5)
     try:
-        record = prepare_documents(domain, documents, encoder, config.data_dir, domain_settings(config, domain),
+        out = domain_dir(config.data_dir, prepared_name(config, domain))
+        record = prepare_documents(domain, documents, encoder, out, domain_settings(config, domain),
                                    inputs, progress=lambda batch: bar.update(size(batch)), skipped=reader.skipped)
     finally:
         bar.close()
@@ -319,14 +359,15 @@ def ensure_prepared(config, domain: str) -> dict:
     """The manifest of `domain` prepared for `config`. A built-in corpus, or a small local user
     domain, is prepared here when it is not (or is stale); any other is refused with the command
     that prepares it."""
-    problem = stale(config, domain, read_manifest(config.data_dir, domain))
+    name = prepared_name(config, domain)
+    problem = stale(config, domain, read_manifest(config.data_dir, name))
     if problem is None:
-        return read_manifest(config.data_dir, domain)
+        return read_manifest(config.data_dir, name)
     if not _small_and_local(config, domain):
         raise BamJaxError(f"domain '{domain}' {problem} in {config.data_dir}: run bam-jax prepare-data "
                           f"--gin_file=... --domains={domain} with this run's gin files")
-    with _lock(config.data_dir, domain):
-        manifest = read_manifest(config.data_dir, domain)  # another process may have prepared it meanwhile
+    with _lock(config.data_dir, name):
+        manifest = read_manifest(config.data_dir, name)  # another process may have prepared it meanwhile
         if stale(config, domain, manifest) is None:
             return manifest
         return prepare_domain(config, domain, progress=False)
