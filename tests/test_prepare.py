@@ -284,3 +284,21 @@ def test_the_similarity_variant_orders_each_group_of_the_training_split(tmp_path
     assert decoded(open_split(plain.data_dir, 'notes.similar', 'validation')) == decoded(
         open_split(plain.data_dir, 'notes', 'validation'))
     assert ensure_prepared(plain, 'notes')['settings'] == prepare.domain_settings(plain, 'notes')  # both kept
+
+
+def test_sentencepiece_ids_are_the_models_own(tmp_path):
+    spm = pytest.importorskip('sentencepiece')
+    texts = corpus_texts(9, 200)
+    (tmp_path / 'train.txt').write_text('\n'.join(texts))
+    spm.SentencePieceTrainer.train(input=str(tmp_path / 'train.txt'), model_prefix=str(tmp_path / 'm'),
+                                   vocab_size=300, model_type='bpe', pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   minloglevel=2)
+    config = config_for(tmp_path, write_inputs(tmp_path / 'raw', texts), spm_path=str(tmp_path / 'm.model'))
+    record = prepare_domain(config, 'notes', progress=False)
+    assert record['vocabulary']['kind'] == 'spm' and record['vocabulary']['vocab_size'] == 300
+    processor = spm.SentencePieceProcessor(model_file=str(tmp_path / 'm.model'))
+    expected = {tuple(processor.encode(t) + [1]) for t in texts}
+    split = open_split(config.data_dir, 'notes', 'train')
+    ids, starts = split.window(0, split.tokens)
+    documents = {tuple(ids[a:b].tolist()) for a, b in zip(starts, [*starts[1:], len(ids)])}
+    assert documents <= expected and len(documents) > 150
