@@ -21,6 +21,10 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(os.path.dirname(
     os.path.abspath(__file__))), '.pytest_cache', 'jax_compilation_cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
+# Prepared domains (bam_jax.data.prepare) go there too, not to the user's cache: each built-in
+# corpus is prepared once per suite run, by whichever process needs it first.
+os.environ.setdefault('BAM_JAX_DATA_DIR', os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), '.pytest_cache', 'prepared_data'))
 
 
 # `make test` gives each xdist worker whole files (--dist loadfile: a module's fixtures are built

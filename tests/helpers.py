@@ -102,8 +102,7 @@ def assert_one_line_error(result, *patterns):
 SMALL_RUN = ["DataConfig.source = 'law'", 'TRAIN_STEPS = 2', 'TrainConfig.stop_at_step = 1', 'BATCH_SIZE = 8',
              'SEQ_LEN = 64', 'TrainConfig.checkpoint_every = 1', 'TrainConfig.warmup_steps = 1',
              'TrainConfig.log_every = 1', 'DataConfig.eval_batches = 1', 'DataConfig.math_documents = 500',
-             'ModelConfig.num_layers = 1', "ModelConfig.dtype = 'float32'",
-             'DataConfig.shuffle_buffer = 64']  # a small data state in each checkpoint
+             'ModelConfig.num_layers = 1', "ModelConfig.dtype = 'float32'"]
 
 
 def train_run(files, workdir, *bindings):

@@ -19,7 +19,7 @@ from bam_jax import cli
 RUN = ['--gin_file=gin/models/tiny.gin', '--gin_file=gin/seed.gin', "--gin.DataConfig.source='code'",
        '--gin.TRAIN_STEPS=4', '--gin.BATCH_SIZE=8', '--gin.SEQ_LEN=32', '--gin.TrainConfig.warmup_steps=1',
        '--gin.TrainConfig.checkpoint_every=2', '--gin.TrainConfig.eval_every=4', '--gin.DataConfig.eval_batches=1',
-       '--gin.ModelConfig.num_layers=1', "--gin.ModelConfig.dtype='float32'", '--gin.DataConfig.shuffle_buffer=64',
+       '--gin.ModelConfig.num_layers=1', "--gin.ModelConfig.dtype='float32'",
        '--gin.ModelConfig.parallel_block=False']  # a Llama, so the export is one transformers reads
 
 

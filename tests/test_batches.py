@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bam_jax.data import DataConfig, corpora, text_domain
-from bam_jax.data.batches import source_rates, train_stream, validation_batches
+from bam_jax.data.batches import eval_batches, source_rates, train_batches
 from bam_jax.data.prepare import document_hash
 from bam_jax.errors import BamJaxError
 
@@ -43,7 +43,7 @@ def _segments(batch):
 
 def test_training_rows_hold_text_of_their_own_domain_in_the_mixture_order(tmp_path):
     config = DataConfig(source='math,law', math_documents=200, data_dir=str(tmp_path / 'prepared'))
-    stream = train_stream(config, batch_size=4, seq_len=64, seed=0)
+    stream = train_batches(config, batch_size=4, seq_len=64, seed=0)
     haystacks = {d: b'\0'.join(doc.text.encode() for doc in corpora.load_corpus(d, math_documents=200).train)
                  for d in ('math', 'law')}
     for _ in range(3):
@@ -62,10 +62,10 @@ def test_validation_windows_are_the_documents_bytes_cut_in_order_and_strided_und
     kept = [t for t in texts if document_hash(t) < 0.5 * 2.0 ** 64]
     tokens = [b for t in kept for b in [c + 3 for c in t.encode()] + [EOS]]
     windows = [tokens[i:i + 32] for i in range(0, len(tokens), 32)]
-    every = validation_batches(config, 'notes', batch_size=4, seq_len=32)
+    every = eval_batches(config, 'notes', batch_size=4, seq_len=32)
     rows = [row[row_w > 0].tolist() for batch in every for row, row_w in zip(batch['targets'], batch['loss_weights'])]
     assert rows[:len(windows)] == windows and not any(rows[len(windows):])  # then empty padding rows
-    capped = validation_batches(dataclasses.replace(config, eval_batches=2), 'notes', 4, 32)
+    capped = eval_batches(dataclasses.replace(config, eval_batches=2), 'notes', 4, 32)
     assert len(capped) == 2
     rows = [row[row_w > 0].tolist() for batch in capped for row, row_w in zip(batch['targets'], batch['loss_weights'])]
     assert rows == windows[::len(windows) // 8][:8]

@@ -45,7 +45,7 @@ def test_accelerator_paths_import_without_the_data_libraries():
 
 
 def test_blocked_libraries_really_cannot_be_imported():
-    done = subprocess.run([sys.executable, BLOCKER, '-c', 'import bam_jax.data.pipeline'], cwd=REPO,
+    done = subprocess.run([sys.executable, BLOCKER, '-c', 'import bam_jax.data.hf_tokenizer'], cwd=REPO,
                           env=cli_env(1), capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "No module named 'seqio' (blocked)" in done.stderr
 

@@ -118,7 +118,7 @@ MATH_DOCUMENTS = 40
 
 def _config(path):
     return data.DataConfig(source='math', tokenizer_path=str(path), math_documents=MATH_DOCUMENTS,
-                           eval_batches=0, eval_domains=('math',), shuffle_buffer=8)
+                           eval_batches=0, eval_domains=('math',))
 
 
 def _check_packed(config, reference, start, eos, seq_len=64, train=True):

@@ -20,7 +20,7 @@ from helpers import assert_same_state
 
 LORY = ModelConfig(vocab_size=384, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, d_ff=64,
                    dtype='float32', lory=LoryConfig(num_experts=3, segment_len=16))
-DATA = DataConfig(source='seed', eval_domains=('code',), eval_batches=1, math_documents=500, shuffle_buffer=64)
+DATA = DataConfig(source='seed', eval_domains=('code',), eval_batches=1, math_documents=500)
 # 6 steps, the first 3 dense.
 RUN = TrainConfig(train_steps=6, batch_size=8, seq_len=64, warmup_steps=2, checkpoint_every=2,
                   eval_every=3, log_every=1, learning_rate=3e-3, dense_warmup_fraction=0.5)

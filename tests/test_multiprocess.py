@@ -32,7 +32,7 @@ SEED_FILES = ['gin/models/tiny.gin', 'gin/seed.gin']
 RUN = ["DataConfig.source = 'code'", 'TRAIN_STEPS = 1000', 'BATCH_SIZE = 8', 'SEQ_LEN = 32',
        'TrainConfig.warmup_steps = 1', 'TrainConfig.checkpoint_every = 1', 'TrainConfig.keep_checkpoints = 100',
        'TrainConfig.eval_every = 100000', 'DataConfig.eval_batches = 1', 'ModelConfig.num_layers = 1',
-       "ModelConfig.dtype = 'float32'", 'DataConfig.data_shards = 2']
+       "ModelConfig.dtype = 'float32'"]
 MIX = ['MeshConfig.expert = 8']  # 8 experts (2 models × expert_split 4), one per device of both processes
 
 

@@ -12,14 +12,13 @@ from bam_jax.evaluate import offline_tasks
 
 # Small corpora: 500 math documents, at most 4 MiB of each other domain (the
 # independent "not in training" check below searches every training byte).
-CONFIG = DataConfig(math_documents=500, max_domain_bytes=4 << 20)
+CONFIG = DataConfig(math_documents=500)
 MC_TASKS = [t for t in offline_tasks.TASKS if t != 'bam_math']
 
 
 def _corpus(task):
     return corpora.load_corpus(offline_tasks.DOMAIN[task], validation_fraction=CONFIG.validation_fraction,
-                               math_documents=CONFIG.math_documents, max_file_bytes=CONFIG.max_file_bytes,
-                               max_domain_bytes=CONFIG.max_domain_bytes)
+                               math_documents=CONFIG.math_documents, max_file_bytes=CONFIG.max_file_bytes)
 
 
 def _read(path):

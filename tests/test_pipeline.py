@@ -21,7 +21,6 @@ def _pipeline(out):
            'SEED_STEPS': '2', 'BRANCH_STEPS': '2', 'MIX_STEPS': '8', 'BATCH_SIZE': '8', 'SEQ_LEN': '32',
            'TASKS': '',  # downstream tasks: tests/test_harness.py, test_compare.py, test_launch.py
            'EXTRA': "--gin.TrainConfig.warmup_steps=1 --gin.DataConfig.eval_batches=1 --gin.ModelConfig.num_layers=1 "
-                    "--gin.DataConfig.shuffle_buffer=64 "
                     "--gin.DataConfig.eval_domains=['code','math'] --gin.DataConfig.math_documents=500"}
     env = {k: v for k, v in env.items() if not k.startswith('TPU_')}
     proc = subprocess.run(['bash', 'launch/pipeline.sh'], cwd=REPO, env=env, capture_output=True, text=True,

@@ -5,6 +5,7 @@ References are computed here: brute-force cosine in numpy, TF-IDF by hand,
 chaining in plain Python, corpus texts read from corpora.
 """
 
+import dataclasses
 import math
 import string
 
@@ -190,15 +191,8 @@ def test_near_duplicates_end_up_adjacent():
         assert abs(order.index(11) - order.index(27)) == 1
 
 
-def test_group_texts():
-    texts = ['a' * 10, 'b' * 10, 'c' * 30, 'd', 'é' * 6]
-    # 10 + 2 + 10 = 22 >= 20 bytes; 'c' alone reaches it; 'd' + 2 + 12 bytes of é = 15.
-    assert similarity.group_texts(texts, 20) == ['a' * 10 + '\n\n' + 'b' * 10, 'c' * 30, 'd\n\n' + 'é' * 6]
-    assert similarity.group_texts(texts, 1) == texts
-    assert similarity.group_texts([], 5) == []
-
-
-# ---- the seqio training split ----------------------------------------------
+# ---- the training split under DataConfig.similarity_batching ------------------------------
+# (the order itself, group by group: tests/test_prepare.py)
 
 def _segments(batch):
     out = []
@@ -208,44 +202,20 @@ def _segments(batch):
     return out
 
 
-def test_similarity_batching_reads_chained_training_documents():
-    plain = data.DataConfig(source='law', eval_batches=1)
-    similar = data.DataConfig(source='law', eval_batches=1, similarity_batching=True,
-                              similarity_group_bytes=4096)
-    train = corpora.load_corpus('law').train
-    documents = [d.text for d in train]
-
+def test_similarity_batching_reads_its_own_variant_of_the_training_split(tmp_path):
+    plain = data.DataConfig(source='law', eval_batches=1, data_dir=str(tmp_path))
+    similar = dataclasses.replace(plain, similarity_batching=True, similarity_group_documents=64)
     first = next(data.train_batches(plain, batch_size=4, seq_len=256, seed=0))
     batch = next(data.train_batches(similar, batch_size=4, seq_len=256, seed=0))
-    assert batch['targets'].shape == (4, 256)
-    assert not np.array_equal(batch['targets'], first['targets'])
-    hay = b'\0'.join(t.encode() for t in documents)
-    segments = _segments(batch)
-    assert segments
-    for segment in segments:
-        # A row may span several chained documents: every line of it is training text.
-        assert b'\0' not in segment[:-1]
-        for line in segment.rstrip(b'\0').split(b'\n'):
-            assert line in hay
-
-    # The source yields every training document once, in groups of ~4 kB.
-    import seqio  # here, after bam_jax.data has loaded TensorFlow quietly
-    source = seqio.TaskRegistry.get(data.resolve_source(similar)).source
-    groups = [g['text'].decode() for g in source.get_dataset('train', shuffle=False).as_numpy_iterator()]
-    assert groups != documents and len(groups) < len(documents)
-    assert sum(map(len, groups)) == sum(map(len, documents)) + 2 * (len(documents) - len(groups))
-    joined = '\0'.join(groups)
-    assert all(text in joined for text in documents)
-    assert all(len(g.encode()) >= 4096 for g in groups[:-1])
-
-    # Validation is unchanged, and switching the option off again restores the plain order.
-    assert source.num_input_examples('validation') == len(corpora.load_corpus('law').validation)
+    assert batch['targets'].shape == (4, 256) and not np.array_equal(batch['targets'], first['targets'])
+    hay = b'\0'.join(d.text.encode() for d in corpora.load_corpus('law').train)
+    for segment in _segments(batch):  # a segment is (part of) one training document
+        assert segment.rstrip(b'\0') in hay
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith('.')) == ['law', 'law.similar']
     for a, b in zip(data.eval_batches(plain, 'law', 2, 64), data.eval_batches(similar, 'law', 2, 64)):
-        np.testing.assert_array_equal(a['targets'], b['targets'])
-    again = next(data.train_batches(plain, batch_size=4, seq_len=256, seed=0))
-    np.testing.assert_array_equal(again['targets'], first['targets'])
+        np.testing.assert_array_equal(a['targets'], b['targets'])  # validation is unchanged
 
 
-def test_group_bytes_must_be_positive():
-    with pytest.raises(BamJaxError, match='similarity_group_bytes'):
-        data.DataConfig(similarity_batching=True, similarity_group_bytes=0)
+def test_group_size_must_be_positive():
+    with pytest.raises(BamJaxError, match='similarity_group_documents'):
+        data.DataConfig(similarity_batching=True, similarity_group_documents=0)

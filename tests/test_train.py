@@ -22,7 +22,7 @@ from helpers import assert_same_state, restore
 MODEL = ModelConfig(vocab_size=384, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, d_ff=64,
                     dtype='float32')
 # A small shuffle buffer: a small saved data state in each checkpoint.
-DATA = DataConfig(source='seed', eval_domains=('code', 'math'), eval_batches=1, math_documents=500, shuffle_buffer=64)
+DATA = DataConfig(source='seed', eval_domains=('code', 'math'), eval_batches=1, math_documents=500)
 RUN = TrainConfig(train_steps=6, batch_size=8, seq_len=64, warmup_steps=2, checkpoint_every=2,
                   eval_every=3, log_every=1, learning_rate=3e-3)
 MESH = MeshConfig(data=2, fsdp=2, tensor=2)

@@ -1,13 +1,20 @@
-"""Data: built-in corpora, seqio tasks and mixtures, packed numpy batches.
+"""Data: raw documents prepared into token files (`bam-jax prepare-data`), and the training and
+validation batches read from them.
 
-Importing the package is light: DataConfig, the corpora and the tokenizer files need neither
-seqio nor TensorFlow, so the model, training step, generation, upcycler and Hugging Face paths
-import it on a machine that has neither (the accelerator check runs there). The names below that
-read data through seqio load their module, and TensorFlow with it, on first use.
+  sources       raw files (JSONL, Parquet, text; local or in a bucket) read as streams
+  corpora       the built-in domains: general, code, law, math (math_problems)
+  prepare       de-duplication, the split, tokenization, the prepared domain and its manifest
+  token_files   the prepared format: flat token ids and a document index per part
+  token_stream  the training stream: windows of tokens, shuffled per epoch, mixtures, any step
+  batches       a DataConfig's training stream and validation batches
+  similarity    Lory's similarity order
+  vocab         the vocabularies: bytes, SentencePiece, a Hugging Face tokenizer
+
+Importing the package needs neither seqio nor TensorFlow; they load only with a SentencePiece or
+Hugging Face vocabulary (vocab.py, hf_tokenizer.py).
 """
 
-import importlib
-
+from bam_jax.data.batches import eval_batches, source_rates, train_batches
 from bam_jax.data.config import DataConfig, eval_domain_names
 from bam_jax.data.corpora import (
     BUILTIN_DOMAINS,
@@ -19,46 +26,26 @@ from bam_jax.data.corpora import (
 from bam_jax.data.math_problems import problem as math_problem
 from bam_jax.data.tokenizer_files import copy_tokenizer_files, write_byte_tokenizer
 from bam_jax.data.user_domains import DomainSpec, text_domain
-from bam_jax.data.vocab import start_id, vocabulary
-
-# name -> the module that defines it; each of these imports seqio and TensorFlow.
-_ON_DEMAND = {
-    'HFTokenizerVocabulary': 'hf_tokenizer',
-    'train_batches': 'pipeline',
-    'eval_batches': 'pipeline',
-    'resolve_source': 'pipeline',
-    'MIX_MIXTURE': 'tasks',
-    'SEED_MIXTURE': 'tasks',
-    'register_all': 'tasks',
-    'task_name': 'tasks',
-    'TrainStream': 'train_stream',
-    'shard_count': 'train_stream',
-    'stream_state_prefixes': 'train_stream',
-}
-
-
-def __getattr__(name):
-    if name not in _ON_DEMAND:
-        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-    value = getattr(importlib.import_module(f'{__name__}.{_ON_DEMAND[name]}'), name)
-    globals()[name] = value  # once loaded, an ordinary attribute
-    return value
-
+from bam_jax.data.vocab import config_start_id, start_id, vocab_size, vocabulary
 
 __all__ = [
     'BUILTIN_DOMAINS',
     'Corpus',
+    'config_start_id',
     'DataConfig',
     'Document',
     'DomainSpec',
     'copy_tokenizer_files',
+    'eval_batches',
     'eval_domain_names',
     'load_corpus',
     'math_problem',
     'normalise',
+    'source_rates',
     'start_id',
     'text_domain',
+    'train_batches',
+    'vocab_size',
     'vocabulary',
     'write_byte_tokenizer',
-    *_ON_DEMAND,
 ]

@@ -5,6 +5,7 @@ data (export, generation, the upcycler), so this module imports neither seqio no
 """
 
 import dataclasses
+import os
 
 import gin
 
@@ -16,51 +17,43 @@ from bam_jax.errors import BamJaxError
 @gin.configurable
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """What to read and how.
+    """What to read and how (batches.py reads it, prepare.py prepares it).
 
-    source: a domain ('code', or a user domain's name), 'seed', 'mix',
-      comma-separated domains (an equal-rate mixture of them), or the name of
-      any registered seqio task or mixture with a 'targets' feature.
+    source: a domain ('code', or a user domain's name), 'seed' or 'mix' (the
+      four built-in domains at equal rates), comma-separated domains (an
+      equal-rate mixture), or domains with rates ('code:3,law:1').
     eval_domains: domains evaluated on their validation split; user domains
       are evaluated only when named here.
     spm_path: a SentencePiece model (.model) as the vocabulary.
     tokenizer_path: a Hugging Face tokenizer as the vocabulary: a directory
       with tokenizer.json (a model's directory), or that file. Not with
       spm_path. Neither: the byte vocabulary (vocab.py).
+    validation_fraction: the share of documents, by content hash, held out.
     eval_batches: cap on validation batches per domain (0: no cap).
     user_domains: DomainSpecs from `text_domain(...)`.
-    max_file_bytes, max_domain_bytes: size limits of the built-in corpora.
-    similarity_group_documents: prepare-data puts a domain's training split
-      in similarity order over groups of this many documents (its memory
-      bound), into a variant of its own, DOMAIN.similar.
-    data_dir: where `bam-jax prepare-data` writes prepared domains (a local
-      path or a bucket, gs://...), one directory per domain (prepare.py).
-    similarity_batching: the training split of every domain reads chains of
-      similar documents (as in Lory; similarity.py) joined into texts of about
-      `similarity_group_bytes` bytes, so a training row holds related
-      documents. Validation is unchanged.
-    data_shards: the training documents are split into this many disjoint
-      shards, each giving an equal part of every batch, and divided among
-      the processes (train_stream.py). 0: one per process. Fix it to make a
-      run's batches independent of the number of processes (a run resumed
-      on another slice size, or checked against one process).
+    math_documents, max_file_bytes: the built-in corpora's settings
+      (corpora.py).
+    similarity_batching: every domain's training split in similarity order
+      (as in Lory; similarity.py), over groups of similarity_group_documents
+      documents (the order's memory bound), so a training row holds related
+      documents; a prepared variant of its own, DOMAIN.similar. Validation
+      is unchanged.
+    data_dir: where prepared domains live (a local path or a bucket,
+      gs://...), one directory per domain (prepare.py); by default
+      $BAM_JAX_DATA_DIR, else ~/.cache/bam_jax/data.
     """
     source: str = 'seed'
     eval_domains: tuple = ('general', 'code', 'law', 'math')
     spm_path: str | None = None
     tokenizer_path: str | None = None
     validation_fraction: float = 0.05
-    shuffle_buffer: int = 1000
     eval_batches: int = 8
     user_domains: tuple = ()
     math_documents: int = corpora.DEFAULT_MATH_DOCUMENTS
     max_file_bytes: int = corpora.MAX_FILE_BYTES
-    max_domain_bytes: int = corpora.MAX_DOMAIN_BYTES
     similarity_batching: bool = False
-    similarity_group_bytes: int = 16384
     similarity_group_documents: int = 8192
-    data_shards: int = 0
-    data_dir: str = '~/.cache/bam_jax/data'
+    data_dir: str = os.environ.get('BAM_JAX_DATA_DIR', '~/.cache/bam_jax/data')
 
     def __post_init__(self):
         # gin hands over lists; keep the config hashable.
@@ -76,18 +69,9 @@ class DataConfig:
         if self.spm_path is not None and self.tokenizer_path is not None:
             raise BamJaxError('set DataConfig.spm_path or '
                               'DataConfig.tokenizer_path, not both')
-        if self.shuffle_buffer < 1:
-            raise BamJaxError(f'shuffle_buffer must be >= 1, got '
-                              f'{self.shuffle_buffer}')
-        if self.data_shards < 0:
-            raise BamJaxError(f'data_shards must be >= 0, got '
-                              f'{self.data_shards}')
         if self.similarity_group_documents < 1:
             raise BamJaxError(f'similarity_group_documents must be >= 1, got '
                               f'{self.similarity_group_documents}')
-        if self.similarity_group_bytes < 1:
-            raise BamJaxError(f'similarity_group_bytes must be >= 1, got '
-                              f'{self.similarity_group_bytes}')
 
     @property
     def domains(self):

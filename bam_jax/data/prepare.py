@@ -29,7 +29,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from bam_jax import storage
-from bam_jax.data import corpora, sources
+from bam_jax.data import corpora, sources, vocab
 from bam_jax.data.token_files import Part, PartWriter, Split, token_dtype
 from bam_jax.errors import BamJaxError
 
@@ -75,12 +75,10 @@ class Encoder:
     """The run's vocabulary for preparation: encode(texts) -> id arrays, each ending in EOS."""
 
     def __init__(self, spm_path=None, tokenizer_path=None):
-        from bam_jax.data import vocab
-
         self.key = vocab.vocabulary_key(spm_path, tokenizer_path)
         self.kind = self.key[0]
-        if self.kind == 'bytes':  # seqio.ByteVocabulary's ids: byte b -> b + 3, EOS 1
-            self.vocab_size, self.eos_id = 259, 1
+        if self.kind == 'bytes':  # seqio.ByteVocabulary's ids: byte b -> b + 3
+            self.vocab_size, self.eos_id = vocab.BYTE_VOCAB_SIZE, vocab.BYTE_EOS_ID
         else:
             self._vocabulary = vocab.make_vocabulary(spm_path, tokenizer_path)
             self.vocab_size, self.eos_id = self._vocabulary.vocab_size, self._vocabulary.eos_id
@@ -97,8 +95,8 @@ class Encoder:
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
         if self.kind == 'bytes':
-            return [np.append(np.frombuffer(t.encode('utf-8'), np.uint8).astype(self.dtype) + 3, 1).astype(self.dtype)
-                    for t in texts]
+            return [np.append(np.frombuffer(t.encode('utf-8'), np.uint8).astype(self.dtype) + 3,
+                              self.eos_id).astype(self.dtype) for t in texts]
         if self.kind == 'hf':  # the tokenizers library encodes a batch on every core
             encodings = self._vocabulary.tokenizer.encode_batch(texts, add_special_tokens=False)
             ids = [e.ids for e in encodings]
@@ -255,7 +253,10 @@ def prepare_documents(domain: str, documents: Iterable[tuple[str, str]], encoder
         counts = write_domain(documents, encoder, tmp, settings['validation_fraction'], progress,
                               settings.get('similarity_group_documents', 0))
         if not counts['splits']['train']['documents']:
-            raise BamJaxError(f"domain '{domain}': no training documents in {counts['documents_read']} read")
+            where = ', '.join(str(i.get('path', i.get('builtin'))) for i in inputs[:3]) + (
+                ', ...' if len(inputs) > 3 else '')
+            raise BamJaxError(f"domain '{domain}': no training documents in the {counts['documents_read']} read "
+                              f"from {where}")
         record = {'format': FORMAT, 'domain': domain, 'vocabulary': encoder.identity(),
                   'dtype': encoder.dtype.name, 'settings': settings, 'inputs': inputs, **counts,
                   'skipped': skipped or [], 'seconds': time.perf_counter() - start}

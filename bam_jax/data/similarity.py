@@ -23,7 +23,6 @@ from scipy import sparse
 DEFAULT_SHARD_SIZE = 8192
 DEFAULT_NEIGHBOURS = 32
 DEFAULT_BLOCK = 256
-SEPARATOR = '\n\n'
 
 _TOKEN = re.compile(r'\w+')
 
@@ -183,27 +182,3 @@ def similarity_order(texts, shard_size=DEFAULT_SHARD_SIZE, k=DEFAULT_NEIGHBOURS,
             print(f'similarity order: shard {number + 1}/{len(shards)} '
                   f'({len(order)}/{len(texts)} documents)', file=sys.stderr, flush=True)
     return order
-
-
-def group_texts(texts, group_bytes, separator=SEPARATOR):
-    """Consecutive texts joined with `separator` into groups of at least
-    `group_bytes` UTF-8 bytes (the last group may be shorter); a text is
-    never split."""
-    if group_bytes < 1:
-        raise ValueError(f'group_bytes must be >= 1, got {group_bytes}')
-    groups, current, size = [], [], 0
-    for text in texts:
-        current.append(text)
-        size += len(text.encode('utf-8')) + (len(separator) if len(current) > 1 else 0)
-        if size >= group_bytes:
-            groups.append(separator.join(current))
-            current, size = [], 0
-    if current:
-        groups.append(separator.join(current))
-    return groups
-
-
-def similar_groups(texts, group_bytes, progress=False, **order_args):
-    """`texts` in similarity order, grouped by `group_texts`."""
-    order = similarity_order(texts, progress=progress, **order_args)
-    return group_texts([texts[i] for i in order], group_bytes)

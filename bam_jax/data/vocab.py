@@ -60,6 +60,21 @@ def _load(key):
     return vocab
 
 
+BYTE_VOCAB_SIZE, BYTE_EOS_ID = 259, 1  # seqio.ByteVocabulary: pad 0, EOS 1, unk 2, byte b -> b + 3
+
+
+def vocab_size(config) -> int:
+    """The number of ids of a DataConfig's vocabulary (the byte vocabulary's without loading it)."""
+    if config.spm_path is None and config.tokenizer_path is None:
+        return BYTE_VOCAB_SIZE
+    return vocabulary(config).vocab_size
+
+
+def config_start_id(config) -> int:
+    """start_id of a DataConfig's vocabulary: 0 for bytes and SentencePiece without loading them."""
+    return 0 if config.tokenizer_path is None else start_id(vocabulary(config))
+
+
 def vocabulary(config):
     """The vocabulary of a DataConfig: bytes, its SentencePiece model or its Hugging Face tokenizer."""
     return make_vocabulary(config.spm_path, config.tokenizer_path)

@@ -235,8 +235,7 @@ def build_items(data_config=None):
     for task in TASKS:
         corpus = corpora.load_corpus(
             DOMAIN[task], validation_fraction=data_config.validation_fraction,
-            math_documents=data_config.math_documents, max_file_bytes=data_config.max_file_bytes,
-            max_domain_bytes=data_config.max_domain_bytes)
+            math_documents=data_config.math_documents, max_file_bytes=data_config.max_file_bytes)
         training = _Training(corpus.train)
         if task == 'bam_math':
             out[task], out['bam_math_fewshot'] = math_items(corpus.validation, training)

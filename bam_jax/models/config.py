@@ -27,6 +27,11 @@ ATTENTION_IMPLS = ('plain', 'xla', 'cudnn', 'splash')  # bam_jax/models/attentio
 # and that no longer exist, with the reason. Reading an older run skips them.
 RETIRED_SETTINGS = {
     'MoEConfig': {'capacity_factor_eval': 'inference never drops tokens, so it has no capacity'},
+    # settings of the in-memory seqio pipeline that prepared token files replaced (bam_jax/data)
+    'DataConfig': {'shuffle_buffer': 'every epoch is a global shuffle of the prepared windows',
+                   'data_shards': 'the global batch never depends on the process count',
+                   'max_domain_bytes': 'prepared domains have no size cap',
+                   'similarity_group_bytes': 'see similarity_group_documents'},
 }
 
 

@@ -38,26 +38,25 @@ def start(run: Run, train_fn: Callable) -> StartState | dict:
     dense = train_fn(dense_dir, warmup_config(run.config, steps), dense_model(run.model), run.data, run.mesh_config)
     if dense['step'] < steps or dense['stopped'] == 'sigterm':
         return dense
-    params, opt_state, data_position, data_files = _restore_dense(run, dense_dir, steps)
+    params, opt_state, data_position = _restore_dense(run, dense_dir, steps)
     lory_opt = lory_opt_state(run.model, params, opt_state, run.config.seed)
     params = lory_params(run.model, params, run.config.seed)
     print(f'step {steps}: dense warm-up done, switching to Lory with {run.model.lory.num_experts} experts '
           f'(FFN copied into each expert, Adam moments too)')
     return StartState(steps, jax.device_put(params, run.param_shardings),
-                      jax.device_put(lory_opt, run.opt_shardings), data_position, data_files)
+                      jax.device_put(lory_opt, run.opt_shardings), data_position)
 
 
 def _restore_dense(run: Run, dense_dir, step: int):
-    """(params, opt_state, data_position, data_files) of the warm-up's checkpoint at `step`."""
+    """(params, opt_state, data_position) of the warm-up's checkpoint at `step`."""
     abstract = abstract_model(dense_model(run.model))
     _, params = split_params(abstract)
     shardings = param_shardings(abstract, run.mesh)
     opt_state = jax.eval_shape(run.optimizer.init, params)
     with RunCheckpoints(dense_dir, run.config.keep_checkpoints) as checkpoints:
-        params, opt_state, train_state, data_files = checkpoints.restore(
-            step, params, shardings, opt_state, opt_shardings(run.optimizer, opt_state, shardings, run.mesh),
-            run.data_state_prefixes)
-    return params, opt_state, int(train_state['data_position']), data_files
+        params, opt_state, train_state = checkpoints.restore(
+            step, params, shardings, opt_state, opt_shardings(run.optimizer, opt_state, shardings, run.mesh))
+    return params, opt_state, int(train_state['data_position'])
 
 
 def warmup_steps(config: TrainConfig, model: ModelConfig) -> int:

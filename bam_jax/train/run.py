@@ -67,11 +67,6 @@ class Run:
                    opt_shardings=opt_shardings(optimizer, abstract_opt, shardings, mesh),
                    batch_sharding=batch_sharding(mesh))
 
-    @property
-    def data_state_prefixes(self) -> tuple[str, ...]:
-        """The names of this process's files in a checkpoint's `data` item."""
-        return data.stream_state_prefixes(self.data, jax.process_index(), jax.process_count())
-
 
 def opt_shardings(optimizer, abstract_opt_state, shardings, mesh):
     """Moments mirror the parameters' shardings; counters and other scalars are replicated."""
@@ -80,29 +75,26 @@ def opt_shardings(optimizer, abstract_opt_state, shardings, mesh):
 
 
 def _check_data(config: TrainConfig, model: ModelConfig, data_config: data.DataConfig, mesh: Mesh) -> None:
-    data.resolve_source(data_config)
+    data.source_rates(data_config)
     data.eval_domain_names(data_config)
-    vocab_size = data.vocabulary(data_config).vocab_size
+    vocab_size = data.vocab_size(data_config)
     if vocab_size > model.vocab_size:
         raise BamJaxError(f'the vocabulary has {vocab_size} ids but ModelConfig.vocab_size is {model.vocab_size}')
     data_parallel = mesh.shape['data'] * mesh.shape['fsdp'] * mesh.shape['expert']
     if config.batch_size % data_parallel:
         raise BamJaxError(f'batch size {config.batch_size} is not divisible by the {data_parallel} '
                           f'data-parallel devices')
-    shards = data.shard_count(data_config, jax.process_count())
-    if config.batch_size % shards:
-        raise BamJaxError(f'batch size {config.batch_size} is not divisible by the {shards} data shards')
+    if config.batch_size % jax.process_count():
+        raise BamJaxError(f'batch size {config.batch_size} is not divisible by the {jax.process_count()} processes')
 
 
 @dataclasses.dataclass
 class StartState:
-    """The state the step loop begins from (bam_jax.train.start). data_files: the training
-    stream's saved state for this process (TrainStream.restore; {}: replay data_position batches).
-    settings_changed: on resume, the model settings that differ from the checkpoint's
-    ({setting: [checkpoint's, this run's]})."""
+    """The state the step loop begins from (bam_jax.train.start). data_position: global batches
+    read, all the training stream needs to go on. settings_changed: on resume, the model settings
+    that differ from the checkpoint's ({setting: [checkpoint's, this run's]})."""
     step: int
     params: Any
     opt_state: Any
     data_position: int
-    data_files: dict = dataclasses.field(default_factory=dict)
     settings_changed: dict = dataclasses.field(default_factory=dict)

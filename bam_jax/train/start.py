@@ -38,13 +38,12 @@ def resume(run: Run, step_dir: storage.Path, settings_changed: dict) -> StartSta
     """Parameters, optimizer state and data position of the run's own checkpoint."""
     step = int(step_dir.name)
     with RunCheckpoints(run.workdir, run.config.keep_checkpoints) as checkpoints:
-        params, opt_state, train_state, data_files = checkpoints.restore(
-            step, run.abstract_params, run.param_shardings, run.abstract_opt_state, run.opt_shardings,
-            run.data_state_prefixes)
+        params, opt_state, train_state = checkpoints.restore(
+            step, run.abstract_params, run.param_shardings, run.abstract_opt_state, run.opt_shardings)
     print(f'resuming {run.workdir} from step {step}')
     if settings_changed:
         print(f'settings changed since that checkpoint: {describe_changes(settings_changed)}')
-    return StartState(step, params, opt_state, int(train_state['data_position']), data_files, settings_changed)
+    return StartState(step, params, opt_state, int(train_state['data_position']), settings_changed)
 
 
 def fresh(run: Run, init_dir: storage.Path | None) -> StartState:

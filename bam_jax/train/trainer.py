@@ -148,7 +148,7 @@ def _step_loop(run: Run, state: StartState, log: MetricsLog, checkpoints: RunChe
             if step % config.checkpoint_every == 0 or step == end or stopping:
                 checkpoints.save(step, state.params, state.opt_state,
                                  {'step': step, 'data_position': state.data_position, 'seed': config.seed},
-                                 run.model, batches.save())
+                                 run.model)
             if stopping:
                 result['stopped'] = 'sigterm'
                 bar.write(f'SIGTERM: saved step {step}, stopping')
@@ -159,16 +159,12 @@ def _step_loop(run: Run, state: StartState, log: MetricsLog, checkpoints: RunChe
     return result
 
 
-def _data_stream(run: Run, state: StartState) -> data.TrainStream:
-    """This process's training batches from the start state's position: restored from the saved
-    stream state where the checkpoint has it, replayed batch by batch where it does not."""
-    stream = data.train_batches(run.data, run.config.batch_size, run.config.seq_len, run.config.seed,
-                                start_batch=state.data_position, process_index=jax.process_index(),
-                                process_count=jax.process_count(), saved_state=state.data_files)
-    if stream.replayed:
-        print(f'replayed {stream.replayed} batches to the data position (the checkpoint has no data state '
-              f'for {stream.num_shards} shard(s))')
-    return stream
+def _data_stream(run: Run, state: StartState):
+    """This process's training batches from the start state's position (data.train_batches: the
+    position is all a stream needs, whatever the process count)."""
+    return data.train_batches(run.data, run.config.batch_size, run.config.seq_len, run.config.seed,
+                              start_batch=state.data_position, process_index=jax.process_index(),
+                              process_count=jax.process_count())
 
 
 def _progress_bar(run: Run, step: int, end: int) -> tqdm:

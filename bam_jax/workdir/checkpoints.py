@@ -6,14 +6,13 @@ A run's workdir holds `checkpoints/<step>/` with the items
   opt_state   the optimizer state (absent from upcycled checkpoints)
   train_state JSON: step, data position (batches consumed), seed
   model       JSON: the ModelConfig fields
-  data        the training stream's iterator state, one TensorFlow checkpoint per data shard, each
-              written by the process that reads it (bam_jax.data.train_stream)
+The data position is all a resume needs of the data (bam_jax.data.token_stream): a `data` item of
+older checkpoints (a TensorFlow iterator state) is left unread.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 from typing import Any
 
@@ -144,31 +143,6 @@ def restore_params(step_dir: storage.Path, abstract_params, shardings):
         raise BamJaxError(f'cannot read the parameters of {step_dir}: {str(e).splitlines()[0]}') from None
 
 
-class DataStateHandler(ocp.CheckpointHandler):
-    """The `data` item: files of bytes. Each process writes the files it is given and reads the
-    files whose names start with one of the given prefixes."""
-
-    def save(self, directory, args: DataStateSave) -> None:
-        for name, content in args.files.items():
-            (directory / name).write_bytes(content)
-
-    def restore(self, directory, args: DataStateRestore | None = None) -> dict[str, bytes]:
-        prefixes = tuple(args.prefixes) if args else ('',)
-        return {path.name: path.read_bytes() for path in directory.iterdir() if path.name.startswith(prefixes)}
-
-
-@ocp.args.register_with_handler(DataStateHandler, for_save=True)
-@dataclasses.dataclass
-class DataStateSave(ocp.args.CheckpointArgs):
-    files: dict
-
-
-@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
-@dataclasses.dataclass
-class DataStateRestore(ocp.args.CheckpointArgs):
-    prefixes: tuple = ()
-
-
 class RunCheckpoints:
     """The CheckpointManager of one run: async saves, keeps the newest N."""
 
@@ -185,27 +159,18 @@ class RunCheckpoints:
     def step_dir(self, step: int) -> storage.Path:
         return self.directory / str(step)
 
-    def save(self, step: int, params, opt_state, train_state: dict, model: ModelConfig,
-             data_state: dict[str, bytes] | None = None) -> None:
-        """data_state: this process's files of the training stream's state (TrainStream.save)."""
+    def save(self, step: int, params, opt_state, train_state: dict, model: ModelConfig) -> None:
         items = {'params': ocp.args.StandardSave(params), 'opt_state': ocp.args.StandardSave(opt_state),
                  'train_state': ocp.args.JsonSave(train_state), 'model': ocp.args.JsonSave(model.to_dict())}
-        if data_state is not None:
-            items['data'] = DataStateSave(data_state)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
-    def restore(self, step: int, abstract_params, param_shardings, abstract_opt_state, opt_shardings,
-                data_prefixes: tuple[str, ...]):
-        """(params, opt_state, train_state, data files): the data files are those whose names
-        start with one of `data_prefixes` ({} for a checkpoint without the data item)."""
+    def restore(self, step: int, abstract_params, param_shardings, abstract_opt_state, opt_shardings):
+        """(params, opt_state, train_state)."""
         items = {'params': ocp.args.StandardRestore(_abstract(abstract_params, param_shardings)),
                  'opt_state': ocp.args.StandardRestore(_abstract(abstract_opt_state, opt_shardings)),
                  'train_state': ocp.args.JsonRestore()}
-        if (self.step_dir(step) / 'data').is_dir():
-            items['data'] = DataStateRestore(tuple(data_prefixes))
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return (restored['params'], restored['opt_state'], dict(restored['train_state']),
-                dict(restored['data']) if 'data' in items else {})
+        return restored['params'], restored['opt_state'], dict(restored['train_state'])
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
