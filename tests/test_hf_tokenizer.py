@@ -17,6 +17,7 @@ from tokenizers import decoders, pre_tokenizers, trainers
 
 from bam_jax import data
 from bam_jax.data import corpora
+from bam_jax.data.hf_tokenizer import HFTokenizerVocabulary
 from bam_jax.errors import BamJaxError
 
 SPECIALS = ['<pad>', '<s>', '</s>', '<unk>']  # ids 0..3 of the trained tokenizer
@@ -66,12 +67,12 @@ def _variant(bpe_dir, tmp_path, **files):
 
 def test_encode_and_decode_equal_the_tokenizers_library_on_every_corpus(bpe_dir):
     reference = _reference(bpe_dir)
-    vocab = data.HFTokenizerVocabulary(bpe_dir)
+    vocab = HFTokenizerVocabulary(bpe_dir)
     assert (vocab.bos_id, vocab.eos_id, vocab.pad_id, vocab.unk_id) == (BOS, EOS, PAD, UNK)
     assert vocab.vocab_size == reference.get_vocab_size() == 512
     assert data.start_id(vocab) == BOS
     # The path of tokenizer.json names the same vocabulary.
-    assert data.HFTokenizerVocabulary(bpe_dir / 'tokenizer.json') == vocab
+    assert HFTokenizerVocabulary(bpe_dir / 'tokenizer.json') == vocab
     texts = [t for d in corpora.BUILTIN_DOMAINS for t in _samples(d)]
     assert len(texts) == 4 * len(corpora.BUILTIN_DOMAINS)
     texts += ['', 'naïve café — ✓ 日本語 𝄞', 'a <s> b </s> c']
@@ -104,13 +105,13 @@ def _segments(batches):
     return out
 
 
-def _expected_chunks(reference, texts, eos, seq_len):
-    """The tokenizer's ids + EOS of each text, cut into chunks of seq_len."""
-    chunks = collections.Counter()
-    for text in texts:
-        ids = reference.encode(text, add_special_tokens=False).ids + [eos]
-        chunks.update(tuple(ids[i:i + seq_len]) for i in range(0, len(ids), seq_len))
-    return chunks
+def _documents(batches, eos):
+    """The documents of batches that hold a whole split, window after window: their tokens in
+    order, cut after every EOS."""
+    tokens = [t for batch in batches for row, w in zip(batch['targets'], batch['loss_weights'])
+              for t in row[w > 0].tolist()]
+    ends = [i + 1 for i, t in enumerate(tokens) if t == eos]
+    return collections.Counter(tuple(tokens[a:b]) for a, b in zip([0, *ends], ends))
 
 
 MATH_DOCUMENTS = 40
@@ -122,15 +123,15 @@ def _config(path):
 
 
 def _check_packed(config, reference, start, eos, seq_len=64, train=True):
-    """Every validation chunk is a chunk of the tokenizer's ids + EOS, each exactly once, and
-    every segment's inputs are `start` + its targets shifted right; with `train`, the segments of
-    a training batch start with `start` too."""
+    """The validation windows hold every validation document as the tokenizer's ids + EOS, each
+    exactly once, and every segment's inputs are `start` + its targets shifted right; with
+    `train`, the segments of a training batch start with `start` too."""
     batches = data.eval_batches(config, 'math', batch_size=4, seq_len=seq_len)
     segments = _segments(batches)
     texts = [d.text for d in corpora.load_corpus('math', math_documents=MATH_DOCUMENTS).validation]
     assert texts
-    assert collections.Counter(tuple(t) for _, t in segments) == \
-        _expected_chunks(reference, texts, eos, seq_len)
+    assert _documents(batches, eos) == collections.Counter(
+        tuple(reference.encode(t, add_special_tokens=False).ids + [eos]) for t in texts)
     for inputs, targets in segments:  # every segment (document or chunk) starts with `start`
         assert inputs == [start] + targets[:-1]
     if not train:
@@ -150,7 +151,7 @@ def test_a_tokenizer_without_bos_starts_documents_with_eos(bpe_dir, tmp_path):
     # bos_token null (as in Qwen): no BOS, even though config.json has a bos_token_id.
     directory = _variant(bpe_dir, tmp_path, tokenizer_config={'bos_token': None, 'eos_token': '</s>'},
                          config={'bos_token_id': BOS, 'eos_token_id': EOS})
-    vocab = data.HFTokenizerVocabulary(directory)
+    vocab = HFTokenizerVocabulary(directory)
     assert vocab.bos_id is None and data.start_id(vocab) == EOS and vocab.pad_id == 0
     _check_packed(_config(directory), _reference(directory), start=EOS, eos=EOS, train=False)
 
@@ -161,7 +162,7 @@ def test_ids_from_generation_config_and_config(bpe_dir, tmp_path):
     directory = _variant(bpe_dir, tmp_path, tokenizer_config={},
                          generation_config={'eos_token_id': [UNK, EOS]},
                          config={'bos_token_id': BOS, 'eos_token_id': PAD})
-    vocab = data.HFTokenizerVocabulary(directory)
+    vocab = HFTokenizerVocabulary(directory)
     assert (vocab.bos_id, vocab.eos_id, vocab.unk_id) == (BOS, UNK, UNK)  # unk: the BPE model's
     assert data.start_id(vocab) == BOS
 
@@ -215,7 +216,7 @@ def test_byte_tokenizer_through_transformers_equals_the_byte_vocabulary(tmp_path
 
 def test_byte_tokenizer_as_a_vocabulary_equals_the_byte_vocabulary(tmp_path):
     data.write_byte_tokenizer(tmp_path)
-    vocab = data.HFTokenizerVocabulary(tmp_path)
+    vocab = HFTokenizerVocabulary(tmp_path)
     reference = seqio.ByteVocabulary()
     assert (vocab.bos_id, vocab.eos_id, vocab.pad_id, vocab.unk_id, vocab.vocab_size) == (0, 1, 0, 2, 259)
     assert data.start_id(vocab) == 0
@@ -254,20 +255,20 @@ def test_bad_input_is_one_line_error(bpe_dir, tmp_path):
     _one_line_error('not found', lambda: data.vocabulary(data.DataConfig(tokenizer_path=str(tmp_path / 'no'))))
     (tmp_path / 'empty').mkdir()
     (tmp_path / 'empty' / 'tokenizer.model').write_bytes(b'')
-    _one_line_error('no tokenizer.json.*spm_path', lambda: data.HFTokenizerVocabulary(tmp_path / 'empty'))
+    _one_line_error('no tokenizer.json.*spm_path', lambda: HFTokenizerVocabulary(tmp_path / 'empty'))
     _one_line_error('not both', lambda: data.DataConfig(spm_path='m.model', tokenizer_path=str(bpe_dir)))
     _one_line_error('not both', lambda: data.vocab.make_vocabulary('m.model', str(bpe_dir)))
     bad = tmp_path / 'bad'
     bad.mkdir()
     (bad / 'tokenizer.json').write_text('{"model": ')
-    _one_line_error('cannot read', lambda: data.HFTokenizerVocabulary(bad))
+    _one_line_error('cannot read', lambda: HFTokenizerVocabulary(bad))
     (tmp_path / 'no_eos').mkdir()
     no_eos = _variant(bpe_dir, tmp_path / 'no_eos', tokenizer_config={'bos_token': '<s>'})
-    _one_line_error('no EOS', lambda: data.HFTokenizerVocabulary(no_eos))
+    _one_line_error('no EOS', lambda: HFTokenizerVocabulary(no_eos))
     (no_eos / 'config.json').write_text('{not json')
-    _one_line_error('cannot read.*config.json', lambda: data.HFTokenizerVocabulary(no_eos))
+    _one_line_error('cannot read.*config.json', lambda: HFTokenizerVocabulary(no_eos))
     _write_json(no_eos / 'config.json', {'eos_token_id': 10 ** 6})
-    _one_line_error('not an id', lambda: data.HFTokenizerVocabulary(no_eos))
+    _one_line_error('not an id', lambda: HFTokenizerVocabulary(no_eos))
     _write_json(no_eos / 'tokenizer_config.json', {'eos_token': '<never>'})
-    _one_line_error('not a token', lambda: data.HFTokenizerVocabulary(no_eos))
+    _one_line_error('not a token', lambda: HFTokenizerVocabulary(no_eos))
 

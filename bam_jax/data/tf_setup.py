@@ -1,7 +1,7 @@
-"""seqio and TensorFlow, loaded for the data pipeline with TensorFlow kept on the host: it must not
-take accelerator memory that JAX needs. The modules that read data take both from here
-(`from bam_jax.data.tf_setup import seqio, tf`), so no import order can skip this; the model,
-training step, generation, upcycler and Hugging Face paths never import it."""
+"""seqio and TensorFlow, loaded for the vocabularies that need them (SentencePiece, a Hugging Face
+tokenizer as a seqio vocabulary, and seqio's byte vocabulary for decoding) with TensorFlow kept on
+the host: it must not take accelerator memory that JAX needs. The modules that use them take both
+from here (`from bam_jax.data.tf_setup import seqio, tf`), so no import order can skip this."""
 
 import contextlib
 import os
