@@ -249,13 +249,15 @@ def _prepare_data(args, bindings) -> int:
         raise BamJaxError(f"unknown domains {', '.join(unknown)}; the gin files name {', '.join(config.domains)}")
     print(f'{"domain":<12} {"read":>9} {"duplicate":>9} {"train docs":>10} {"train tokens":>13} '
           f'{"valid docs":>10} {"valid tokens":>13} {"skipped":>7} {"seconds":>8}')
+    names = []
     for domain in domains:
         r = prepare_domain(config, domain, skip_bad=args.skip_bad, progress=sys.stderr.isatty())
         train, valid = r['splits']['train'], r['splits']['validation']
         print(f'{domain:<12} {r["documents_read"]:>9} {r["duplicates"]:>9} {train["documents"]:>10} '
               f'{train["tokens"]:>13} {valid["documents"]:>10} {valid["tokens"]:>13} {len(r["skipped"]):>7} '
               f'{r["seconds"]:>8.1f}', flush=True)
-    print(f'wrote {", ".join(domains)} under {config.data_dir}')
+        names.append(r['name'])
+    print(f'wrote {", ".join(names)} under {config.data_dir}')
     return 0
 
 

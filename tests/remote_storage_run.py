@@ -45,8 +45,9 @@ PREPARED_TEXTS = [f'document {i}: ' + 'words ' * i for i in range(1, 41)]
 
 def _prepare(root: str) -> list[str]:
     """prepare-data from gs://.../raw/*.jsonl to gs://.../prepared; the prepared texts, read back."""
-    from bam_jax import storage
-    from bam_jax.data.prepare import open_split
+    from bam_jax import gin_config, storage
+    from bam_jax.data import DataConfig
+    from bam_jax.data.prepare import open_split, prepared_name
 
     for i in range(2):
         lines = ''.join(json.dumps({'text': t}) + '\n' for t in PREPARED_TEXTS[i::2])
@@ -55,18 +56,20 @@ def _prepare(root: str) -> list[str]:
     gin_file.write_text(f"DataConfig.user_domains = [@notes/text_domain()]\nnotes/text_domain.name = 'notes'\n"
                         f"notes/text_domain.paths = ['{root}/raw/*.jsonl']\nDataConfig.data_dir = '{root}/prepared'\n")
     _run('prepare-data', f'--gin_file={gin_file}', '--domains=notes')
+    gin_config.parse_gin([str(gin_file)], [])
+    name = prepared_name(DataConfig(), 'notes')
     texts = []
     for split in ('train', 'validation'):
-        tokens = open_split(f'{root}/prepared', 'notes', split)
+        tokens = open_split(f'{root}/prepared', name, split)
         ids, starts = tokens.window(0, tokens.tokens)
         bounds = [*starts.tolist(), len(ids)]
         texts += [bytes(t - 3 for t in ids[a:b - 1]).decode() for a, b in zip(bounds, bounds[1:])]
-    return texts
+    return name, texts
 
 
 def main(bucket: str, report: str) -> None:
     root = f'gs://{bucket}'
-    prepared = _prepare(root)
+    name, prepared = _prepare(root)
     _run('train', *RUN, '--gin.TrainConfig.stop_at_step=2', f'--workdir={root}/seed')
     _run('train', *RUN, f'--workdir={root}/seed')
     _run('upcycle', '--method=sparse_upcycle', '--num_experts=2', f'--seed={root}/seed', f'--out={root}/moe')
@@ -77,7 +80,7 @@ def main(bucket: str, report: str) -> None:
     _run('generate', f'--workdir={root}/imported', '--prompt=def ', '--max_new_tokens=4', '--json')
     seed, imported = _params(f'{root}/seed'), _params(f'{root}/imported')
     with open(report, 'w') as f:
-        json.dump({'prepared_texts': sorted(prepared), 'input_texts': sorted(PREPARED_TEXTS),
+        json.dump({'prepared_name': name, 'prepared_texts': sorted(prepared), 'input_texts': sorted(PREPARED_TEXTS),
                    'seed_params': sorted(seed), 'imported_params': sorted(imported),
                    'max_difference': max(float(np.max(np.abs(seed[k] - imported[k]))) for k in seed)}, f)
 

@@ -6,6 +6,7 @@ by a run killed mid-way (none that look prepared)."""
 import dataclasses
 import gzip
 import json
+import pathlib
 import signal
 import subprocess
 import sys
@@ -59,6 +60,14 @@ def config_for(tmp_path, paths, **settings):
     return DataConfig(user_domains=(text_domain('notes', paths),), data_dir=str(tmp_path / 'prepared'), **settings)
 
 
+def prepared_dir(config, domain='notes'):
+    return pathlib.Path(config.data_dir) / prepare.prepared_name(config, domain)
+
+
+def split_of(config, split, domain='notes'):
+    return open_split(config.data_dir, prepare.prepared_name(config, domain), split)
+
+
 def corpus_texts(seed, count):
     rng = np.random.default_rng(seed)
     words = ['alpha', 'beta', 'gamma', 'delta', 'é', 'λόγος', '数据', 'x = 1;', '\t', '\n']
@@ -70,7 +79,7 @@ def test_every_distinct_document_of_every_format_decodes_back_in_its_split(tmp_p
     texts += [texts[3].upper(), '  ' + texts[7], ' \n\t ']  # duplicates once normalised, a blank one
     config = config_for(tmp_path, write_inputs(tmp_path / 'raw', texts), validation_fraction=0.2)
     record = prepare_domain(config, 'notes', progress=False)
-    train, validation = (decoded(open_split(config.data_dir, 'notes', s)) for s in ('train', 'validation'))
+    train, validation = (decoded(split_of(config, s)) for s in ('train', 'validation'))
     reference = corpora.split_documents('notes', [(str(i), t) for i, t in enumerate(texts) if t.strip()], 0.2)
     assert sorted(map(corpora.normalise, train)) == sorted(corpora.normalise(d.text) for d in reference.train)
     assert sorted(map(corpora.normalise, validation)) == sorted(corpora.normalise(d.text) for d in reference.validation)
@@ -78,7 +87,7 @@ def test_every_distinct_document_of_every_format_decodes_back_in_its_split(tmp_p
     nonblank = [t for t in texts if t.strip()]  # blank documents are dropped as they are read
     assert record['documents_read'] == len(nonblank)
     assert record['duplicates'] == len(nonblank) - len(set(map(corpora.normalise, nonblank)))
-    manifest = json.loads((tmp_path / 'prepared' / 'notes' / MANIFEST).read_text())
+    manifest = json.loads((prepared_dir(config) / MANIFEST).read_text())
     assert manifest['vocabulary'] == {'kind': 'bytes', 'vocab_size': 259, 'eos_id': 1}
     assert sorted(i['path'].rsplit('/', 1)[1] for i in manifest['inputs'])[:4] == [
         'a.jsonl', 'b.jsonl.gz', 'c.jsonl.zst', 'd.parquet']
@@ -88,7 +97,7 @@ def test_a_small_domain_lends_its_smallest_hashes_to_validation(tmp_path):
     texts = corpus_texts(1, 12)
     config = config_for(tmp_path, write_inputs(tmp_path / 'raw', texts), validation_fraction=0.0)
     prepare_domain(config, 'notes', progress=False)
-    validation = decoded(open_split(config.data_dir, 'notes', 'validation'))
+    validation = decoded(split_of(config, 'validation'))
     smallest = sorted(set(texts), key=document_hash)[:corpora.MIN_VALIDATION_DOCUMENTS]
     assert sorted(validation) == sorted(smallest)
 
@@ -114,7 +123,7 @@ def test_hugging_face_tokenizer_ids_are_the_tokenizers_own(tmp_path):
     (tmp_path / 'tok' / 'tokenizer_config.json').write_text(json.dumps({'eos_token': '</s>'}))
     config = config_for(tmp_path, write_inputs(tmp_path / 'raw', texts), tokenizer_path=str(tmp_path / 'tok'))
     prepare_domain(config, 'notes', progress=False)
-    split = open_split(config.data_dir, 'notes', 'train')
+    split = split_of(config, 'train')
     ids, starts = split.window(0, split.tokens)
     eos = tokenizer.token_to_id('</s>')
     documents = [ids[a:b].tolist() for a, b in zip(starts, list(starts[1:]) + [len(ids)])]
@@ -134,16 +143,18 @@ def test_a_bad_input_names_its_file_and_line_and_keeps_what_was_prepared(tmp_pat
     raw = tmp_path / 'raw'
     raw.mkdir()
     (raw / 'good.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in corpus_texts(3, 20)))
-    prepare_domain(config_for(tmp_path, [str(raw / 'good.jsonl')]), 'notes', progress=False)
-    manifest = (tmp_path / 'prepared' / 'notes' / MANIFEST).read_text()
+    good = config_for(tmp_path, [str(raw / 'good.jsonl')])
+    prepare_domain(good, 'notes', progress=False)
+    manifest = (prepared_dir(good) / MANIFEST).read_text()
     if content is None:
         pq.write_table(pa.table({'body': ['a', 'b']}), raw / name)
     else:
         (raw / name).write_bytes(content)
+    everything = config_for(tmp_path, [str(raw / '*')])
     with pytest.raises(BamJaxError, match=message):
-        prepare_domain(config_for(tmp_path, [str(raw / '*')]), 'notes', progress=False)
-    assert (tmp_path / 'prepared' / 'notes' / MANIFEST).read_text() == manifest
-    assert sorted(p.name for p in (tmp_path / 'prepared').iterdir()) == ['notes']  # no staging left
+        prepare_domain(everything, 'notes', progress=False)
+    assert (prepared_dir(good) / MANIFEST).read_text() == manifest
+    assert [p.name for p in (tmp_path / 'prepared').iterdir()] == [prepared_dir(good).name]  # no staging left
 
 
 def test_the_command_prints_its_table_or_one_error_line(tmp_path):
@@ -158,7 +169,9 @@ def test_the_command_prints_its_table_or_one_error_line(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = {line.split()[0]: line.split() for line in done.stdout.splitlines()[1:3]}
     assert rows['notes'][1] == '40' and rows['math'][1] == '50'
-    assert json.loads((tmp_path / 'prepared' / 'math' / MANIFEST).read_text())['settings']['math_documents'] == 50
+    math = DataConfig(data_dir=str(tmp_path / 'prepared'), math_documents=50)
+    assert json.loads((prepared_dir(math, 'math') / MANIFEST).read_text())['settings']['math_documents'] == 50
+    assert 'wrote notes-' in done.stdout and prepared_dir(math, 'math').name in done.stdout
     (raw / 'b.jsonl').write_text('{"text": 1}\n')
     assert_one_line_error(run_cli('prepare-data', f'--gin_file={gin_file}', '--domains=notes'),
                           "b.jsonl:1: 'text' is not a string")
@@ -178,17 +191,18 @@ def test_a_killed_preparation_publishes_nothing_and_a_rerun_completes(tmp_path):
                         f"notes/text_domain.paths = ['{raw}/*']\nDataConfig.data_dir = '{tmp_path}/prepared'\n")
     args = [sys.executable, '-m', 'bam_jax.cli', 'prepare-data', f'--gin_file={gin_file}', '--domains=notes']
     proc = subprocess.Popen(args, cwd=REPO, env=cli_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    staging = tmp_path / 'prepared' / '.notes.prepare-tmp'
+    config = config_for(tmp_path, [f'{raw}/*'])
+    staging = tmp_path / 'prepared' / f'.{prepared_dir(config).name}.prepare-tmp'
     deadline = time.monotonic() + 120
     while not (staging / 'train').exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / 'prepared' / 'notes').exists()  # nothing that looks prepared
+    assert not prepared_dir(config).exists()  # nothing that looks prepared
     done = subprocess.run(args, cwd=REPO, env=cli_env(1), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert not staging.exists()
-    assert json.loads((tmp_path / 'prepared' / 'notes' / MANIFEST).read_text())['documents_read'] == 60_000
+    assert json.loads((prepared_dir(config) / MANIFEST).read_text())['documents_read'] == 60_000
 
 
 def test_skip_bad_counts_what_it_skipped(tmp_path):
@@ -202,11 +216,11 @@ def test_skip_bad_counts_what_it_skipped(tmp_path):
     config = config_for(tmp_path, [str(raw / '*')])
     with pytest.raises(BamJaxError, match=r'a\.jsonl:16: bad JSON'):
         prepare_domain(config, 'notes', progress=False)
-    assert not (tmp_path / 'prepared' / 'notes').exists()
+    assert not prepared_dir(config).exists()
     record = prepare_domain(config, 'notes', skip_bad=True, progress=False)
     assert len(record['skipped']) == 3 and 'a.jsonl:17: not UTF-8' in record['skipped'][1]
-    kept = decoded(open_split(config.data_dir, 'notes', 'train')) + decoded(
-        open_split(config.data_dir, 'notes', 'validation'))
+    kept = decoded(split_of(config, 'train')) + decoded(
+        split_of(config, 'validation'))
     assert sorted(kept) == sorted(set(good))
 
 
@@ -218,13 +232,14 @@ def test_an_empty_domain_or_no_files_are_refused(tmp_path):
         prepare_domain(config_for(tmp_path, [str(tmp_path / 'none*.jsonl')]), 'notes', progress=False)
 
 
-def test_a_builtin_domain_is_prepared_on_first_use_and_again_when_its_settings_change(tmp_path):
+def test_a_builtin_domain_is_prepared_on_first_use_once_for_each_setting(tmp_path):
     config = DataConfig(data_dir=str(tmp_path / 'prepared'), math_documents=40)
     first = ensure_prepared(config, 'math')
     assert first['settings'] == {'validation_fraction': 0.05, 'math_documents': 40}
     assert ensure_prepared(config, 'math') == first  # read, not prepared again
     changed = ensure_prepared(dataclasses.replace(config, math_documents=60), 'math')
     assert changed['documents_read'] == 60 and changed['settings']['math_documents'] == 60
+    assert ensure_prepared(config, 'math') == first  # each setting has its own, kept side by side
 
 
 def test_a_large_or_changed_user_domain_is_refused_with_the_command(tmp_path, monkeypatch):
@@ -240,7 +255,7 @@ def test_a_large_or_changed_user_domain_is_refused_with_the_command(tmp_path, mo
     with pytest.raises(BamJaxError, match="domain 'notes' was prepared from files that have changed since .*"
                                           'run bam-jax prepare-data --gin_file=... --domains=notes'):
         ensure_prepared(config, 'notes')
-    with pytest.raises(BamJaxError, match='was prepared with other settings \\(validation_fraction\\)'):
+    with pytest.raises(BamJaxError, match="domain 'notes' is not prepared with these settings"):
         ensure_prepared(dataclasses.replace(config, validation_fraction=0.5), 'notes')
     prepare_domain(config, 'notes', progress=False)
     assert ensure_prepared(config, 'notes')['documents_read'] == 31
@@ -273,16 +288,16 @@ def test_the_similarity_variant_orders_each_group_of_the_training_split(tmp_path
     prepare_domain(plain, 'notes', progress=False)
     record = ensure_prepared(similar, 'notes')
     assert record['settings']['similarity_group_documents'] == 25
-    assert prepare.prepared_name(similar, 'notes') == 'notes.similar'
-    plain_train = decoded(open_split(plain.data_dir, 'notes', 'train'))
-    similar_train = decoded(open_split(plain.data_dir, 'notes.similar', 'train'))
+    assert prepare.prepared_name(similar, 'notes') != prepare.prepared_name(plain, 'notes')
+    plain_train = decoded(split_of(plain, 'train'))
+    similar_train = decoded(split_of(similar, 'train'))
     expected = []
     for lo in range(0, len(plain_train), 25):  # the same documents, in the same groups, each group reordered
         group = plain_train[lo:lo + 25]
         expected += [group[i] for i in similarity.similarity_order(group, shard_size=25)]
     assert similar_train == expected and similar_train != plain_train
-    assert decoded(open_split(plain.data_dir, 'notes.similar', 'validation')) == decoded(
-        open_split(plain.data_dir, 'notes', 'validation'))
+    assert decoded(split_of(similar, 'validation')) == decoded(
+        split_of(plain, 'validation'))
     assert ensure_prepared(plain, 'notes')['settings'] == prepare.domain_settings(plain, 'notes')  # both kept
 
 
@@ -298,7 +313,7 @@ def test_sentencepiece_ids_are_the_models_own(tmp_path):
     assert record['vocabulary']['kind'] == 'spm' and record['vocabulary']['vocab_size'] == 300
     processor = spm.SentencePieceProcessor(model_file=str(tmp_path / 'm.model'))
     expected = {tuple(processor.encode(t) + [1]) for t in texts}
-    split = open_split(config.data_dir, 'notes', 'train')
+    split = split_of(config, 'train')
     ids, starts = split.window(0, split.tokens)
     documents = {tuple(ids[a:b].tolist()) for a, b in zip(starts, [*starts[1:], len(ids)])}
     assert documents <= expected and len(documents) > 150

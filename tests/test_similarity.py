@@ -14,7 +14,7 @@ import pytest
 from scipy import sparse
 
 from bam_jax import data
-from bam_jax.data import corpora, similarity
+from bam_jax.data import corpora, prepare, similarity
 from bam_jax.errors import BamJaxError
 
 EOS = 1
@@ -211,7 +211,8 @@ def test_similarity_batching_reads_its_own_variant_of_the_training_split(tmp_pat
     hay = b'\0'.join(d.text.encode() for d in corpora.load_corpus('law').train)
     for segment in _segments(batch):  # a segment is (part of) one training document
         assert segment.rstrip(b'\0') in hay
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith('.')) == ['law', 'law.similar']
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith('.')) == sorted(
+        prepare.prepared_name(config, 'law') for config in (plain, similar))
     for a, b in zip(data.eval_batches(plain, 'law', 2, 64), data.eval_batches(similar, 'law', 2, 64)):
         np.testing.assert_array_equal(a['targets'], b['targets'])  # validation is unchanged
 

@@ -73,8 +73,7 @@ def test_every_stage_reads_and_writes_a_gcs_bucket(emulator, tmp_path):
                  'seed/checkpoints/4/train_state/metadata', 'moe/model.gin', 'moe/upcycle.json',
                  'moe/checkpoints/0/params/manifest.ocdbt', 'moe/eval.json', 'moe/routing_map.png',
                  'hf/config.json', 'hf/model.safetensors', 'imported/import.json',
-                 'imported/checkpoints/0/params/manifest.ocdbt', 'prepared/notes/manifest.json',
-                 'prepared/notes/train/part-00000.bin', 'prepared/notes/validation/part-00000.ends.npy']:
+                 'imported/checkpoints/0/params/manifest.ocdbt']:
         assert name in objects, f'{name} not written; the bucket holds {sorted(objects)}'
     assert any(name.startswith('seed/tb/events') and size for name, size in objects.items())
     assert not any('-tmp' in name or '-old' in name for name in objects)  # staging dirs were published, not left
@@ -89,6 +88,8 @@ def test_every_stage_reads_and_writes_a_gcs_bucket(emulator, tmp_path):
     assert completion['prompt'] == 'def ' and 0 < len(completion['completion_ids']) <= 4
 
     result = json.loads(report.read_text())
+    for name in ['manifest.json', 'train/part-00000.bin', 'validation/part-00000.ends.npy']:
+        assert f'prepared/{result["prepared_name"]}/{name}' in objects
     assert result['prepared_texts'] == result['input_texts']  # every document, from and back to the bucket
     assert result['imported_params'] == result['seed_params']
     assert result['max_difference'] == 0.0  # float32 out and back

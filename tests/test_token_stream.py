@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from bam_jax.data.token_files import Part, PartWriter, Split, token_dtype
+from bam_jax.data.token_files import Changed, Part, PartWriter, Split, token_dtype
 from bam_jax.data.token_stream import FIELDS, Schedule, TokenStream, permute
 from bam_jax.errors import BamJaxError
 
@@ -24,7 +24,7 @@ def write_split(tmp_path, name, documents, parts=3, vocab_size=300):
         for doc in documents[bounds[i]:bounds[i + 1]]:
             writer.add(list(doc) + [EOS])
         writer.close()
-        opened.append(Part.open(tmp_path / f'{name}-{i}', dtype))
+        opened.append(Part(tmp_path / f'{name}-{i}', dtype))
     return Split(opened)
 
 
@@ -158,3 +158,16 @@ def test_an_empty_domain_is_refused(tmp_path):
     empty = Split([])
     with pytest.raises(BamJaxError, match='no training tokens in law'):
         TokenStream([empty], Schedule.from_rates({'law': 1}), batch_size=2, seq_len=8, seed=0, start_id=START)
+
+
+def test_an_open_part_reads_what_it_opened_when_the_domain_is_prepared_again(tmp_path):
+    documents = random_documents(20, 30)
+    split = write_split(tmp_path, 'old', documents, parts=1)
+    before = split.window(0, split.tokens)[0].tolist()
+    replacement = write_split(tmp_path, 'new', random_documents(21, 10), parts=1)
+    for suffix in ('.bin', '.ends.npy'):  # published over it, as prepare.py publishes: a rename
+        (tmp_path / f'new-0{suffix}').rename(tmp_path / f'old-0{suffix}')
+    assert split.window(0, split.tokens)[0].tolist() == before
+    assert Part(tmp_path / 'old-0', np.uint16).tokens == replacement.tokens
+    with pytest.raises(Changed, match='does not match'):
+        Part(tmp_path / 'old-0', np.uint16, tokens=split.tokens)

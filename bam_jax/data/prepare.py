@@ -223,9 +223,12 @@ def domain_dir(data_dir: str, name: str) -> storage.Path:
 
 
 def prepared_name(config, domain: str) -> str:
-    """Where a domain is prepared for `config`: DOMAIN, or DOMAIN.similar when its training split
-    is in similarity order (DataConfig.similarity_batching), a variant of its own."""
-    return f'{domain}.similar' if config.similarity_batching else domain
+    """Where a domain is prepared for `config`: DOMAIN-KEY, KEY a digest of the format, the
+    settings (domain_settings: similarity order included) and the vocabulary. Runs that differ in
+    them read, and prepare, domains of their own: none replaces another's under it."""
+    identity = {'format': FORMAT, 'settings': domain_settings(config, domain),
+                'vocabulary': Encoder(config.spm_path, config.tokenizer_path).identity()}
+    return f'{domain}-{hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]}'
 
 
 def read_manifest(data_dir: str, name: str) -> dict | None:
@@ -233,13 +236,23 @@ def read_manifest(data_dir: str, name: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def open_split(data_dir: str, name: str, split: str) -> Split:
-    """A prepared domain's split (name: prepared_name), for reading (token_stream, evaluation)."""
-    manifest = read_manifest(data_dir, name)
-    if manifest is None:
-        raise BamJaxError(f"'{name}' is not prepared in {data_dir}: run bam-jax prepare-data")
-    directory, dtype = domain_dir(data_dir, name) / split, np.dtype(manifest['dtype'])
-    return Split([Part.open(directory / part['name'], dtype) for part in manifest['splits'][split]['parts']])
+def open_split(data_dir: str, name: str, split: str, attempts: int = 5) -> Split:
+    """A prepared domain's split (name: prepared_name), for reading (token_stream, evaluation).
+    Its parts stay readable as opened, even if the domain is prepared again meanwhile; one that
+    changes while it is being opened (a publish is a rename) is opened again."""
+    for attempt in range(attempts):
+        time.sleep(0.1 * attempt)
+        manifest = read_manifest(data_dir, name)
+        if manifest is None:
+            error = BamJaxError(f"'{name}' is not prepared in {data_dir}: run bam-jax prepare-data")
+            continue
+        directory, dtype = domain_dir(data_dir, name) / split, np.dtype(manifest['dtype'])
+        try:
+            return Split([Part(directory / part['name'], dtype, part['tokens'])
+                          for part in manifest['splits'][split]['parts']])
+        except (BamJaxError, OSError) as e:  # token_files.Changed among them
+            error = e
+    raise error
 
 
 def prepare_documents(domain: str, documents: Iterable[tuple[str, str]], encoder: Encoder, out: storage.Path,
@@ -257,7 +270,7 @@ def prepare_documents(domain: str, documents: Iterable[tuple[str, str]], encoder
                 ', ...' if len(inputs) > 3 else '')
             raise BamJaxError(f"domain '{domain}': no training documents in the {counts['documents_read']} read "
                               f"from {where}")
-        record = {'format': FORMAT, 'domain': domain, 'vocabulary': encoder.identity(),
+        record = {'format': FORMAT, 'name': out.name, 'domain': domain, 'vocabulary': encoder.identity(),
                   'dtype': encoder.dtype.name, 'settings': settings, 'inputs': inputs, **counts,
                   'skipped': skipped or [], 'seconds': time.perf_counter() - start}
         (tmp / MANIFEST).write_text(json.dumps(record, indent=1) + '\n')
@@ -313,18 +326,10 @@ def prepare_domain(config, domain: str, skip_bad: bool = False, progress: bool =
 
 
 def stale(config, domain: str, manifest: dict | None) -> str | None:
-    """Why the prepared `domain` does not serve `config` (None: it does)."""
+    """Why the prepared `domain` (prepared_name: its settings and vocabulary are config's) does not
+    serve `config` (None: it does)."""
     if manifest is None:
-        return 'is not prepared'
-    if manifest.get('format') != FORMAT:
-        return f'was prepared in another format ({manifest.get("format")})'
-    if manifest['vocabulary'] != Encoder(config.spm_path, config.tokenizer_path).identity():
-        return 'was prepared with another vocabulary'
-    settings = domain_settings(config, domain)
-    if manifest['settings'] != settings:
-        changed = sorted(k for k in set(settings) | set(manifest['settings'])
-                         if settings.get(k) != manifest['settings'].get(k))
-        return f'was prepared with other settings ({", ".join(changed)})'
+        return 'is not prepared with these settings'
     spec = next((s for s in config.user_domains if s.name == domain), None)
     if spec is not None and manifest['inputs'] != [dataclasses.asdict(f) for f in sources.expand(spec.paths)]:
         return 'was prepared from files that have changed since'

@@ -16,7 +16,6 @@ library beyond numpy, so every machine that trains can read it.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import numpy as np
@@ -58,21 +57,29 @@ class PartWriter:
         return {'tokens': self.tokens, 'documents': len(self._ends)}
 
 
-@dataclasses.dataclass
-class Part:
-    """One part, read by positioned reads; `ends` is its index."""
-    prefix: str
-    dtype: np.dtype
-    ends: np.ndarray
+class Changed(BamJaxError):
+    """A part's files do not agree with each other or with the manifest: the domain was prepared
+    again while they were being opened (prepare.open_split opens it again)."""
 
-    @classmethod
-    def open(cls, prefix: str | os.PathLike, dtype) -> Part:
-        path = storage.path(f'{prefix}{ENDS}')
-        if not path.is_file() or not storage.path(f'{prefix}{TOKENS}').is_file():
-            raise BamJaxError(f'prepared token files missing: {prefix}{TOKENS} and {prefix}{ENDS}')
-        with path.open('rb') as f:
-            ends = np.load(f)
-        return cls(str(prefix), np.dtype(dtype), ends)
+
+class Part:
+    """One part, read by positioned reads; `ends` is its index.
+
+    A local part keeps its token file open: a domain prepared again (a new directory renamed over
+    the old one) does not change what an open part reads."""
+
+    def __init__(self, prefix: str | os.PathLike, dtype, tokens: int | None = None):
+        self.prefix, self.dtype = str(prefix), np.dtype(dtype)
+        path = f'{self.prefix}{TOKENS}'
+        if not storage.path(path).is_file() or not storage.path(f'{self.prefix}{ENDS}').is_file():
+            raise BamJaxError(f'prepared token files missing: {path} and {self.prefix}{ENDS}')
+        self._fd = None if storage.is_uri(path) else os.open(path, os.O_RDONLY)
+        with storage.path(f'{self.prefix}{ENDS}').open('rb') as f:
+            self.ends = np.load(f)
+        size = os.fstat(self._fd).st_size if self._fd is not None else storage.path(path).stat().length
+        if size != self.tokens * self.dtype.itemsize or tokens not in (None, self.tokens):
+            self.close()
+            raise Changed(f'{path} does not match its index: prepare the domain again')
 
     @property
     def tokens(self) -> int:
@@ -81,20 +88,23 @@ class Part:
     def read(self, start: int, stop: int) -> np.ndarray:
         """Tokens [start, stop) of this part."""
         size = self.dtype.itemsize
-        path = f'{self.prefix}{TOKENS}'
-        if storage.is_uri(path):
-            with storage.path(path).open('rb') as f:
+        if self._fd is None:
+            with storage.path(f'{self.prefix}{TOKENS}').open('rb') as f:
                 f.seek(start * size)
                 data = f.read((stop - start) * size)
         else:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                data = os.pread(fd, (stop - start) * size, start * size)
-            finally:
-                os.close(fd)
+            data = os.pread(self._fd, (stop - start) * size, start * size)
         if len(data) != (stop - start) * size:
-            raise BamJaxError(f'{path} is shorter than its index says: prepare the domain again')
+            raise BamJaxError(f'{self.prefix}{TOKENS} is shorter than its index says: prepare the domain again')
         return np.frombuffer(data, self.dtype)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self):
+        self.close()
 
 
 class Split:
