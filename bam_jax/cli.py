@@ -31,7 +31,7 @@ EXIT_SIGTERM = 143
 
 
 def _quiet_backends() -> None:
-    # TensorFlow (seqio's data path) logs a wall of C++ messages at import; keep stderr readable.
+    # TensorFlow (under seqio's vocabularies) logs a wall of C++ messages at import; keep stderr readable.
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
     os.environ.setdefault('ABSL_MIN_LOG_LEVEL', '3')
 

@@ -39,9 +39,7 @@ def write_corpus(path: pathlib.Path, megabytes: float) -> int:
     """A JSONL file of about `megabytes` MB of distinct documents; returns its document count."""
     from bam_jax.data import corpora
 
-    texts = [text for domain in corpora.BUILTIN_DOMAINS
-             for _, text in corpora._read_cached(domain, corpora._reader_argument(domain, corpora.MAX_FILE_BYTES,
-                                                                                  corpora.DEFAULT_MATH_DOCUMENTS))]
+    texts = [text for domain in corpora.BUILTIN_DOMAINS for _, text in corpora.read_documents(domain)]
     target, written, count = megabytes * 1e6, 0, 0
     with open(path, 'w') as f:
         while written < target:

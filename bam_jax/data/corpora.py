@@ -172,8 +172,9 @@ def read_documents(domain, max_file_bytes=MAX_FILE_BYTES,
                    math_documents=DEFAULT_MATH_DOCUMENTS):
     """All (id, text) pairs of a built-in domain or a DomainSpec, in id order.
 
-    Cached in-process (several tasks and mixtures share them), so files
-    changed after the first read are not seen again in the same process.
+    Cached in-process (a domain is prepared, and its texts read by the
+    offline tasks, from the same read), so files changed after the first
+    read are not seen again in the same process.
     """
     return _read_cached(domain, _reader_argument(domain, max_file_bytes,
                                                  math_documents))

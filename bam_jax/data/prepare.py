@@ -304,8 +304,7 @@ def prepare_domain(config, domain: str, skip_bad: bool = False, progress: bool =
     spec = next((s for s in config.user_domains if s.name == domain), None)
     reader = sources.DocumentReader(spec.text_key if spec else 'text', skip_bad)
     if spec is None:  # a built-in corpus: small files on this machine, read by corpora.py
-        documents = corpora._read_cached(domain, corpora._reader_argument(domain, config.max_file_bytes,
-                                                                          config.math_documents))
+        documents = corpora.read_documents(domain, config.max_file_bytes, config.math_documents)
         inputs, total, size = [{'builtin': domain}], len(documents), lambda batch: len(batch)
     else:
         files = sources.expand(spec.paths)
