@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import heapq
 import json
@@ -71,6 +72,12 @@ class SeenHashes:
         return True
 
 
+@functools.cache
+def _file_digest(path: str, size: int, mtime: float) -> str:
+    """sha256 of a file, read once per process for each size and modification time it has."""
+    return hashlib.sha256(storage.path(path).read_bytes()).hexdigest()
+
+
 class Encoder:
     """The run's vocabulary for preparation: encode(texts) -> id arrays, each ending in EOS."""
 
@@ -88,9 +95,10 @@ class Encoder:
         """What names this vocabulary in a manifest: its kind, file and the file's sha256."""
         if self.kind == 'bytes':
             return {'kind': 'bytes', 'vocab_size': self.vocab_size, 'eos_id': self.eos_id}
-        path = self._vocabulary.path if self.kind == 'hf' else self.key[1]
-        digest = hashlib.sha256(storage.path(path).read_bytes()).hexdigest()
-        return {'kind': self.kind, 'path': str(path), 'sha256': digest, 'vocab_size': self.vocab_size,
+        path = str(self._vocabulary.path if self.kind == 'hf' else self.key[1])
+        stat = storage.path(path).stat()
+        return {'kind': self.kind, 'path': path, 'sha256': _file_digest(path, stat.length, stat.mtime),
+                'vocab_size': self.vocab_size,
                 'eos_id': self.eos_id}
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
