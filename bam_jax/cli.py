@@ -12,8 +12,9 @@
                     [--max_shard_mb=N] [--overwrite] [--gin.NAME=VALUE ...]
   bam-jax prepare-data --gin_file=F [--gin_file=F2 ...] [--domains=a,b] [--skip_bad] [--gin.NAME=VALUE ...]
 
-train, eval and generate also take --distributed: join a multi-process job (a pod's hosts, or
-launch/run.sh --local_processes=N on one machine) through jax.distributed.initialize().
+train, eval, generate and prepare-data also take --distributed: join a multi-process job (a
+pod's hosts, or launch/run.sh --local_processes=N on one machine) through
+jax.distributed.initialize(). prepare-data's workers then share each domain's input files.
 
 Errors a user can fix print one line, `error: ...`, and exit with status 1.
 """
@@ -28,6 +29,7 @@ from bam_jax.errors import BamJaxError
 
 EXIT_USER_ERROR = 1
 EXIT_SIGTERM = 143
+HOST_COMMANDS = ('upcycle', 'import-hf', 'export-hf', 'prepare-data')  # work on the host's CPU, not the devices
 
 
 def _quiet_backends() -> None:
@@ -107,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument('--domains', default='', help='comma-separated domains (default: all the files name)')
     prepare.add_argument('--skip_bad', action='store_true',
                          help='skip malformed lines and unreadable files, counting them, instead of stopping')
+    _distributed_flag(prepare)
     return parser
 
 
@@ -163,7 +166,6 @@ def _hf_parsers(commands) -> None:
 def _import_hf(args, bindings) -> int:
     if bindings:
         raise BamJaxError('import-hf takes no --gin overrides')
-    os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # host work only
     from bam_jax.hf import import_hf
     record = import_hf(args.hf_dir, args.out, dtype=args.dtype, overwrite=args.overwrite)
     print(f'{record["architecture"]}: {record["tensors"]} tensors, {record["bytes_written"] / 2**20:.1f} MiB '
@@ -176,7 +178,6 @@ def _import_hf(args, bindings) -> int:
 def _export_hf(args, bindings) -> int:
     if args.max_shard_mb < 1:
         raise BamJaxError(f'--max_shard_mb must be >= 1, got {args.max_shard_mb}')
-    os.environ.setdefault('JAX_PLATFORMS', 'cpu')
     from bam_jax.hf import export_hf
     record = export_hf(args.workdir, args.out, fmt=args.format, dtype=args.dtype, bindings=bindings,
                        overwrite=args.overwrite, max_shard_bytes=args.max_shard_mb * 2**20)
@@ -218,7 +219,6 @@ def _upcycle(args, bindings) -> int:
     if bindings:
         raise BamJaxError('upcycle takes no --gin overrides; routing is set in the mix stage')
     # Pure host work: keep JAX (which Orbax loads) off any accelerator.
-    os.environ.setdefault('JAX_PLATFORMS', 'cpu')
     from bam_jax.upcycle import upcycle_checkpoints
     summary = upcycle_checkpoints(
         args.method, [d for d in args.experts.split(',') if d], args.out, seed=args.seed,
@@ -238,26 +238,33 @@ def _upcycle(args, bindings) -> int:
 def _prepare_data(args, bindings) -> int:
     from bam_jax.data import DataConfig
     from bam_jax.data.prepare import prepare_domain
+    from bam_jax.data.prepare_pod import Workers, prepare_together
     from bam_jax.gin_config import parse_gin
 
-    os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # host work only
     parse_gin(args.gin_file, bindings)
     config = DataConfig()
     domains = [d.strip() for d in args.domains.split(',') if d.strip()] or list(config.domains)
     unknown = [d for d in domains if d not in config.domains]
     if unknown:
         raise BamJaxError(f"unknown domains {', '.join(unknown)}; the gin files name {', '.join(config.domains)}")
-    print(f'{"domain":<12} {"read":>9} {"duplicate":>9} {"train docs":>10} {"train tokens":>13} '
-          f'{"valid docs":>10} {"valid tokens":>13} {"skipped":>7} {"seconds":>8}')
+    workers = Workers.of_job() if args.distributed else Workers()
+    say = print if workers.index == 0 else (lambda *_, **__: None)  # one table for the job
     names = []
     for domain in domains:
-        r = prepare_domain(config, domain, skip_bad=args.skip_bad, progress=sys.stderr.isatty())
+        if workers.count > 1:
+            r = prepare_together(config, domain, workers, skip_bad=args.skip_bad)
+        else:
+            r = prepare_domain(config, domain, skip_bad=args.skip_bad)
         train, valid = r['splits']['train'], r['splits']['validation']
-        print(f'{domain:<12} {r["documents_read"]:>9} {r["duplicates"]:>9} {train["documents"]:>10} '
+        if not names:  # the header with the first row, below what preparing it logged
+            say(f'{"domain":<12} {"read":>9} {"duplicate":>9} {"train docs":>10} {"train tokens":>13} '
+                f'{"valid docs":>10} {"valid tokens":>13} {"skipped":>7} {"seconds":>8}')
+        say(f'{domain:<12} {r["documents_read"]:>9} {r["duplicates"]:>9} {train["documents"]:>10} '
               f'{train["tokens"]:>13} {valid["documents"]:>10} {valid["tokens"]:>13} {len(r["skipped"]):>7} '
-              f'{r["seconds"]:>8.1f}', flush=True)
+            f'{r["seconds"]:>8.1f}', flush=True)
         names.append(r['name'])
-    print(f'wrote {", ".join(names)} under {config.data_dir}')
+    say(f'wrote {", ".join(names)} under {config.data_dir}' +
+        (f' with {workers.count} workers' if workers.count > 1 else ''))
     return 0
 
 
@@ -277,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rest, bindings = _split_gin_overrides(argv)
         args = _parser().parse_args(rest)
-        if hasattr(args, 'distributed'):  # the commands that run on the devices
+        if args.command in HOST_COMMANDS:
+            os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # leaves the accelerators to a run beside it
+        if hasattr(args, 'distributed'):  # the commands that join a multi-process job
             from bam_jax.parallel import maybe_initialize_distributed
             maybe_initialize_distributed(force=args.distributed)
         commands = {'train': _train, 'upcycle': _upcycle, 'eval': _eval, 'generate': _generate,

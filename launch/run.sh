@@ -9,9 +9,10 @@
 # On a pod, set TPU_NAME (and TPU_ZONE, TPU_PROJECT; REMOTE_DIR, the checkout on the workers,
 # default ~/bam_jax). Device commands (train, eval, generate) then run on all workers through
 # `gcloud compute tpus tpu-vm ssh --worker=all`, with --distributed so each worker joins the
-# run (jax.distributed.initialize); host commands (upcycle, import-hf, export-hf, prepare-data)
-# run once, on worker 0. Workdirs must then be where every worker sees them: a bucket (--workdir=gs://BUCKET/DIR)
-# or a filesystem they share.
+# run (jax.distributed.initialize); so does prepare-data, whose workers share each domain's input
+# files. The other host commands (upcycle, import-hf, export-hf) run once, on worker 0. Workdirs
+# and DataConfig.data_dir must then be where every worker sees them: a bucket
+# (--workdir=gs://BUCKET/DIR) or a filesystem they share.
 set -euo pipefail
 
 dry_run=0 local_processes=0 local_devices=
@@ -43,7 +44,7 @@ elif [[ -n "${TPU_NAME:-}" ]]; then
   : "${TPU_ZONE:?set TPU_ZONE for TPU_NAME=$TPU_NAME}"
   remote_dir="${REMOTE_DIR:-~/bam_jax}"
   case "$1" in
-    upcycle|import-hf|export-hf|prepare-data) workers=0 join='' ;;
+    upcycle|import-hf|export-hf) workers=0 join='' ;;
     *) workers=all join=' --distributed' ;;
   esac
   cmd=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$TPU_ZONE" --worker="$workers")

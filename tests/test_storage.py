@@ -93,3 +93,40 @@ def test_every_stage_reads_and_writes_a_gcs_bucket(emulator, tmp_path):
     assert result['prepared_texts'] == result['input_texts']  # every document, from and back to the bucket
     assert result['imported_params'] == result['seed_params']
     assert result['max_difference'] == 0.0  # float32 out and back
+
+
+def test_two_workers_prepare_a_domain_into_a_bucket(emulator, tmp_path):
+    """launch/run.sh --local_processes=2 prepare-data with DataConfig.data_dir in the bucket: each
+    worker uploads its parts beside the others', the first publishes the joined domain."""
+    import io
+
+    import numpy as np
+
+    texts = [f'note {i}: ' + 'words ' * (i % 17) for i in range(200)]
+    raw = tmp_path / 'raw'
+    raw.mkdir()
+    for i in range(4):
+        (raw / f'{i}.jsonl').write_text(''.join(json.dumps({'text': t}) + '\n' for t in texts[i::4]))
+    gin_file = tmp_path / 'notes.gin'
+    gin_file.write_text(f"DataConfig.user_domains = [@notes/text_domain()]\nnotes/text_domain.name = 'notes'\n"
+                        f"notes/text_domain.paths = ['{raw}/*']\nDataConfig.data_dir = 'gs://{BUCKET}/pod'\n")
+    env = dict(cli_env(), EPATH_USE_TF='false', STORAGE_EMULATOR_HOST=emulator, TENSORSTORE_GCS_HTTP_URL=emulator,
+               GOOGLE_AUTH_TOKEN_FOR_TESTING='emulator', NO_GCE_CHECK='True')
+    done = subprocess.run(['bash', 'launch/run.sh', '--local_processes=2', 'prepare-data', f'--gin_file={gin_file}',
+                           '--domains=notes'],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    objects = [name for name in _objects(emulator) if name.startswith('pod/')]
+    assert not any('.prepare-' in name for name in objects), objects  # the staging was published, not left
+    (manifest_name,) = [name for name in objects if name.endswith('/manifest.json')]
+    manifest = json.loads(_download(emulator, manifest_name))
+    assert manifest['workers'] == 2
+    prepared = []
+    for split in ('train', 'validation'):
+        for part in manifest['splits'][split]['parts']:
+            prefix = f'{manifest_name.rsplit("/", 1)[0]}/{split}/{part["name"]}'
+            ids = np.frombuffer(_download(emulator, prefix + '.bin'), manifest['dtype'])
+            ends = np.load(io.BytesIO(_download(emulator, prefix + '.ends.npy')))
+            prepared += [bytes(int(t) - 3 for t in doc[:-1]).decode() for doc in np.split(ids, ends[:-1])]
+    assert sorted(prepared) == sorted(texts)
+    assert {part['name'][:7] for part in manifest['splits']['train']['parts']} >= {'w00000-', 'w00001-'}

@@ -24,6 +24,7 @@ import functools
 import hashlib
 import heapq
 import json
+import sys
 import time
 from collections.abc import Iterable, Iterator
 
@@ -33,6 +34,7 @@ from bam_jax import storage
 from bam_jax.data import corpora, sources, vocab
 from bam_jax.data.token_files import Part, PartWriter, Split, token_dtype
 from bam_jax.errors import BamJaxError
+from bam_jax.progress import progress_bar
 
 FORMAT = 'bam_jax token files 1'
 MANIFEST = 'manifest.json'
@@ -52,8 +54,10 @@ class SeenHashes:
     """A set of 64-bit hashes in about 8 bytes each: a sorted array, and a small Python set of the
     newest that is merged into it when it grows past `buffer`."""
 
-    def __init__(self, buffer: int = 1 << 20):
-        self._sorted, self._new, self._buffer = np.zeros(0, np.uint64), set(), buffer
+    def __init__(self, initial: np.ndarray | None = None, buffer: int = 1 << 20):
+        """initial: hashes seen already, sorted and unique."""
+        self._sorted = np.zeros(0, np.uint64) if initial is None else np.asarray(initial, np.uint64)
+        self._new, self._buffer = set(), buffer
 
     def __len__(self) -> int:
         return len(self._sorted) + len(self._new)
@@ -67,9 +71,17 @@ class SeenHashes:
             return False
         self._new.add(value)
         if len(self._new) >= self._buffer:
-            self._sorted = np.union1d(self._sorted, np.fromiter(self._new, np.uint64, len(self._new)))
-            self._new = set()
+            self._merge()
         return True
+
+    def values(self) -> np.ndarray:
+        """Every hash added, sorted."""
+        self._merge()
+        return self._sorted
+
+    def _merge(self) -> None:
+        self._sorted = np.union1d(self._sorted, np.fromiter(self._new, np.uint64, len(self._new)))
+        self._new = set()
 
 
 @functools.cache
@@ -114,10 +126,11 @@ class Encoder:
 
 
 class SplitWriter:
-    """One split's parts, rolled over every PART_TOKENS tokens."""
+    """One split's parts, rolled over every PART_TOKENS tokens; `prefix` starts their names (a
+    worker's parts beside the others' when many prepare one domain)."""
 
-    def __init__(self, directory: storage.Path, dtype: np.dtype):
-        self.directory, self.dtype = directory, dtype
+    def __init__(self, directory: storage.Path, dtype: np.dtype, prefix: str = ''):
+        self.directory, self.dtype, self.prefix = directory, dtype, prefix
         self.parts: list[dict] = []
         self.documents = 0
         self._writer: PartWriter | None = None
@@ -126,7 +139,7 @@ class SplitWriter:
         if self._writer is None or self._writer.tokens >= PART_TOKENS:
             self._close_part()
             self.directory.mkdir(parents=True, exist_ok=True)
-            name = f'part-{len(self.parts):05d}'
+            name = f'{self.prefix}part-{len(self.parts):05d}'
             self._writer = PartWriter(self.directory / name, self.dtype)
             self.parts.append({'name': name})
         self._writer.add(ids)
@@ -143,11 +156,11 @@ class SplitWriter:
 
 
 @dataclasses.dataclass
-class _Held:
+class Held:
     """A validation candidate held back: the heap keeps the largest hash on top."""
     negative_hash: int
     ids: np.ndarray
-    text: str
+    text: str = ''  # for the similarity order, which a held document may still join
 
     def __lt__(self, other):
         return self.negative_hash < other.negative_hash
@@ -175,44 +188,71 @@ class SimilarityOrder:
         self._buffer = []
 
 
-def write_domain(documents: Iterable[tuple[str, str]], encoder: Encoder, tmp: storage.Path,
-                 validation_fraction: float, on_document=None, similarity_group: int = 0) -> dict:
-    """Writes the de-duplicated, split and tokenized documents under tmp; returns the counts.
-    similarity_group > 0: the training split in similarity order over groups of that many."""
-    if not 0.0 <= validation_fraction < 1.0:
-        raise BamJaxError(f'validation_fraction must be in [0, 1), got {validation_fraction}')
-    threshold = validation_fraction * 2.0 ** 64
-    seen = SeenHashes()
-    writers = {split: SplitWriter(tmp / split, encoder.dtype) for split in SPLITS}
-    held: list[_Held] = []  # the train documents of smallest hash, in case validation is too small
-    train = SimilarityOrder(writers['train'].add, similarity_group) if similarity_group else None
-    read = 0
-    for batch in _batches(documents):
-        read += len(batch)
-        kept = [(h, text) for h, text in ((document_hash(text), text) for _, text in batch) if seen.add(h)]
-        for (h, text), ids in zip(kept, encoder.encode([text for _, text in kept])):
-            if h < threshold:
-                writers['validation'].add(ids)
+class DomainWriter:
+    """Writes a stream of documents (a whole domain's, or one worker's part of it) under tmp:
+    each de-duplicated against `seen`, tokenized and written to its split by its hash. The
+    MIN_VALIDATION_DOCUMENTS training documents of smallest hash are held back until `finish`,
+    in case the validation split turns out too small (place_held decides).
+
+    settings: validation_fraction, and similarity_group_documents > 0 for a training split in
+    similarity order over groups of that many documents."""
+
+    def __init__(self, encoder: Encoder, tmp: storage.Path, settings: dict, seen: SeenHashes | None = None,
+                 prefix: str = ''):
+        fraction = settings['validation_fraction']
+        if not 0.0 <= fraction < 1.0:
+            raise BamJaxError(f'validation_fraction must be in [0, 1), got {fraction}')
+        self.encoder, self.threshold = encoder, fraction * 2.0 ** 64
+        self.seen = seen if seen is not None else SeenHashes()
+        self.writers = {split: SplitWriter(tmp / split, encoder.dtype, prefix) for split in SPLITS}
+        group = settings.get('similarity_group_documents', 0)
+        self._similar = SimilarityOrder(self.writers['train'].add, group) if group else None
+        self.held: list[Held] = []
+        self.read = self.kept = 0
+
+    def add(self, batch: list[tuple[str, str]]) -> None:
+        self.read += len(batch)
+        kept = [(h, text) for h, text in ((document_hash(text), text) for _, text in batch) if self.seen.add(h)]
+        self.kept += len(kept)
+        for (h, text), ids in zip(kept, self.encoder.encode([text for _, text in kept])):
+            if h < self.threshold:
+                self.writers['validation'].add(ids)
                 continue
-            heapq.heappush(held, _Held(-h, ids, text))
-            if len(held) > corpora.MIN_VALIDATION_DOCUMENTS:
-                out = heapq.heappop(held)
-                train.add(out.ids, out.text) if train else writers['train'].add(out.ids)
-        if on_document:
-            on_document(batch)
-    needed = max(0, min(corpora.MIN_VALIDATION_DOCUMENTS, len(seen) // 2) - writers['validation'].documents)
-    for i, entry in enumerate(sorted(held, key=lambda e: -e.negative_hash)):
-        if i < needed:
-            writers['validation'].add(entry.ids)
-        else:
-            train.add(entry.ids, entry.text) if train else writers['train'].add(entry.ids)
-    if train:
-        train.flush()
-    return {'documents_read': read, 'duplicates': read - len(seen),
-            'splits': {split: writer.close() for split, writer in writers.items()}}
+            heapq.heappush(self.held, Held(-h, ids, text if self._similar else ''))
+            if len(self.held) > corpora.MIN_VALIDATION_DOCUMENTS:
+                out = heapq.heappop(self.held)
+                self._similar.add(out.ids, out.text) if self._similar else self.writers['train'].add(out.ids)
+
+    def finish(self) -> list[Held]:
+        """Writes what waits for similarity ordering; returns the held documents, smallest hash first."""
+        if self._similar:
+            self._similar.flush()
+        return sorted(self.held, key=lambda entry: -entry.negative_hash)
 
 
-def _batches(documents: Iterable[tuple[str, str]]) -> Iterator[list[tuple[str, str]]]:
+def place_held(held: list[Held], documents: int, validation: int, writers: dict[str, SplitWriter]) -> None:
+    """Tops a validation split of `validation` documents up to MIN_VALIDATION_DOCUMENTS (at most
+    half the domain's `documents`) with the held documents of smallest hash (`held` is sorted so);
+    the others go to training."""
+    needed = max(0, min(corpora.MIN_VALIDATION_DOCUMENTS, documents // 2) - validation)
+    for i, entry in enumerate(held):
+        writers['validation' if i < needed else 'train'].add(entry.ids)
+
+
+def write_domain(documents: Iterable[tuple[str, str]], encoder: Encoder, tmp: storage.Path, settings: dict,
+                 on_batch=None) -> dict:
+    """Writes the de-duplicated, split and tokenized documents under tmp; returns the counts."""
+    writer = DomainWriter(encoder, tmp, settings)
+    for batch in document_batches(documents):
+        writer.add(batch)
+        if on_batch:
+            on_batch(batch)
+    place_held(writer.finish(), writer.kept, writer.writers['validation'].documents, writer.writers)
+    return {'documents_read': writer.read, 'duplicates': writer.read - writer.kept,
+            'splits': {split: w.close() for split, w in writer.writers.items()}}
+
+
+def document_batches(documents: Iterable[tuple[str, str]]) -> Iterator[list[tuple[str, str]]]:
     batch, size = [], 0
     for doc_id, text in documents:
         if not text.strip():
@@ -263,30 +303,66 @@ def open_split(data_dir: str, name: str, split: str, attempts: int = 5) -> Split
     raise error
 
 
-def prepare_documents(domain: str, documents: Iterable[tuple[str, str]], encoder: Encoder, out: storage.Path,
-                      settings: dict, inputs: list[dict], progress=None, skipped: list | None = None) -> dict:
-    """Prepares one domain from its (id, text) stream into `out`; returns its manifest."""
-    start = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = storage.staging_dir(out, 'prepare')
-    tmp.mkdir(parents=True)
-    try:
-        counts = write_domain(documents, encoder, tmp, settings['validation_fraction'], progress,
-                              settings.get('similarity_group_documents', 0))
-        if not counts['splits']['train']['documents']:
-            where = ', '.join(str(i.get('path', i.get('builtin'))) for i in inputs[:3]) + (
-                ', ...' if len(inputs) > 3 else '')
-            raise BamJaxError(f"domain '{domain}': no training documents in the {counts['documents_read']} read "
-                              f"from {where}")
-        record = {'format': FORMAT, 'name': out.name, 'domain': domain, 'vocabulary': encoder.identity(),
-                  'dtype': encoder.dtype.name, 'settings': settings, 'inputs': inputs, **counts,
-                  'skipped': skipped or [], 'seconds': time.perf_counter() - start}
-        (tmp / MANIFEST).write_text(json.dumps(record, indent=1) + '\n')
-        storage.publish(tmp, out, 'prepare')
-    except BaseException:
-        storage.remove(tmp)
-        raise
-    return record
+class DomainSource:
+    """Where a domain's documents come from: a user domain's files, or a built-in corpus (small
+    files on this machine, read by corpora.py). Many workers share it by `part`."""
+
+    def __init__(self, config, domain: str):
+        if domain not in config.domains:
+            raise BamJaxError(f"unknown domain {domain!r}; domains are {', '.join(config.domains)}")
+        self.config, self.domain = config, domain
+        self.spec = next((s for s in config.user_domains if s.name == domain), None)
+        self.files = None
+        if self.spec is not None:
+            self.files = sources.expand(self.spec.paths)
+            if not self.files:
+                raise BamJaxError(f"domain '{domain}': no files match {', '.join(self.spec.paths)}")
+        self.text_key = self.spec.text_key if self.spec else 'text'
+        self.unit = 'B' if self.spec else 'doc'
+
+    def inputs(self) -> list[dict]:
+        return [dataclasses.asdict(f) for f in self.files] if self.files is not None else [{'builtin': self.domain}]
+
+    def part(self, worker: int = 0, workers: int = 1) -> list[sources.InputFile] | None:
+        """Worker `worker`'s files of `workers`: consecutive files of about equal bytes in all
+        (None: the whole built-in corpus, which is the first worker's)."""
+        if self.files is None:
+            return None if worker == 0 else []
+        total, start, mine = sum(f.bytes for f in self.files), 0, []
+        for f in self.files:  # a file is the worker's whose share holds the file's middle byte
+            if min(workers - 1, (2 * start + f.bytes) * workers // max(2 * total, 1)) == worker:
+                mine.append(f)
+            start += f.bytes
+        return mine
+
+    def documents(self, reader: sources.DocumentReader, files) -> Iterator[tuple[str, str]]:
+        if files is None:
+            return iter(corpora.read_documents(self.domain, self.config.max_file_bytes, self.config.math_documents))
+        return reader.read(files)
+
+    def size(self, files) -> int:
+        """What the progress bar counts to: bytes of files, or a built-in corpus's documents."""
+        if files is None:
+            return len(corpora.read_documents(self.domain, self.config.max_file_bytes, self.config.math_documents))
+        return sum(f.bytes for f in files)
+
+    def batch_size(self, batch: list[tuple[str, str]]) -> int:
+        return sum(len(text.encode('utf-8')) for _, text in batch) if self.spec else len(batch)
+
+
+def check_not_empty(domain: str, counts: dict, inputs: list[dict]) -> None:
+    if not counts['splits']['train']['documents']:
+        where = ', '.join(str(i.get('path', i.get('builtin'))) for i in inputs[:3]) + (
+            ', ...' if len(inputs) > 3 else '')
+        raise BamJaxError(f"domain '{domain}': no training documents in the {counts['documents_read']} read "
+                          f"from {where}")
+
+
+def manifest(source: DomainSource, name: str, encoder: Encoder, counts: dict, skipped: list[str],
+             seconds: float) -> dict:
+    return {'format': FORMAT, 'name': name, 'domain': source.domain, 'vocabulary': encoder.identity(),
+            'dtype': encoder.dtype.name, 'settings': domain_settings(source.config, source.domain),
+            'inputs': source.inputs(), **counts, 'skipped': skipped, 'seconds': seconds}
 
 
 def domain_settings(config, domain: str) -> dict:
@@ -303,32 +379,29 @@ def domain_settings(config, domain: str) -> dict:
 
 
 def prepare_domain(config, domain: str, skip_bad: bool = False, progress: bool = True) -> dict:
-    """Prepares one domain of a DataConfig (built-in or user) into config.data_dir."""
-    from tqdm import tqdm
-
-    if domain not in config.domains:
-        raise BamJaxError(f"unknown domain {domain!r}; domains are {', '.join(config.domains)}")
-    encoder = Encoder(config.spm_path, config.tokenizer_path)
-    spec = next((s for s in config.user_domains if s.name == domain), None)
-    reader = sources.DocumentReader(spec.text_key if spec else 'text', skip_bad)
-    if spec is None:  # a built-in corpus: small files on this machine, read by corpora.py
-        documents = corpora.read_documents(domain, config.max_file_bytes, config.math_documents)
-        inputs, total, size = [{'builtin': domain}], len(documents), lambda batch: len(batch)
-    else:
-        files = sources.expand(spec.paths)
-        if not files:
-            raise BamJaxError(f"domain '{domain}': no files match {', '.join(spec.paths)}")
-        documents = reader.read(files)
-        inputs = [dataclasses.asdict(f) for f in files]
-        total, size = sum(f.bytes for f in files), lambda batch: sum(len(t.encode('utf-8')) for _, t in batch)
-    bar = tqdm(total=total, desc=f'prepare {domain}', unit='B' if spec else 'doc', unit_scale=True,
-               disable=not progress, mininterval=0.5)
+    """Prepares one domain of a DataConfig (built-in or user) into config.data_dir, on this
+    process (prepare_pod.prepare_together: on many); returns its manifest."""
+    start = time.perf_counter()
+    source, encoder = DomainSource(config, domain), Encoder(config.spm_path, config.tokenizer_path)
+    reader = sources.DocumentReader(source.text_key, skip_bad)
+    files = source.part()
+    out = domain_dir(config.data_dir, prepared_name(config, domain))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = storage.staging_dir(out, 'prepare')
+    tmp.mkdir(parents=True)
+    bar = progress_bar(None, f'prepare {domain}', source.unit, progress, total=source.size(files))
     try:
-        out = domain_dir(config.data_dir, prepared_name(config, domain))
-        record = prepare_documents(domain, documents, encoder, out, domain_settings(config, domain),
-                                   inputs, progress=lambda batch: bar.update(size(batch)), skipped=reader.skipped)
-    finally:
+        counts = write_domain(source.documents(reader, files), encoder, tmp, domain_settings(config, domain),
+                              lambda batch: bar.update(source.batch_size(batch)))
         bar.close()
+        check_not_empty(domain, counts, source.inputs())
+        record = manifest(source, out.name, encoder, counts, reader.skipped, time.perf_counter() - start)
+        (tmp / MANIFEST).write_text(json.dumps(record, indent=1) + '\n')
+        storage.publish(tmp, out, 'prepare')
+    except BaseException:
+        bar.close()
+        storage.remove(tmp)
+        raise
     return record
 
 
@@ -343,8 +416,12 @@ def stale(config, domain: str, manifest: dict | None) -> str | None:
     return None
 
 
-def _small_and_local(config, domain: str) -> bool:
-    """A built-in corpus, or a user domain of local files of PREPARE_ON_USE_BYTES at most."""
+def _prepared_on_use(config, domain: str) -> bool:
+    """Into a local data directory (where a lock keeps this machine's processes from preparing it
+    twice at once): a built-in corpus, or a user domain of local files of PREPARE_ON_USE_BYTES
+    at most."""
+    if storage.is_uri(config.data_dir):
+        return False
     spec = next((s for s in config.user_domains if s.name == domain), None)
     if spec is None:
         return True
@@ -370,17 +447,18 @@ def _lock(data_dir: str, domain: str):
 
 def ensure_prepared(config, domain: str) -> dict:
     """The manifest of `domain` prepared for `config`. A built-in corpus, or a small local user
-    domain, is prepared here when it is not (or is stale); any other is refused with the command
-    that prepares it."""
+    domain, is prepared here when it is not (or is stale) and the data directory is local; any
+    other is refused with the command that prepares it."""
     name = prepared_name(config, domain)
     problem = stale(config, domain, read_manifest(config.data_dir, name))
     if problem is None:
         return read_manifest(config.data_dir, name)
-    if not _small_and_local(config, domain):
+    if not _prepared_on_use(config, domain):
         raise BamJaxError(f"domain '{domain}' {problem} in {config.data_dir}: run bam-jax prepare-data "
                           f"--gin_file=... --domains={domain} with this run's gin files")
     with _lock(config.data_dir, name):
         manifest = read_manifest(config.data_dir, name)  # another process may have prepared it meanwhile
         if stale(config, domain, manifest) is None:
             return manifest
+        print(f'preparing {domain} into {domain_dir(config.data_dir, name)} (first use)', file=sys.stderr)
         return prepare_domain(config, domain, progress=False)

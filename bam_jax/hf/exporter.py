@@ -31,6 +31,7 @@ from bam_jax.hf import families, remote
 from bam_jax.hf.importer import IMPORT_RECORD
 from bam_jax.hf.safetensors_files import DEFAULT_SHARD_BYTES, TensorSpec, write_safetensors
 from bam_jax.models import ModelConfig
+from bam_jax.progress import progress_bar
 from bam_jax.workdir import files, stream
 from bam_jax.workdir import tensors as workdir_tensors
 
@@ -200,7 +201,7 @@ def export_hf(run: str | storage.Path, out: str | storage.Path, *, fmt: str = 'a
     try:
         reader = workdir_tensors.CheckpointReader(step_dir)
         specs = _tensor_specs(config, fmt, shapes, reader, DTYPES[dtype])
-        bar = stream.progress_bar(None, f'export {fmt}', 'tensor', progress, total=len(specs))
+        bar = progress_bar(None, f'export {fmt}', 'tensor', progress, total=len(specs))
         index = write_safetensors(tmp, specs, max_shard_bytes=max_shard_bytes, done=lambda spec: bar.update())
         bar.close()
         if fmt == CUSTOM:

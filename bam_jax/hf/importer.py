@@ -28,6 +28,7 @@ from bam_jax.hf import families
 from bam_jax.hf.safetensors_files import SafetensorsReader, weight_files
 from bam_jax.models import abstract_model, flatten, split_params
 from bam_jax.upcycle.gin_file import model_gin
+from bam_jax.progress import progress_bar
 from bam_jax.workdir import files, stream, tensors
 from bam_jax.workdir.files import TOKENIZER_DIR
 
@@ -104,7 +105,7 @@ def _write_import(tmp: storage.Path, out: storage.Path, hf_dir: storage.Path, hf
     shapes = {path: tuple(v.shape) for path, v in flatten(abstract).items()}
 
     def converted():
-        for tensor in stream.progress_bar(mapping, f'import {family}', 'tensor', progress):
+        for tensor in progress_bar(mapping, f'import {family}', 'tensor', progress):
             shape = shapes[tensor.bam]
             hf_value = reader.read(tensor.hf)
             if hf_value.shape != tensor.hf_shape(shape):

@@ -25,6 +25,7 @@ import time
 from bam_jax import storage, workdir
 from bam_jax.errors import BamJaxError
 from bam_jax.models.config import ModelConfig, first_difference
+from bam_jax.progress import progress_bar
 from bam_jax.upcycle.core import Recipe, UpcycleSpec, build, model_config, plan, reads
 from bam_jax.upcycle.gin_file import model_gin
 from bam_jax.workdir import files, stream, tensors
@@ -121,7 +122,7 @@ def upcycle_checkpoints(method: str, experts: list[str], out: str | storage.Path
     try:
         context = tensors.shared_context()
         readers = [tensors.CheckpointReader(step_dir, context) for _, step_dir, _, _ in inputs]
-        bar = stream.progress_bar(recipes, f'upcycle {method}', 'tensor', progress)
+        bar = progress_bar(recipes, f'upcycle {method}', 'tensor', progress)
         written, largest = _build_all(recipes, readers, spec.num_models, tmp, bar)
         stream.write_model_config(tmp, moe_config, step=STEP)
         if tokenizer is not None:  # the output carries its own copy, as an imported model does

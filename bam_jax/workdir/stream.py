@@ -1,15 +1,12 @@
 """Outputs that appear whole, for the commands that move whole models (the upcycler,
 `import-hf`, `export-hf`): each builds everything under a hidden temporary directory next to the
 output (bam_jax.workdir.tensors reads and writes the tensors) that is renamed into place at the
-end, so an interrupted run leaves no output behind. Also their progress bars and the model item.
+end, so an interrupted run leaves no output behind. Also the model item.
 """
 
 from __future__ import annotations
 
-import sys
-
 import orbax.checkpoint as ocp
-from tqdm import tqdm
 
 from bam_jax import storage
 from bam_jax.errors import BamJaxError
@@ -17,12 +14,6 @@ from bam_jax.models.config import ModelConfig
 from bam_jax.workdir import files
 
 _COMMIT_MARKER = 'commit_success.txt'  # orbax.checkpoint's name for it
-
-
-def progress_bar(items, desc: str, unit: str, enabled: bool, total: int | None = None):
-    """tqdm on stderr; redrawn at most every 30 s when stderr is a log file, not a terminal."""
-    return tqdm(items, desc=desc, unit=unit, total=total, disable=not enabled,
-                mininterval=0.5 if sys.stderr.isatty() else 30)
 
 
 def write_model_config(tmp: storage.Path, config: ModelConfig, step: int = 0) -> None:
