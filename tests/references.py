@@ -2,6 +2,10 @@
 assertion the numeric tests compare with. Shared by the test files: `from references import ...`
 (tests/ has no __init__.py, so pytest puts tests/ itself on sys.path)."""
 
+import dataclasses
+import functools
+import hashlib
+
 import numpy as np
 
 
@@ -56,3 +60,44 @@ def np_attention(x, wq, wk, wv, wo, positions, segment_ids, theta):
         scores = np.where(allowed, scores, -np.inf)
         heads.append(np_softmax(scores) @ v[:, kv])
     return np.einsum('thk,hkd->td', np.stack(heads, axis=1), wo)  # heads stacked: [T, H, Dh]
+
+
+# The split of a domain's documents, from its definition (DESIGN.md, docs/data_preparation.md):
+# de-duplicated by the sha256 of the normalised text, a document goes to validation when the first
+# 64 bits of that hash, as a fraction of 2**64, fall below the validation fraction; a split with
+# fewer than 4 documents (and at most half the domain) takes the next-smallest hashes.
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    id: str
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    train: tuple  # of Document, in id order
+    validation: tuple
+    documents_read: int
+
+
+def split_documents(documents, validation_fraction, min_validation=4):
+    """The reference split of (id, text) pairs; the copy of a duplicate kept is the smallest id's."""
+    distinct = {}
+    for doc_id, text in sorted(documents):
+        key = hashlib.sha256(' '.join(text.split()).lower().encode('utf-8')).hexdigest()
+        distinct.setdefault(key, Document(doc_id, text))
+    by_hash = sorted(distinct.items())
+    count = sum(1 for h, _ in by_hash if int(h[:16], 16) < validation_fraction * 2.0 ** 64)
+    count = max(count, min(min_validation, len(by_hash) // 2))
+    return Split(tuple(sorted((d for _, d in by_hash[count:]), key=lambda d: d.id)),
+                 tuple(sorted((d for _, d in by_hash[:count]), key=lambda d: d.id)), len(documents))
+
+
+@functools.cache
+def builtin_split(domain, validation_fraction=0.05, math_documents=None, max_file_bytes=None):
+    """The reference split of a built-in corpus (corpora.read_documents: its files as read)."""
+    from bam_jax.data import corpora
+
+    documents = corpora.read_documents(domain, max_file_bytes or corpora.MAX_FILE_BYTES,
+                                       math_documents or corpora.DEFAULT_MATH_DOCUMENTS)
+    return split_documents(documents, validation_fraction)

@@ -13,6 +13,8 @@ from bam_jax.data.batches import eval_batches, source_rates, train_batches
 from bam_jax.data.prepare import document_hash
 from bam_jax.errors import BamJaxError
 
+from references import builtin_split
+
 EOS = 1
 
 
@@ -44,7 +46,7 @@ def _segments(batch):
 def test_training_rows_hold_text_of_their_own_domain_in_the_mixture_order(tmp_path):
     config = DataConfig(source='math,law', math_documents=200, data_dir=str(tmp_path / 'prepared'))
     stream = train_batches(config, batch_size=4, seq_len=64, seed=0)
-    haystacks = {d: b'\0'.join(doc.text.encode() for doc in corpora.load_corpus(d, math_documents=200).train)
+    haystacks = {d: b'\0'.join(doc.text.encode() for doc in builtin_split(d, math_documents=200).train)
                  for d in ('math', 'law')}
     for _ in range(3):
         batch = next(stream)

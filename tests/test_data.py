@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 
 from bam_jax import data
-from bam_jax.data import corpora, math_problems
+from bam_jax.data import corpora, math_problems, prepare
 from bam_jax.errors import BamJaxError
+
+from references import builtin_split, split_documents
 
 KEYS = {'inputs': np.int32, 'targets': np.int32, 'segment_ids': np.int32,
         'positions': np.int32, 'loss_weights': np.float32}
@@ -66,7 +68,7 @@ def test_domain_task_yields_text_of_its_domain(domain):
     config = data.DataConfig(source=domain)
     batch = next(data.train_batches(config, batch_size=4, seq_len=96, seed=0))
     _check_batch(batch, 4, 96)
-    hay = _haystack(corpora.load_corpus(domain).train)
+    hay = _haystack(builtin_split(domain).train)
     segments = _segments(batch)
     assert segments
     for tokens in segments:
@@ -90,15 +92,15 @@ def test_math_task_text_is_the_generator_output():
 
 @pytest.mark.parametrize('domain', ['general', 'code', 'law', 'math'])
 def test_validation_is_disjoint_from_training(domain):
-    corpus = corpora.load_corpus(domain)
-    train = {_norm(d.text) for d in corpus.train}
-    validation = {_norm(d.text) for d in corpus.validation}
+    config = data.DataConfig()
+    train = {_norm(t) for t in prepare.split_texts(config, domain, 'train')}
+    validation = {_norm(t) for t in prepare.split_texts(config, domain, 'validation')}
     assert len(validation) >= 4
     assert len(validation) < 0.1 * len(train)
     assert not train & validation
     # The split is sha256 of the normalised text: recompute it.
-    for doc in corpus.train:
-        digest = hashlib.sha256(_norm(doc.text).encode()).hexdigest()
+    for text in train:
+        digest = hashlib.sha256(text.encode()).hexdigest()
         assert int(digest[:16], 16) >= 0.05 * 2 ** 64
 
 
@@ -106,8 +108,7 @@ def test_eval_batches_come_from_validation():
     config = data.DataConfig(eval_batches=3)
     batches = data.eval_batches(config, 'code', batch_size=4, seq_len=64)
     assert 1 <= len(batches) <= 3
-    corpus = corpora.load_corpus('code')
-    hay = _haystack(corpus.validation)
+    hay = _haystack(builtin_split('code').validation)
     for batch in batches:
         _check_batch(batch, 4, 64)
         for tokens in _segments(batch):
@@ -128,14 +129,13 @@ def test_law_is_deduplicated():
             except UnicodeDecodeError:
                 pass
     distinct = {_norm(t) for t in texts.values() if t.strip()}
-    corpus = corpora.load_corpus('law')
-    kept = [_norm(d.text) for d in corpus.train + corpus.validation]
+    config = data.DataConfig()
+    kept = [_norm(t) for split in ('train', 'validation') for t in prepare.split_texts(config, 'law', split)]
     assert len(kept) == len(set(kept))
     assert set(kept) == distinct
-    assert corpus.documents_read == len([t for t in texts.values()
-                                         if t.strip()])
-    if len(distinct) < len(texts):
-        assert len(kept) < corpus.documents_read
+    manifest = prepare.ensure_prepared(config, 'law')
+    assert manifest['documents_read'] == len([t for t in texts.values() if t.strip()])
+    assert manifest['duplicates'] == manifest['documents_read'] - len(distinct)
 
 
 def _short_domain(tmp_path):
@@ -211,7 +211,7 @@ def test_processes_read_disjoint_rows_that_make_up_one_batch():
 def test_mix_takes_a_quarter_from_each_domain():
     """Every batch's rows go general, code, law, math, general, ...: each row's text is its
     domain's training text."""
-    hay = {d: _haystack(corpora.load_corpus(d).train) for d in data.BUILTIN_DOMAINS}
+    hay = {d: _haystack(builtin_split(d).train) for d in data.BUILTIN_DOMAINS}
     batches = data.train_batches(data.DataConfig(source='mix'), batch_size=8, seq_len=256, seed=2)
     for _ in range(5):
         batch = next(batches)
@@ -249,8 +249,7 @@ def test_user_text_and_jsonl_domains(tmp_path):
         stream = b''.join(_as_bytes(row[w > 0].tolist())
                           for batch in data.eval_batches(config, name, batch_size=2, seq_len=128)
                           for row, w in zip(batch['targets'], batch['loss_weights']))
-        train = {d.text for d in corpora.load_corpus(
-            config.user_domains[0 if name == 'notes' else 1]).train}
+        train = {d.text for d in split_documents(list(enumerate(texts)), config.validation_fraction).train}
         # All validation documents appear, and only they (a small domain's are its smallest hashes).
         assert stream and sorted(stream.split(b'\0')[:-1]) == sorted(t.encode() for t in texts if t not in train)
 
@@ -277,7 +276,7 @@ def test_missing_builtin_domain_is_reported(tmp_path, monkeypatch):
     corpora.clear_cache()
     try:
         with pytest.raises(BamJaxError, match="'law'.*licenses"):
-            corpora.load_corpus('law')
+            corpora.read_documents('law')
     finally:
         monkeypatch.undo()
         corpora.clear_cache()
@@ -298,7 +297,7 @@ def test_sentencepiece_vocabulary(tmp_path):
     # SentencePiece normalises whitespace, so compare normalised text.
     decoded = _norm(vocab.decode(_segments(batch)[0]))
     assert decoded and decoded in _norm('\n'.join(
-        d.text for d in corpora.load_corpus('math').train))
+        d.text for d in builtin_split('math').train))
     # Back to bytes in the same process.
     batch = next(data.train_batches(data.DataConfig(source='math'), 2, 64, 0))
     assert data.vocabulary(data.DataConfig()).vocab_size == 259

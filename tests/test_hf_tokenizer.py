@@ -20,13 +20,15 @@ from bam_jax.data import corpora
 from bam_jax.data.hf_tokenizer import HFTokenizerVocabulary
 from bam_jax.errors import BamJaxError
 
+from references import builtin_split
+
 SPECIALS = ['<pad>', '<s>', '</s>', '<unk>']  # ids 0..3 of the trained tokenizer
 PAD, BOS, EOS, UNK = range(4)
 
 
 def _samples(domain, split='validation', count=4, chars=3000):
     """The first `count` documents of a built-in domain's split, cut at `chars` characters."""
-    documents = getattr(corpora.load_corpus(domain), split)
+    documents = getattr(builtin_split(domain), split)
     return [d.text[:chars] for d in documents[:count]]
 
 
@@ -128,7 +130,7 @@ def _check_packed(config, reference, start, eos, seq_len=64, train=True):
     `train`, the segments of a training batch start with `start` too."""
     batches = data.eval_batches(config, 'math', batch_size=4, seq_len=seq_len)
     segments = _segments(batches)
-    texts = [d.text for d in corpora.load_corpus('math', math_documents=MATH_DOCUMENTS).validation]
+    texts = [d.text for d in builtin_split('math', math_documents=MATH_DOCUMENTS).validation]
     assert texts
     assert _documents(batches, eos) == collections.Counter(
         tuple(reference.encode(t, add_special_tokens=False).ids + [eos]) for t in texts)

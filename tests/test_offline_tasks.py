@@ -10,6 +10,8 @@ from bam_jax.data import DataConfig, corpora, math_problems
 from bam_jax.errors import BamJaxError
 from bam_jax.evaluate import offline_tasks
 
+from references import builtin_split
+
 # Small corpora: 500 math documents, at most 4 MiB of each other domain (the
 # independent "not in training" check below searches every training byte).
 CONFIG = DataConfig(math_documents=500)
@@ -17,8 +19,9 @@ MC_TASKS = [t for t in offline_tasks.TASKS if t != 'bam_math']
 
 
 def _corpus(task):
-    return corpora.load_corpus(offline_tasks.DOMAIN[task], validation_fraction=CONFIG.validation_fraction,
-                               math_documents=CONFIG.math_documents, max_file_bytes=CONFIG.max_file_bytes)
+    """The reference split of the task's domain (the tasks read the prepared one)."""
+    return builtin_split(offline_tasks.DOMAIN[task], validation_fraction=CONFIG.validation_fraction,
+                         math_documents=CONFIG.math_documents, max_file_bytes=CONFIG.max_file_bytes)
 
 
 def _read(path):
@@ -196,7 +199,7 @@ def test_every_text_is_validation_only(written):
 
 
 def test_too_few_validation_documents_is_a_user_error():
-    documents = [corpora.Document(f'law/{i}', 'word ' * 100) for i in range(3)]
+    documents = [f'word {i} ' * 100 for i in range(3)]
     with pytest.raises(BamJaxError, match="domain 'law': 3 validation documents") as error:
         offline_tasks.multiple_choice_items('law', documents, offline_tasks._Training(()))
     assert '\n' not in str(error.value)

@@ -1,6 +1,6 @@
 """`bam-jax prepare-data`: raw files of every format to prepared token files. Checked against the
-inputs themselves (every distinct document decodes back exactly), corpora.split_documents (the
-same split), the tokenizers library (the same ids), and the files left behind by bad inputs and
+inputs themselves (every distinct document decodes back exactly), references.split_documents
+(the same split), the tokenizers library (the same ids), and the files left behind by bad inputs and
 by a run killed mid-way (none that look prepared)."""
 
 import dataclasses
@@ -24,6 +24,7 @@ from bam_jax.data.prepare import MANIFEST, SeenHashes, document_hash, ensure_pre
 from bam_jax.errors import BamJaxError
 
 from helpers import REPO, assert_one_line_error, cli_env, run_cli
+from references import split_documents
 
 EOS = 1
 
@@ -80,7 +81,7 @@ def test_every_distinct_document_of_every_format_decodes_back_in_its_split(tmp_p
     config = config_for(tmp_path, write_inputs(tmp_path / 'raw', texts), validation_fraction=0.2)
     record = prepare_domain(config, 'notes', progress=False)
     train, validation = (decoded(split_of(config, s)) for s in ('train', 'validation'))
-    reference = corpora.split_documents('notes', [(str(i), t) for i, t in enumerate(texts) if t.strip()], 0.2)
+    reference = split_documents([(str(i), t) for i, t in enumerate(texts) if t.strip()], 0.2)
     assert sorted(map(corpora.normalise, train)) == sorted(corpora.normalise(d.text) for d in reference.train)
     assert sorted(map(corpora.normalise, validation)) == sorted(corpora.normalise(d.text) for d in reference.validation)
     assert set(train + validation) <= set(texts)  # each kept exactly as read
@@ -98,7 +99,7 @@ def test_a_small_domain_lends_its_smallest_hashes_to_validation(tmp_path):
     config = config_for(tmp_path, write_inputs(tmp_path / 'raw', texts), validation_fraction=0.0)
     prepare_domain(config, 'notes', progress=False)
     validation = decoded(split_of(config, 'validation'))
-    smallest = sorted(set(texts), key=document_hash)[:corpora.MIN_VALIDATION_DOCUMENTS]
+    smallest = sorted(set(texts), key=document_hash)[:prepare.MIN_VALIDATION_DOCUMENTS]
     assert sorted(validation) == sorted(smallest)
 
 
@@ -293,8 +294,8 @@ def test_the_similarity_variant_orders_each_group_of_the_training_split(tmp_path
     similar_train = decoded(split_of(similar, 'train'))
     # The validation split is large enough, so the candidates held back for it (the smallest
     # hashes) all train, last, in both; the others are the same groups, each group reordered.
-    assert len(split_of(plain, 'validation').parts[0].ends) >= corpora.MIN_VALIDATION_DOCUMENTS
-    ordered, held = plain_train[:-corpora.MIN_VALIDATION_DOCUMENTS], plain_train[-corpora.MIN_VALIDATION_DOCUMENTS:]
+    assert len(split_of(plain, 'validation').parts[0].ends) >= prepare.MIN_VALIDATION_DOCUMENTS
+    ordered, held = plain_train[:-prepare.MIN_VALIDATION_DOCUMENTS], plain_train[-prepare.MIN_VALIDATION_DOCUMENTS:]
     expected = []
     for lo in range(0, len(ordered), 25):
         group = ordered[lo:lo + 25]

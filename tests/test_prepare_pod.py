@@ -6,7 +6,7 @@ removed once, and a bad input in one worker's share stopping both with nothing p
 import json
 import subprocess
 
-from bam_jax.data import DataConfig, corpora, prepare, text_domain
+from bam_jax.data import DataConfig, prepare, text_domain
 from bam_jax.data.prepare import MANIFEST, open_split, prepare_domain
 
 from helpers import REPO, cli_env
@@ -58,7 +58,7 @@ def test_two_workers_prepare_what_one_does(tmp_path):
         assert ours == sorted(decoded(open_split(str(tmp_path / 'one'), name, split)))
         assert two['splits'][split]['documents'] == len(ours)
     # Only 2% of 300: the split was topped up to its minimum from both workers' candidates.
-    assert two['splits']['validation']['documents'] >= corpora.MIN_VALIDATION_DOCUMENTS
+    assert two['splits']['validation']['documents'] >= prepare.MIN_VALIDATION_DOCUMENTS
     assert [p.name for p in (tmp_path / 'two').iterdir()] == [name]  # no staging left
 
 

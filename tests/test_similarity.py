@@ -2,7 +2,7 @@
 seqio training split under DataConfig.similarity_batching.
 
 References are computed here: brute-force cosine in numpy, TF-IDF by hand,
-chaining in plain Python, corpus texts read from corpora.
+chaining in plain Python, corpus texts from the reference split (references.py).
 """
 
 import dataclasses
@@ -14,8 +14,10 @@ import pytest
 from scipy import sparse
 
 from bam_jax import data
-from bam_jax.data import corpora, prepare, similarity
+from bam_jax.data import prepare, similarity
 from bam_jax.errors import BamJaxError
+
+from references import builtin_split
 
 EOS = 1
 
@@ -208,7 +210,7 @@ def test_similarity_batching_reads_its_own_variant_of_the_training_split(tmp_pat
     first = next(data.train_batches(plain, batch_size=4, seq_len=256, seed=0))
     batch = next(data.train_batches(similar, batch_size=4, seq_len=256, seed=0))
     assert batch['targets'].shape == (4, 256) and not np.array_equal(batch['targets'], first['targets'])
-    hay = b'\0'.join(d.text.encode() for d in corpora.load_corpus('law').train)
+    hay = b'\0'.join(d.text.encode() for d in builtin_split('law').train)
     for segment in _segments(batch):  # a segment is (part of) one training document
         assert segment.rstrip(b'\0') in hay
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith('.')) == sorted(

@@ -4,6 +4,7 @@ validation batches read from them.
   sources       raw files (JSONL, Parquet, text; local or in a bucket) read as streams
   corpora       the built-in domains: general, code, law, math (math_problems)
   prepare       de-duplication, the split, tokenization, the prepared domain and its manifest
+  prepare_pod   the same with many workers (a pod's hosts), each reading its share of the files
   token_files   the prepared format: flat token ids and a document index per part
   token_stream  the training stream: windows of tokens, shuffled per epoch, mixtures, any step
   batches       a DataConfig's training stream and validation batches
@@ -16,13 +17,7 @@ Hugging Face vocabulary (vocab.py, hf_tokenizer.py).
 
 from bam_jax.data.batches import eval_batches, source_rates, train_batches
 from bam_jax.data.config import DataConfig, eval_domain_names
-from bam_jax.data.corpora import (
-    BUILTIN_DOMAINS,
-    Corpus,
-    Document,
-    load_corpus,
-    normalise,
-)
+from bam_jax.data.corpora import BUILTIN_DOMAINS, normalise
 from bam_jax.data.math_problems import problem as math_problem
 from bam_jax.data.tokenizer_files import copy_tokenizer_files, write_byte_tokenizer
 from bam_jax.data.user_domains import DomainSpec, text_domain
@@ -30,15 +25,12 @@ from bam_jax.data.vocab import config_start_id, start_id, vocab_size, vocabulary
 
 __all__ = [
     'BUILTIN_DOMAINS',
-    'Corpus',
     'config_start_id',
     'DataConfig',
-    'Document',
     'DomainSpec',
     'copy_tokenizer_files',
     'eval_batches',
     'eval_domain_names',
-    'load_corpus',
     'math_problem',
     'normalise',
     'source_rates',

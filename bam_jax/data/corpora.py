@@ -7,36 +7,27 @@
     math     generated worked problems (math_problems.py), 5000 documents
              of 6 problems by default
 
-A domain's documents are de-duplicated by normalised content (whitespace
-collapsed, lowercased), then split into train and validation by sha256 of
-that content. The split depends on the content alone, so one text can never
-sit in both splits, even when it appears under several file names.
-
-Size limits: files over `max_file_bytes` (default 200 kB) are skipped, and a
-domain keeps at most `max_domain_bytes` (default 64 MiB) of text, picked in a
-stable pseudo-random order when it has more.
+Files over `max_file_bytes` (default 200 kB) are skipped. A domain is
+prepared like any other (prepare.py): de-duplicated by its normalised content
+(`normalise`: whitespace collapsed, lowercased) and split into train and
+validation by that content's sha256, so one text can never sit in both
+splits, even when it appears under several file names.
 """
 
-import dataclasses
 import functools
 import gzip
 import hashlib
-import logging
 import os
 import re
 import sysconfig
 
 from bam_jax.data import math_problems
-from bam_jax.data.user_domains import DomainSpec, read_user_documents
 from bam_jax.errors import BamJaxError
 
 BUILTIN_DOMAINS = ('general', 'code', 'law', 'math')
 DOC_ROOT = '/usr/share/doc'
 LICENSE_ROOT = '/usr/share/common-licenses'
 MAX_FILE_BYTES = 200_000
-MAX_DOMAIN_BYTES = 64 << 20
-MIN_VALIDATION_DOCUMENTS = 4
-_log = logging.getLogger(__name__)
 DEFAULT_MATH_DOCUMENTS = 5_000
 
 # Prose files under /usr/share/doc; markup and binaries are not prose.
@@ -45,27 +36,6 @@ _NOT_PROSE = ('.html', '.htm', '.css', '.js', '.json', '.xml', '.png',
               '.gif', '.jpg', '.jpeg', '.svg', '.pdf', '.ico', '.py', '.sh')
 _NOT_CODE_DIRS = {'site-packages', 'dist-packages', 'test', 'tests',
                   'idle_test', '__pycache__'}
-
-
-@dataclasses.dataclass(frozen=True)
-class Document:
-    """One document: a stable id (domain/path) and its text."""
-    id: str
-    text: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Corpus:
-    """A domain's distinct documents, split; `documents_read` counts
-    documents before de-duplication."""
-    domain: str
-    train: tuple
-    validation: tuple
-    documents_read: int
-
-    @property
-    def duplicates(self):
-        return self.documents_read - len(self.train) - len(self.validation)
 
 
 def normalise(text):
@@ -170,11 +140,11 @@ def _math(count):
 
 def read_documents(domain, max_file_bytes=MAX_FILE_BYTES,
                    math_documents=DEFAULT_MATH_DOCUMENTS):
-    """All (id, text) pairs of a built-in domain or a DomainSpec, in id order.
+    """All (id, text) pairs of a built-in domain, in id order.
 
-    Cached in-process (a domain is prepared, and its texts read by the
-    offline tasks, from the same read), so files changed after the first
-    read are not seen again in the same process.
+    Cached in-process (a domain's progress bar counts them before it is
+    prepared from the same read), so files changed after the first read are
+    not seen again in the same process.
     """
     return _read_cached(domain, _reader_argument(domain, max_file_bytes,
                                                  math_documents))
@@ -182,15 +152,11 @@ def read_documents(domain, max_file_bytes=MAX_FILE_BYTES,
 
 def _reader_argument(domain, max_file_bytes, math_documents):
     """The one setting a domain's reader depends on (keeps the cache tight)."""
-    if isinstance(domain, DomainSpec):
-        return None
     return math_documents if domain == 'math' else max_file_bytes
 
 
 @functools.cache
 def _read_cached(domain, argument):
-    if isinstance(domain, DomainSpec):
-        return tuple(read_user_documents(domain))
     if domain == 'math':
         if argument < 1:
             raise BamJaxError(f'math_documents must be >= 1, got {argument}')
@@ -208,69 +174,6 @@ def _read_cached(domain, argument):
     return tuple(documents)
 
 
-def _cap_bytes(domain, documents, max_domain_bytes):
-    """At most max_domain_bytes of text, in a stable pseudo-random order."""
-    total = sum(len(t.encode('utf-8')) for _, t in documents)
-    if total <= max_domain_bytes:
-        return documents
-    order = sorted(documents, key=lambda d: hashlib.sha256(
-        d[0].encode('utf-8')).digest())
-    kept, size = [], 0
-    for doc_id, text in order:
-        length = len(text.encode('utf-8'))
-        if size + length > max_domain_bytes and kept:
-            break
-        kept.append((doc_id, text))
-        size += length
-    _log.warning("domain '%s': kept %d of %d documents (%d of %d bytes); "
-                 'raise DataConfig.max_domain_bytes to keep more', domain,
-                 len(kept), len(documents), size, total)
-    return sorted(kept)
-
-
-def split_documents(domain, documents, validation_fraction,
-                    min_validation=MIN_VALIDATION_DOCUMENTS):
-    """De-duplicate (id, text) pairs and split them into a Corpus.
-
-    A document goes to validation when the first 64 bits of its content hash,
-    read as a fraction of 2**64, fall below `validation_fraction`; if that
-    gives fewer than `min_validation` documents (capped at half the domain),
-    the documents with the next-smallest hashes join it.
-    """
-    if not 0.0 <= validation_fraction < 1.0:
-        raise BamJaxError(f'validation_fraction must be in [0, 1), got '
-                          f'{validation_fraction}')
-    distinct = {}
-    for doc_id, text in sorted(documents):
-        distinct.setdefault(content_hash(text), Document(doc_id, text))
-    by_hash = sorted(distinct.items())
-    threshold = validation_fraction * 2.0 ** 64
-    count = sum(1 for h, _ in by_hash if int(h[:16], 16) < threshold)
-    count = max(count, min(min_validation, len(by_hash) // 2))
-    validation = sorted((d for _, d in by_hash[:count]), key=lambda d: d.id)
-    train = sorted((d for _, d in by_hash[count:]), key=lambda d: d.id)
-    return Corpus(domain, tuple(train), tuple(validation), len(documents))
-
-
-def load_corpus(domain, validation_fraction=0.05,
-                math_documents=DEFAULT_MATH_DOCUMENTS,
-                max_file_bytes=MAX_FILE_BYTES,
-                max_domain_bytes=MAX_DOMAIN_BYTES):
-    """The de-duplicated, split Corpus of a built-in domain or DomainSpec."""
-    argument = _reader_argument(domain, max_file_bytes, math_documents)
-    return _load_cached(domain, argument, float(validation_fraction),
-                        max_domain_bytes)
-
-
-@functools.cache
-def _load_cached(domain, argument, validation_fraction, max_domain_bytes):
-    documents = _read_cached(domain, argument)
-    name = domain.name if isinstance(domain, DomainSpec) else domain
-    documents = _cap_bytes(name, documents, max_domain_bytes)
-    return split_documents(name, documents, validation_fraction)
-
-
 def clear_cache():
     """Forget documents read so far (e.g. after files changed on disk)."""
     _read_cached.cache_clear()
-    _load_cached.cache_clear()

@@ -7,9 +7,8 @@
 Documents stream in from their files (sources.py) or the built-in corpora (corpora.py). Each is
 de-duplicated by the hash of its normalised content, kept as 8 bytes per document (SeenHashes),
 never as text, and goes to validation when that hash, read as a fraction of 2**64, is below
-DataConfig.validation_fraction (the split of corpora.split_documents: the same content is always
-on the same side). A split too small to evaluate on takes the documents with the smallest
-hashes, up to corpora.MIN_VALIDATION_DOCUMENTS and at most half the domain, held back in a heap
+DataConfig.validation_fraction (the same content is always on the same side). A split too small
+to evaluate on takes the documents with the smallest hashes, up to MIN_VALIDATION_DOCUMENTS and at most half the domain, held back in a heap
 of that many documents until the end. Tokens are the run's vocabulary's, each document followed
 by its EOS. The domain is built in a hidden directory beside its final place and renamed into
 place at the end: an interrupted preparation publishes nothing.
@@ -41,6 +40,7 @@ MANIFEST = 'manifest.json'
 SPLITS = ('train', 'validation')
 PART_TOKENS = 1 << 30  # a part rolls over after this many tokens
 _BATCH_BYTES = 4 << 20  # text tokenized together
+MIN_VALIDATION_DOCUMENTS = 4  # a validation split smaller than this is topped up (place_held)
 PREPARE_ON_USE_BYTES = 256 << 20  # a local user domain up to this size is prepared when first read
 
 
@@ -219,7 +219,7 @@ class DomainWriter:
                 self.writers['validation'].add(ids)
                 continue
             heapq.heappush(self.held, Held(-h, ids, text if self._similar else ''))
-            if len(self.held) > corpora.MIN_VALIDATION_DOCUMENTS:
+            if len(self.held) > MIN_VALIDATION_DOCUMENTS:
                 out = heapq.heappop(self.held)
                 self._similar.add(out.ids, out.text) if self._similar else self.writers['train'].add(out.ids)
 
@@ -234,7 +234,7 @@ def place_held(held: list[Held], documents: int, validation: int, writers: dict[
     """Tops a validation split of `validation` documents up to MIN_VALIDATION_DOCUMENTS (at most
     half the domain's `documents`) with the held documents of smallest hash (`held` is sorted so);
     the others go to training."""
-    needed = max(0, min(corpora.MIN_VALIDATION_DOCUMENTS, documents // 2) - validation)
+    needed = max(0, min(MIN_VALIDATION_DOCUMENTS, documents // 2) - validation)
     for i, entry in enumerate(held):
         writers['validation' if i < needed else 'train'].add(entry.ids)
 
@@ -301,6 +301,21 @@ def open_split(data_dir: str, name: str, split: str, attempts: int = 5) -> Split
         except (BamJaxError, OSError) as e:  # token_files.Changed among them
             error = e
     raise error
+
+
+def split_texts(config, domain: str, split: str) -> list[str]:
+    """The texts of a prepared split, in their order, for readers that need text rather than
+    tokens (the offline harness tasks, built from the small built-in corpora: the split is read
+    whole). They come from the domain prepared with the byte vocabulary, which decodes back
+    exactly, and no similarity order, under config's other settings (so the same documents on
+    each side of the split as config's own), prepared on first use as ensure_prepared does."""
+    plain = dataclasses.replace(config, spm_path=None, tokenizer_path=None, similarity_batching=False)
+    tokens = open_split(plain.data_dir, ensure_prepared(plain, domain)['name'], split)
+    texts = []
+    for part in tokens.parts:
+        for ids in np.split(part.read(0, part.tokens), part.ends[:-1]):
+            texts.append((ids[:-1] - 3).astype(np.uint8).tobytes().decode('utf-8'))  # byte b is id b + 3; EOS
+    return texts
 
 
 class DomainSource:

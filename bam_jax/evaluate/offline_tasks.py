@@ -1,5 +1,6 @@
 """bam_jax's offline downstream tasks: lm-evaluation-harness task configs over
-local data files, built from the VALIDATION split of the built-in corpora.
+local data files, built from the VALIDATION split of the built-in corpora as
+they are prepared (bam_jax.data.prepare.split_texts).
 
     bam_math     generate_until. A held-out worked problem, 'Problem: ...\\n
                  Solution:', with 2 solved problems before it (num_fewshot 2);
@@ -31,7 +32,7 @@ passages found in the training split are dropped). A domain with fewer than 4
 validation documents long enough for a passage raises a BamJaxError.
 
 Deterministic: every random draw comes from a numpy Generator seeded by sha256
-of the domain and the item (or document), so the files are byte-identical on
+of the domain and the item (or the document's content), so the files are byte-identical on
 every machine. `write_tasks` writes them into a directory named by a hash of
 their content, to pass as `lm_eval.tasks.TaskManager(include_path=...)`.
 """
@@ -48,6 +49,7 @@ import numpy as np
 import yaml
 
 from bam_jax.data import corpora
+from bam_jax.data.prepare import split_texts
 from bam_jax.errors import BamJaxError
 
 TASKS = ('bam_math', 'bam_code', 'bam_law', 'bam_general')
@@ -76,7 +78,7 @@ SLOT_CHARS = CONTEXT_CHARS + CONTINUATION_CHARS + 3 * MAX_OVERRUN
 # Offsets tried per other document when drawing a distractor.
 DISTRACTOR_TRIES = 8
 # Changes whenever the generated files would change for the same corpora.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 _WORD_START = re.compile(r'(?<!\S)\S')
 _WORD_END = re.compile(r'\S(?!\S)')
@@ -93,8 +95,8 @@ class _Training:
     """`text in training`: whether a text occurs in one of a domain's training
     documents (an exact search; bytes keep the search one byte per character)."""
 
-    def __init__(self, documents):
-        self._joined = b'\0'.join(d.text.encode('utf-8') for d in documents)
+    def __init__(self, texts):
+        self._joined = b'\0'.join(text.encode('utf-8') for text in texts)
 
     def __contains__(self, text):
         return text.encode('utf-8') in self._joined
@@ -133,11 +135,12 @@ def _passage(text, start):
 
 def _candidates(domain, documents):
     """(document index, start) of non-overlapping passages: round robin over
-    the documents, each document's slots in a pseudo-random order."""
+    the documents (texts), each document's slots in an order drawn from its
+    content."""
     orders = []
-    for doc in documents:
-        slots = max(1, len(doc.text) // SLOT_CHARS)
-        orders.append(_rng(domain, 'slots', doc.id).permutation(slots))
+    for text in documents:
+        slots = max(1, len(text) // SLOT_CHARS)
+        orders.append(_rng(domain, 'slots', corpora.content_hash(text)).permutation(slots))
     for turn in range(max(len(o) for o in orders)):
         for index, order in enumerate(orders):
             if turn < len(order):
@@ -152,7 +155,7 @@ def _distractors(rng, documents, own, true, training):
     others = [i for i in range(len(documents)) if i != own]
     seen, found = {corpora.normalise(true)}, []
     for index in rng.permutation(others):
-        text = documents[index].text
+        text = documents[index]
         for _ in range(DISTRACTOR_TRIES if len(text) > CONTINUATION_CHARS else 0):
             cut = _cut(text, int(rng.integers(0, len(text) - CONTINUATION_CHARS)), CONTINUATION_CHARS)
             if cut is None:
@@ -170,8 +173,8 @@ def _distractors(rng, documents, own, true, training):
 
 def multiple_choice_items(domain, validation, training, limit=MC_ITEMS):
     """Up to `limit` items {'context', 'choices', 'gold'} from a domain's
-    validation Documents; `training` answers `text in training`."""
-    documents = [d for d in validation if len(d.text) >= CONTEXT_CHARS + CONTINUATION_CHARS]
+    validation texts; `training` answers `text in training`."""
+    documents = [t for t in validation if len(t) >= CONTEXT_CHARS + CONTINUATION_CHARS]
     if len(documents) < CHOICES:
         raise BamJaxError(f"domain '{domain}': {len(documents)} validation documents of at least "
                           f'{CONTEXT_CHARS + CONTINUATION_CHARS} characters, need {CHOICES} for '
@@ -180,7 +183,7 @@ def multiple_choice_items(domain, validation, training, limit=MC_ITEMS):
     for index, start in _candidates(domain, documents):
         if len(items) == limit:
             break
-        passage = _passage(documents[index].text, start)
+        passage = _passage(documents[index], start)
         if passage is None or any(text in training for text in passage):
             continue
         context, true = passage
@@ -208,10 +211,10 @@ def _problem(text):
 
 def math_items(validation, training, limit=MATH_ITEMS, fewshot=MATH_FEWSHOT):
     """(test, fewshot) problem lists from the math domain's validation
-    Documents: distinct problems found in no training document (the generator
+    texts: distinct problems found in no training document (the generator
     repeats small problems), in a pseudo-random order; the first `fewshot`
     form the few-shot pool and the next `limit` the test items."""
-    distinct = list(dict.fromkeys(text for doc in validation for text in doc.text.split('\n\n')))
+    distinct = list(dict.fromkeys(problem for text in validation for problem in text.split('\n\n')))
     kept = []
     for i in _rng('math', 'order').permutation(len(distinct)):
         if len(kept) == fewshot + limit:
@@ -226,21 +229,20 @@ def math_items(validation, training, limit=MATH_ITEMS, fewshot=MATH_FEWSHOT):
 
 
 def build_items(data_config=None):
-    """{task: items} (and 'bam_math_fewshot') from the built-in corpora with
-    the corpus settings of `data_config` (a bam_jax.data.DataConfig)."""
+    """{task: items} (and 'bam_math_fewshot') from the built-in corpora
+    prepared with the settings of `data_config` (a bam_jax.data.DataConfig)."""
     if data_config is None:
         from bam_jax.data import DataConfig
         data_config = DataConfig()
     out = {}
     for task in TASKS:
-        corpus = corpora.load_corpus(
-            DOMAIN[task], validation_fraction=data_config.validation_fraction,
-            math_documents=data_config.math_documents, max_file_bytes=data_config.max_file_bytes)
-        training = _Training(corpus.train)
+        domain = DOMAIN[task]
+        validation = split_texts(data_config, domain, 'validation')
+        training = _Training(split_texts(data_config, domain, 'train'))
         if task == 'bam_math':
-            out[task], out['bam_math_fewshot'] = math_items(corpus.validation, training)
+            out[task], out['bam_math_fewshot'] = math_items(validation, training)
         else:
-            out[task] = multiple_choice_items(corpus.domain, corpus.validation, training)
+            out[task] = multiple_choice_items(domain, validation, training)
     return out
 
 
