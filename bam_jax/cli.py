@@ -78,6 +78,18 @@ def _parser() -> argparse.ArgumentParser:
     upcycle.add_argument('--expert_split', type=int, default=1,
                          help='cut each FFN into this many experts of d_ff/split units (BTX ablation)')
     upcycle.add_argument('--router_seed', type=int, default=0, help='random seed of the new routers')
+    upcycle.add_argument('--router_init', choices=('random', 'domain'), default='random',
+                         help="routers' first rows: random, or each expert's domain direction, from its run's "
+                              'training data (bam_jax/upcycle/router_init.py)')
+    upcycle.add_argument('--router_data', default='',
+                         help='with --router_init=domain: each input model\'s domain (a DataConfig.source: '
+                              'seed, code, code:3,law:1 ...), comma-separated in input order (the seed\'s first); '
+                              'default: each run\'s own DataConfig.source')
+    upcycle.add_argument('--router_tokens', type=int, default=None,
+                         help='with --router_init=domain: tokens read from each domain (default 32768)')
+    upcycle.add_argument('--router_inputs', choices=('seed', 'layerwise'), default='seed',
+                         help="with --router_init=domain: the router inputs from the dense seed, or from the "
+                              'MoE layer by layer')
     _eval_parser(commands)
     generate = commands.add_parser(
         'generate', help="complete prompts with a run's latest checkpoint (KV-cache decoding)",
@@ -218,18 +230,27 @@ def _eval(args, bindings) -> int:
 def _upcycle(args, bindings) -> int:
     if bindings:
         raise BamJaxError('upcycle takes no --gin overrides; routing is set in the mix stage')
-    # Pure host work: keep JAX (which Orbax loads) off any accelerator.
-    from bam_jax.upcycle import upcycle_checkpoints
+    from bam_jax.upcycle import router_init, upcycle_checkpoints
+
+    experts = [d for d in args.experts.split(',') if d]
+    domains = None
+    if args.router_init == 'domain':
+        domains = router_init.run_domains(([args.seed] if args.seed else []) + experts, args.router_data)
+    elif args.router_data or args.router_tokens is not None or args.router_inputs != 'seed':
+        raise BamJaxError('--router_data, --router_tokens and --router_inputs apply to --router_init=domain')
     summary = upcycle_checkpoints(
-        args.method, [d for d in args.experts.split(',') if d], args.out, seed=args.seed,
+        args.method, experts, args.out, seed=args.seed,
         seed_expert=not args.no_seed_expert, overwrite=args.overwrite, num_experts=args.num_experts,
-        expert_split=args.expert_split, router_seed=args.router_seed)
+        expert_split=args.expert_split, router_seed=args.router_seed, domains=domains,
+        router_tokens=args.router_tokens or router_init.ROUTER_TOKENS, router_inputs=args.router_inputs)
     moe, lory = summary['model']['moe'], summary['model']['lory']
     ffn = (f'{lory["num_experts"]} merged FFN experts per layer' if lory else
            f'{moe["num_experts"] * moe["expert_split"]} FFN experts per layer')
     print(f'{args.method}: {len(summary["expert_models"])} experts ({", ".join(summary["expert_models"])}), '
           f'{ffn}; {summary["tensors"]} tensors, {summary["bytes_written"] / 2**20:.1f} MiB '
           f'in {summary["seconds"]:.1f} s')
+    if summary['router_init'] != 'random':
+        print(router_init.format_shares(summary['router_init']))
     print(f'wrote {summary["out"]}; next: bam-jax train --gin_file={summary["out"]}/model.gin '
           f'--gin_file=gin/mix_{"btx" if args.method == "sparse_upcycle" else args.method}.gin --workdir=DIR')
     return 0

@@ -114,6 +114,18 @@ def router_aux(logits, probs, expert_index, config: RoutedConfig, dropped_fracti
     }
 
 
+class RouterInput(nnx.Intermediate):
+    """A block's attention or FFN input: what its router sees (the normed hidden state). Recorded
+    only for a capture of this type (router initialisation, bam_jax/upcycle/router_init.py);
+    call_with_aux captures nnx.Intermediate itself, which never holds these."""
+
+
+def record_input(block: nnx.Module, name: str, x) -> None:
+    """Hands a sublayer's input [B, T, D] to an nnx.capture of RouterInput; otherwise nothing."""
+    if hasattr(block, '__captures__'):
+        block.sow(RouterInput, name, x)
+
+
 def report(layer: nnx.Module, aux: dict) -> None:
     """Hands a routed layer's losses and metrics to call_with_aux; a plain call drops them."""
     if hasattr(layer, '__captures__'):  # set by nnx.capture for the duration of the call

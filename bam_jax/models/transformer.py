@@ -22,6 +22,7 @@ from bam_jax.models.lory import LoryFeedForward
 from bam_jax.models.moa import MoAttention
 from bam_jax.models.moe import MoEFeedForward
 from bam_jax.models.params import split_params
+from bam_jax.models.routing import record_input
 
 
 def _fold(rng, i: int):
@@ -71,10 +72,16 @@ class Block(nnx.Module):
 
         if self.parallel:
             h = self.norm(x)
+            record_input(self, 'attn_input', h)
+            record_input(self, 'ffn_input', h)
             y = x + call(self.attn, 'attn', h, positions, mask, **attn) + call(self.ffn, 'ffn', h, **ffn)
         else:
-            x = x + call(self.attn, 'attn', self.attn_norm(x), positions, mask, **attn)
-            y = x + call(self.ffn, 'ffn', self.ffn_norm(x), **ffn)
+            h = self.attn_norm(x)
+            record_input(self, 'attn_input', h)
+            x = x + call(self.attn, 'attn', h, positions, mask, **attn)
+            h = self.ffn_norm(x)
+            record_input(self, 'ffn_input', h)
+            y = x + call(self.ffn, 'ffn', h, **ffn)
         return y if cache is None else (y, cache)
 
 

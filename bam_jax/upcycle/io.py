@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 
 from bam_jax import storage, workdir
 from bam_jax.errors import BamJaxError
 from bam_jax.models.config import ModelConfig, first_difference
 from bam_jax.progress import progress_bar
-from bam_jax.upcycle.core import Recipe, UpcycleSpec, build, model_config, plan, reads
+from bam_jax.upcycle.core import Recipe, UpcycleSpec, build, model_config, plan, reads, upcycle
 from bam_jax.upcycle.gin_file import model_gin
 from bam_jax.workdir import files, stream, tensors
 
@@ -97,13 +98,15 @@ def _expert_models(method: str, num_models: int, skip_seed: bool, num_experts: i
 
 def upcycle_checkpoints(method: str, experts: list[str], out: str | storage.Path, *, seed: str | None = None,
                         seed_expert: bool = True, overwrite: bool = False, num_experts: int = 4,
-                        expert_split: int = 1, router_seed: int = 0,
-                        progress: bool = True) -> dict:
+                        expert_split: int = 1, router_seed: int = 0, domains: list | None = None,
+                        router_tokens: int = 0, router_inputs: str = 'seed', progress: bool = True) -> dict:
     """Builds OUT from the dense checkpoints; returns the summary also saved as OUT/upcycle.json.
 
     seed: the seed run. It is an expert (the first) unless seed_expert is False, and always
     joins the averaged parameters. experts: the dense expert runs, in expert order. For
     sparse_upcycle give exactly one model (seed or expert); it is copied into num_experts experts.
+    domains: None for random routers; else each input model's router_init.Domain (the seed's
+    first), whose router_tokens tokens set the routers from router_inputs (router_init.py).
     """
     start = time.perf_counter()
     out = storage.path(out)
@@ -117,13 +120,21 @@ def upcycle_checkpoints(method: str, experts: list[str], out: str | storage.Path
     dense = inputs[0][2]
     recipes = plan(spec, dense, {k: v[0] for k, v in inputs[0][3].items()})
     moe_config = model_config(dense, spec)
+    if domains is not None and method == 'sparse_upcycle':
+        raise BamJaxError('--router_init=domain needs experts from different domains; sparse_upcycle copies one model')
+    if domains is not None and len(domains) != len(inputs):
+        raise BamJaxError(f'{len(domains)} router domains for {len(inputs)} input models')
 
     tmp = storage.staging_dir(out, 'upcycle')
     try:
         context = tensors.shared_context()
         readers = [tensors.CheckpointReader(step_dir, context) for _, step_dir, _, _ in inputs]
+        routers, router_record = {}, 'random'
+        if domains is not None:
+            routers, router_record = _domain_routers(spec, readers, dense, domains, router_tokens, router_inputs,
+                                                     progress)
         bar = progress_bar(recipes, f'upcycle {method}', 'tensor', progress)
-        written, largest = _build_all(recipes, readers, spec.num_models, tmp, bar)
+        written, largest = _build_all(recipes, readers, spec.num_models, tmp, bar, routers)
         stream.write_model_config(tmp, moe_config, step=STEP)
         if tokenizer is not None:  # the output carries its own copy, as an imported model does
             from bam_jax.data import copy_tokenizer_files
@@ -134,7 +145,7 @@ def upcycle_checkpoints(method: str, experts: list[str], out: str | storage.Path
             'method': method, 'out': str(out),
             'inputs': [{'name': name, 'step_dir': str(d)} for name, d, _, _ in inputs],
             'expert_models': [inputs[i][0] for i in expert_models], 'expert_split': expert_split,
-            'router_seed': router_seed, 'model': moe_config.to_dict(),
+            'router_seed': router_seed, 'router_init': router_record, 'model': moe_config.to_dict(),
             'tensors': len(recipes), 'bytes_read': sum(r.bytes_read for r in readers), 'bytes_written': written,
             'largest_tensor_bytes': largest, 'seconds': time.perf_counter() - start,
         }
@@ -146,10 +157,31 @@ def upcycle_checkpoints(method: str, experts: list[str], out: str | storage.Path
     return summary
 
 
+def _domain_routers(spec: UpcycleSpec, readers: list[tensors.CheckpointReader], dense: ModelConfig, domains: list,
+                    tokens: int, inputs: str, progress: bool) -> tuple[dict, dict]:
+    """({router kernel path: kernel}, upcycle.json's record) from the input models' domains: the
+    MoE is built in memory (core.upcycle, random routers), then its routers set (router_init)."""
+    from bam_jax.upcycle import router_init
+
+    say = (lambda m: print(m, file=sys.stderr, flush=True)) if progress else None
+    dense_params = [{path: reader.read(path) for path in reader.nbytes} for reader in readers]
+    moe, moe_config = upcycle(dense_params, dense, spec)
+    models = sorted(set(spec.expert_models))
+    if say:
+        say(f'router init: {tokens} tokens of each of {", ".join(domains[m].source for m in models)}')
+    samples = {m: router_init.sample(domains[m], tokens) for m in models}
+    record = router_init.domain_rows(spec, moe, moe_config, dense_params[0], dense, samples, inputs, say)
+    record['own_share'] = {layer: {domains[m].source: share for m, share in shares.items()}
+                           for layer, shares in record['own_share'].items()}
+    record = {'method': 'domain', 'tokens': tokens, 'domains': [d.source for d in domains], **record}
+    return {path: moe[path] for path in moe if path.endswith('/router/kernel')}, record
+
+
 def _build_all(recipes: dict[str, Recipe], readers: list[tensors.CheckpointReader], num_models: int,
-               tmp: storage.Path, paths) -> tuple[int, int]:
+               tmp: storage.Path, paths, given: dict | None = None) -> tuple[int, int]:
     """Builds and writes every output tensor (in the order of `paths`), reading ahead; returns
-    (bytes written, largest tensor's bytes).
+    (bytes written, largest tensor's bytes). given: tensors made elsewhere (router kernels set
+    from the domains), written in place of their recipes.
 
     The budget is (inputs + 1) x the largest tensor, shared by the reads in flight (each counted
     at ReadAhead.READ_COST x its tensor), the inputs of the tensor being built, the tensor itself
@@ -177,5 +209,8 @@ def _build_all(recipes: dict[str, Recipe], readers: list[tensors.CheckpointReade
                     writer.flush()
                     writer.wait()
             ahead.top_up(limit - writer.held - out_bytes(recipe))
-            writer.add(path, build(recipe, lambda i, p: ahead.get(readers[i], p), num_models))
+            if given and path in given:
+                writer.add(path, given[path])
+            else:
+                writer.add(path, build(recipe, lambda i, p: ahead.get(readers[i], p), num_models))
         return writer.close()
