@@ -148,6 +148,13 @@ def test_the_command_reads_each_runs_domain_and_records_the_shares(dense, tmp_pa
     assert record['tokens'] == 256 and record['inputs'] == 'seed'
     assert set(record['own_share']) == {'layers/0/ffn', 'layers/1/ffn'}
     assert all(set(shares) == {'general', 'code', 'law'} for shares in record['own_share'].values())
+    # Experts are named by the runs they came from (the domain each run's config says it read).
+    assert json.loads((tmp_path / 'out' / 'upcycle.json').read_text())['expert_names'] == ['math', 'code', 'law']
+    evaluated = run_cli('eval', f'--workdir={tmp_path / "out"}', '--json', '--gin.DataConfig.eval_batches=1',
+                        '--gin.TrainConfig.seq_len=32', '--gin.DataConfig.math_documents=60', check=True)
+    result = json.loads(evaluated.stdout.splitlines()[-1])
+    assert result['experts'] == {'ffn': ['math', 'code', 'law']}
+    assert all(len(fractions) == 3 for by_layer in result['routing'].values() for fractions in by_layer.values())
     # Bad input: one line, nothing written.
     for args, message in [(['--router_data=code,law'], '2 domains for 3 input models'),
                           (['--router_data=general,code,nope'], 'unknown domains nope')]:

@@ -264,7 +264,7 @@ def test_output_is_the_moe_of_the_written_config_and_its_gin_rebuilds_it(dense, 
     seed = None if method == 'sparse_upcycle' else base
     out, params = upcycled(method, experts, seed=seed, **kwargs)
     config = ckpt.read_model_config(step_dir(out))
-    assert dataclasses.replace(config, moe=None, moa=None, lory=None) == DENSE[base][0]
+    assert dataclasses.replace(config, moe=None, moa=None, lory=None, expert_names=()) == DENSE[base][0]
     assert (config.moa is None) == (method in ('btx', 'sparse_upcycle', 'lory'))
     assert (config.moe is None) == (config.lory is not None) == (method == 'lory')
     if config.moa:

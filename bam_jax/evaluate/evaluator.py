@@ -37,6 +37,7 @@ def evaluate_run(workdir: str | storage.Path, batches: ValidationBatches | None 
     Returns {'step', 'checkpoint', 'perplexity': {domain: ppl, ..., 'average': mean of the
     domains' ppl}, 'loss': {domain: mean NLL}, 'tokens': {domain: count},
     'routing': {domain: {layer: [fraction per expert]}} ('routing' empty for a dense model),
+    'experts': {'ffn' | 'attn': the name of each expert, in the order of 'routing''s fractions},
     'settings_changed': {setting: [the checkpoint's, this evaluation's]}} (routing, top_k,
     compute dtype... set differently from the checkpoint).
     """
@@ -52,7 +53,8 @@ def evaluate_run(workdir: str | storage.Path, batches: ValidationBatches | None 
     if tasks:
         from bam_jax.evaluate.downstream import run_tasks
         result['tasks'] = run_tasks(model, tasks, num_fewshot=num_fewshot, limit=limit, progress=progress)
-    return {'step': int(model.step_dir.name), 'checkpoint': str(model.step_dir), **result,
+    experts = {kind: labels for kind in ('ffn', 'attn') if (labels := model.config.expert_labels(kind))}
+    return {'step': int(model.step_dir.name), 'checkpoint': str(model.step_dir), **result, 'experts': experts,
             'settings_changed': model.settings_changed}
 
 
@@ -72,11 +74,13 @@ def format_routing(result: dict) -> str:
         if not layers:
             continue
         experts = len(next(iter(result['routing'].values()))[layers[0]])
+        names = result.get('experts', {}).get(kind) or [f'e{e}' for e in range(experts)]
+        width = max(6, *(len(n) for n in names))
         lines.append(f'{kind} experts: fraction of tokens per expert (soft routing, Lory: mean weight)')
-        lines.append(f'{"layer":<8} {"domain":<10} ' + ' '.join(f'{f"e{e}":>6}' for e in range(experts)))
+        lines.append(f'{"layer":<8} {"domain":<10} ' + ' '.join(f'{n:>{width}}' for n in names))
         for layer in layers:
             for domain, by_layer in result['routing'].items():
-                fractions = ' '.join(f'{v:>6.3f}' for v in by_layer[layer])
+                fractions = ' '.join(f'{v:>{width}.3f}' for v in by_layer[layer])
                 lines.append(f'{layer.split("/")[1]:<8} {domain:<10} {fractions}')
     return '\n'.join(lines)
 
@@ -106,7 +110,7 @@ def eval_command(workdirs: Sequence[str | storage.Path], bindings: list[str], as
             continue
         write_json_atomic(workdir / files.EVAL, result)
         png = save_routing_map(result['routing'], workdir / files.ROUTING_MAP,
-                               title=f'{workdir.name}, step {result["step"]}')
+                               title=f'{workdir.name}, step {result["step"]}', experts=result['experts'])
         if as_json:
             print(json.dumps(result), flush=True)
         else:

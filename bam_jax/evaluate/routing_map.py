@@ -20,8 +20,10 @@ def routing_matrices(routing: dict) -> dict[str, dict[str, np.ndarray]]:
     return matrices
 
 
-def save_routing_map(routing: dict, path: storage.Path, title: str = '') -> storage.Path | None:
-    """Writes the PNG (path: local or a URI); None (nothing written) for a dense model."""
+def save_routing_map(routing: dict, path: storage.Path, title: str = '', experts: dict | None = None
+                     ) -> storage.Path | None:
+    """Writes the PNG (path: local or a URI); None (nothing written) for a dense model.
+    experts: {'ffn' | 'attn': each expert's name} for the axis (default 0, 1, ...)."""
     matrices = routing_matrices(routing)
     if not matrices:
         return None
@@ -40,7 +42,8 @@ def save_routing_map(routing: dict, path: storage.Path, title: str = '') -> stor
             for (layer, expert), value in np.ndenumerate(grid):
                 ax.text(expert, layer, f'{value:.2f}', ha='center', va='center', fontsize=7,
                         color='white' if value < 0.6 else 'black')
-            ax.set_xticks(range(grid.shape[1]))
+            ax.set_xticks(range(grid.shape[1]), (experts or {}).get(kind) or range(grid.shape[1]),
+                          rotation=45 if (experts or {}).get(kind) else 0, fontsize=7)
             ax.set_yticks(range(grid.shape[0]))
             ax.set_title(f'{domain}: {kind}', fontsize=9)
             if col == 0:

@@ -166,7 +166,7 @@ class ModelConfig:
     exactly in float32.
     """
     # Fields of this record that are settings, not architecture (see the module docstring).
-    SETTINGS: ClassVar[tuple[str, ...]] = ('dtype', 'init_std', 'attention_impl')
+    SETTINGS: ClassVar[tuple[str, ...]] = ('dtype', 'init_std', 'attention_impl', 'expert_names')
     EXPERT_LAYERS: ClassVar[tuple[str, ...]] = ('moe', 'moa', 'lory')
 
     vocab_size: int = 384
@@ -200,8 +200,17 @@ class ModelConfig:
     moe: MoEConfig | None = None  # routed FFN experts instead of the dense FFN
     moa: MoAConfig | None = None  # attention experts instead of the dense attention
     lory: LoryConfig | None = None  # Lory's merged FFN experts instead of the dense FFN
+    # The run each expert came from (seed, code, ...), one name per input model of the upcycle, in
+    # expert order: what routing maps, tables and expert surgery call the experts. Empty: 0, 1, ...
+    expert_names: tuple[str, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, 'expert_names', tuple(self.expert_names))  # gin and JSON give lists
+        counts = {layer.num_experts for layer in (self.moe, self.moa, self.lory) if layer is not None}
+        names = self.expert_names
+        if names and (counts != {len(names)} or len(set(names)) != len(names)):
+            raise BamJaxError(f'ModelConfig.expert_names {list(self.expert_names)} must name each of the '
+                              f'{", ".join(map(str, sorted(counts))) or "no"} experts once')
         if self.num_heads % self.num_kv_heads:
             raise BamJaxError(f'num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})')
         if not self.head_dim and self.d_model % self.num_heads:
@@ -230,6 +239,16 @@ class ModelConfig:
                               f'({self.moe.expert_split})')
         if self.moe and self.lory:
             raise BamJaxError('ModelConfig.moe and ModelConfig.lory both replace the FFN; set one of them')
+
+    def expert_labels(self, kind: str) -> list[str]:
+        """The name of each expert of a routed layer, 'ffn' or 'attn', in router order: the run it
+        came from; with expert_split C, name/0 .. name/C-1 for the chunks of its FFN."""
+        layer = self.moa if kind == 'attn' else (self.moe or self.lory)
+        if layer is None:
+            return []
+        names = list(self.expert_names) or [str(e) for e in range(layer.num_experts)]
+        split = getattr(layer, 'expert_split', 1) if kind == 'ffn' else 1
+        return names if split == 1 else [f'{name}/{c}' for name in names for c in range(split)]
 
     @property
     def resolved_head_dim(self) -> int:

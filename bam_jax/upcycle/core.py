@@ -80,12 +80,14 @@ class Recipe:
 @dataclasses.dataclass(frozen=True)
 class UpcycleSpec:
     """What to build. expert_models: for each expert, the index of the input model it comes
-    from (sparse_upcycle repeats one model); every input model joins the averages."""
+    from (sparse_upcycle repeats one model); every input model joins the averages. model_names:
+    each input model's name (its run: seed, code, ...), which names its experts."""
     method: str
     num_models: int
     expert_models: tuple[int, ...]
     expert_split: int = 1
     router_seed: int = 0
+    model_names: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -96,6 +98,20 @@ class UpcycleSpec:
             raise BamJaxError('lory merges whole FFNs: expert_split must be 1')
         if not self.expert_models or not all(0 <= i < self.num_models for i in self.expert_models):
             raise BamJaxError(f'expert models {self.expert_models} do not index {self.num_models} input models')
+        if self.model_names and len(self.model_names) != self.num_models:
+            raise BamJaxError(f'{len(self.model_names)} model names for {self.num_models} input models')
+
+    def expert_names(self) -> tuple[str, ...]:
+        """Each expert's input model's name; a model that gives several experts (sparse_upcycle)
+        names them NAME, NAME_2, ...; () without model names."""
+        if not self.model_names:
+            return ()
+        names, copies = [], {}
+        for model in self.expert_models:
+            copies[model] = copies.get(model, 0) + 1
+            name = self.model_names[model]
+            names.append(name if copies[model] == 1 else f'{name}_{copies[model]}')
+        return tuple(names)
 
 
 def model_config(dense: ModelConfig, spec: UpcycleSpec) -> ModelConfig:
@@ -104,7 +120,8 @@ def model_config(dense: ModelConfig, spec: UpcycleSpec) -> ModelConfig:
     Routing is not set here: it is a training choice, made by the mix stage (gin/routing/*.gin).
     """
     layers = _LAYERS[spec.method](len(spec.expert_models), spec.expert_split)
-    return dataclasses.replace(dense, **{'moe': None, 'moa': None, 'lory': None, **layers})
+    return dataclasses.replace(dense, **{'moe': None, 'moa': None, 'lory': None, **layers},
+                               expert_names=spec.expert_names())
 
 
 def plan(spec: UpcycleSpec, dense: ModelConfig, dense_shapes: dict[str, tuple[int, ...]]) -> dict[str, Recipe]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
 
@@ -80,6 +81,21 @@ def _check_same_architecture(inputs: list[tuple[str, storage.Path, ModelConfig, 
                               f'but {value!r} in {name}')
 
 
+def run_names(directories: list[str]) -> tuple[str, ...]:
+    """What each input run is called by its experts: the domain its config.gin says it trained
+    on (DOMAIN, or DataConfig.source: seed, code, ...) when that is a plain name, else its
+    directory's name; a name taken already gets _2, _3, ..."""
+    names = []
+    for directory in directories:
+        path = storage.path(directory)
+        run = path if (path / files.CHECKPOINTS).is_dir() or not path.name.isdigit() else path.parents[1]
+        domains = files.string_bindings(run, 'DOMAIN', 'DataConfig.source')
+        name = domains[-1] if domains and re.fullmatch(r'[a-z0-9_]+', domains[-1]) else run.name
+        taken = sum(1 for n in names if n == name or re.fullmatch(rf'{re.escape(name)}_\d+', n))
+        names.append(name if not taken else f'{name}_{taken + 1}')
+    return tuple(names)
+
+
 def _expert_models(method: str, num_models: int, skip_seed: bool, num_experts: int) -> tuple[int, ...]:
     """For each expert, the index of the input model it comes from (the seed, if any, is input 0)."""
     if method == 'sparse_upcycle':
@@ -112,7 +128,8 @@ def upcycle_checkpoints(method: str, experts: list[str], out: str | storage.Path
     out = storage.path(out)
     named = ([('seed', seed)] if seed else []) + [(d, d) for d in experts]
     expert_models = _expert_models(method, len(named), seed is not None and not seed_expert, num_experts)
-    spec = UpcycleSpec(method, len(named), expert_models, expert_split, router_seed)
+    spec = UpcycleSpec(method, len(named), expert_models, expert_split, router_seed,
+                       run_names([directory for _, directory in named]))
     stream.check_output(out, overwrite)
     inputs = [(name, *_read_input(directory, name)) for name, directory in named]
     _check_same_architecture(inputs)
@@ -144,7 +161,8 @@ def upcycle_checkpoints(method: str, experts: list[str], out: str | storage.Path
         summary = {
             'method': method, 'out': str(out),
             'inputs': [{'name': name, 'step_dir': str(d)} for name, d, _, _ in inputs],
-            'expert_models': [inputs[i][0] for i in expert_models], 'expert_split': expert_split,
+            'expert_models': [inputs[i][0] for i in expert_models], 'expert_names': list(moe_config.expert_names),
+            'expert_split': expert_split,
             'router_seed': router_seed, 'router_init': router_record, 'model': moe_config.to_dict(),
             'tensors': len(recipes), 'bytes_read': sum(r.bytes_read for r in readers), 'bytes_written': written,
             'largest_tensor_bytes': largest, 'seconds': time.perf_counter() - start,
