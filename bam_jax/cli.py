@@ -11,6 +11,9 @@
   bam-jax export-hf --workdir=DIR --out=DIR [--format=auto|llama|...|bam_jax] [--dtype=bfloat16|float32]
                     [--max_shard_mb=N] [--overwrite] [--gin.NAME=VALUE ...]
   bam-jax prepare-data --gin_file=F [--gin_file=F2 ...] [--domains=a,b] [--skip_bad] [--gin.NAME=VALUE ...]
+  bam-jax experts remove --workdir=MIX --expert=NAME --out=DIR
+  bam-jax experts add --workdir=MIX --run=DENSE_RUN --out=DIR [--router_data=SOURCE] [--router_tokens=N]
+  bam-jax experts replace --workdir=MIX --expert=NAME --run=DENSE_RUN --out=DIR
 
 train, eval, generate and prepare-data also take --distributed: join a multi-process job (a
 pod's hosts, or launch/run.sh --local_processes=N on one machine) through
@@ -29,7 +32,7 @@ from bam_jax.errors import BamJaxError
 
 EXIT_USER_ERROR = 1
 EXIT_SIGTERM = 143
-HOST_COMMANDS = ('upcycle', 'import-hf', 'export-hf', 'prepare-data')  # work on the host's CPU, not the devices
+HOST_COMMANDS = ('upcycle', 'import-hf', 'export-hf', 'prepare-data', 'experts')  # work on the host's CPU, not the devices
 
 
 def _quiet_backends() -> None:
@@ -90,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     upcycle.add_argument('--router_inputs', choices=('seed', 'layerwise'), default='seed',
                          help="with --router_init=domain: the router inputs from the dense seed, or from the "
                               'MoE layer by layer')
+    _experts_parser(commands)
     _eval_parser(commands)
     generate = commands.add_parser(
         'generate', help="complete prompts with a run's latest checkpoint (KV-cache decoding)",
@@ -123,6 +127,31 @@ def _parser() -> argparse.ArgumentParser:
                          help='skip malformed lines and unreadable files, counting them, instead of stopping')
     _distributed_flag(prepare)
     return parser
+
+
+def _experts_parser(commands) -> None:
+    experts = commands.add_parser(
+        'experts', help="expert surgery on a mixed model: remove, add or replace an expert",
+        description="Writes OUT, a copy of the mixed model MIX (its latest checkpoint) with one expert removed, "
+                    "added from a dense run, or replaced by one; experts are named by their runs (seed, code, ...). "
+                    'A new expert\'s router columns come from its domain. Train the routers alone with: bam-jax '
+                    'train --gin_file=OUT/model.gin --gin_file=gin/mix_router_only.gin --workdir=DIR')
+    operations = experts.add_subparsers(dest='operation', required=True, metavar='OPERATION')
+    for operation, help_text in (('remove', 'drop an expert from every layer'),
+                                 ('add', "a dense run's weights as a new expert"),
+                                 ('replace', "an expert swapped for a dense run's weights")):
+        sub = operations.add_parser(operation, help=help_text)
+        sub.add_argument('--workdir', required=True, help='the mixed model: a mix run, or an upcycled model')
+        if operation != 'add':
+            sub.add_argument('--expert', required=True, help='the expert, by name (bam-jax eval lists them)')
+        if operation != 'remove':
+            sub.add_argument('--run', required=True, help='the dense run that gives the expert')
+            sub.add_argument('--router_data', default='',
+                             help="the new expert's domain (a DataConfig.source); default: the run's own")
+            sub.add_argument('--router_tokens', type=int, default=None,
+                             help='tokens read from its domain and from the mix data (default 32768)')
+        sub.add_argument('--out', required=True, help='output directory (written atomically)')
+        sub.add_argument('--overwrite', action='store_true', help='replace OUT if it exists')
 
 
 def _eval_parser(commands) -> None:
@@ -256,6 +285,26 @@ def _upcycle(args, bindings) -> int:
     return 0
 
 
+def _experts(args, bindings) -> int:
+    if bindings:
+        raise BamJaxError('experts takes no --gin overrides')
+    from bam_jax.upcycle import router_init
+    from bam_jax.upcycle.surgery_io import experts_command
+
+    record = experts_command(args.operation, args.workdir, args.out, expert=getattr(args, 'expert', None),
+                             run=getattr(args, 'run', None), overwrite=args.overwrite,
+                             router_data=getattr(args, 'router_data', ''),
+                             router_tokens=getattr(args, 'router_tokens', None) or router_init.ROUTER_TOKENS)
+    print(f'experts {args.operation}: {", ".join(record["experts_before"])} -> {", ".join(record["experts_after"])}')
+    if 'router' in record:
+        shares = record['router']['own_share']
+        print(f"its domain ({record['router']['domain']}) sends its expert "
+              f"{sum(shares.values()) / len(shares):.3f} of its routing, mean over {len(shares)} routed layers")
+    print(f'wrote {args.out}; evaluate: bam-jax eval --workdir={args.out}; train the routers alone: bam-jax train '
+          f'--gin_file={args.out}/model.gin --gin_file=gin/mix_router_only.gin --workdir=DIR')
+    return 0
+
+
 def _prepare_data(args, bindings) -> int:
     from bam_jax.data import DataConfig
     from bam_jax.data.prepare import prepare_domain
@@ -311,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
             from bam_jax.parallel import maybe_initialize_distributed
             maybe_initialize_distributed(force=args.distributed)
         commands = {'train': _train, 'upcycle': _upcycle, 'eval': _eval, 'generate': _generate,
-                    'import-hf': _import_hf, 'export-hf': _export_hf, 'prepare-data': _prepare_data}
+                    'import-hf': _import_hf, 'export-hf': _export_hf, 'prepare-data': _prepare_data,
+                    'experts': _experts}
         return commands[args.command](args, bindings)
     except BamJaxError as e:
         # Everything worth keeping is already saved or was never written. Skip the interpreter's

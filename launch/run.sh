@@ -10,7 +10,7 @@
 # default ~/bam_jax). Device commands (train, eval, generate) then run on all workers through
 # `gcloud compute tpus tpu-vm ssh --worker=all`, with --distributed so each worker joins the
 # run (jax.distributed.initialize); so does prepare-data, whose workers share each domain's input
-# files. The other host commands (upcycle, import-hf, export-hf) run once, on worker 0. Workdirs
+# files. The other host commands (upcycle, import-hf, export-hf, experts) run once, on worker 0. Workdirs
 # and DataConfig.data_dir must then be where every worker sees them: a bucket
 # (--workdir=gs://BUCKET/DIR) or a filesystem they share.
 set -euo pipefail
@@ -44,7 +44,7 @@ elif [[ -n "${TPU_NAME:-}" ]]; then
   : "${TPU_ZONE:?set TPU_ZONE for TPU_NAME=$TPU_NAME}"
   remote_dir="${REMOTE_DIR:-~/bam_jax}"
   case "$1" in
-    upcycle|import-hf|export-hf) workers=0 join='' ;;
+    upcycle|import-hf|export-hf|experts) workers=0 join='' ;;
     *) workers=all join=' --distributed' ;;
   esac
   cmd=(gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$TPU_ZONE" --worker="$workers")

@@ -9,7 +9,7 @@ CPU collectives between them. Past the launcher this is exactly a pod's code pat
 all N·D devices, every process feeds its own part of each batch, and Orbax writes one checkpoint
 together.
 
-Host-only commands (upcycle, import-hf, export-hf) run once, as one process, as on a pod's first
+Host-only commands (upcycle, import-hf, export-hf, experts) run once, as one process, as on a pod's first
 worker; prepare-data runs on every process, which share each domain's input files. Process 0's stdout passes through untouched (tables, JSON); every process's stderr
 does, the others' lines prefixed `[process i]`.
 
@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 
-HOST_ONLY_COMMANDS = ('upcycle', 'import-hf', 'export-hf')
+HOST_ONLY_COMMANDS = ('upcycle', 'import-hf', 'export-hf', 'experts')
 DEFAULT_HEARTBEAT_TIMEOUT = 20  # seconds: a lost peer is noticed within this (jax's default is 100)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import gin
 
@@ -40,6 +41,10 @@ class TrainConfig:
     flops_budget: float | None = None   # total training FLOPs
     match_run: str | None = None        # a run's workdir to match ...
     match: str = 'tokens'               # ... in 'tokens' (data-matched) or 'flops' (compute-matched)
+    # A regular expression over parameter paths (layers/0/ffn/router/kernel): only the parameters
+    # it matches (re.search) train, the others keep their restored values and have no optimizer
+    # state. '' trains every one. gin/mix_router_only.gin trains the routers alone.
+    trainable: str = ''
 
     def __post_init__(self):
         positive = ('train_steps', 'batch_size', 'seq_len', 'grad_accum_steps',
@@ -56,6 +61,10 @@ class TrainConfig:
             raise BamJaxError(f'TrainConfig.dense_warmup_fraction must be in [0, 1), got {self.dense_warmup_fraction}')
         if self.learning_rate <= 0:
             raise BamJaxError(f'learning rate must be positive, got {self.learning_rate}')
+        try:
+            re.compile(self.trainable)
+        except re.error as e:
+            raise BamJaxError(f'TrainConfig.trainable {self.trainable!r} is not a regular expression: {e}') from None
 
     @property
     def peak_learning_rate(self) -> float:

@@ -21,7 +21,7 @@ from bam_jax.models import ModelConfig, abstract_model, param_shardings, split_p
 from bam_jax.parallel import MeshConfig, batch_sharding, create_mesh, replicated
 from bam_jax.train.budget import resolve_train_steps
 from bam_jax.train.config import TrainConfig
-from bam_jax.train.optimizer import make_optimizer
+from bam_jax.train.optimizer import make_optimizer, trainable_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +59,8 @@ class Run:
         abstract = abstract_model(model)
         graphdef, abstract_params = split_params(abstract)
         shardings = param_shardings(abstract, mesh)
+        if config.trainable and not any(jax.tree.leaves(trainable_mask(abstract_params, config.trainable))):
+            raise BamJaxError(f'TrainConfig.trainable {config.trainable!r} matches no parameter of the model')
         optimizer = make_optimizer(config)
         abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
         return cls(workdir=storage.path(workdir), config=config, model=model, data=data_config,
@@ -69,9 +71,11 @@ class Run:
 
 
 def opt_shardings(optimizer, abstract_opt_state, shardings, mesh):
-    """Moments mirror the parameters' shardings; counters and other scalars are replicated."""
-    return optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt_state, shardings,
-                                 transform_non_params=lambda _: replicated(mesh))
+    """Moments mirror the parameters' shardings; counters and other scalars are replicated. A
+    parameter that does not train (TrainConfig.trainable) has no moments: an empty MaskedNode."""
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
+    return optax.tree_map_params(optimizer, lambda p, s: p if masked(p) else s, abstract_opt_state, shardings,
+                                 transform_non_params=lambda _: replicated(mesh), is_leaf=masked)
 
 
 def _check_data(config: TrainConfig, model: ModelConfig, data_config: data.DataConfig, mesh: Mesh) -> None:

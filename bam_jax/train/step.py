@@ -15,6 +15,7 @@ from flax import nnx
 
 from bam_jax.models.params import Params, merge_params
 from bam_jax.models.routing import call_with_aux
+from bam_jax.train.optimizer import trainable_mask
 
 
 def cross_entropy(logits, targets, weights):
@@ -39,9 +40,11 @@ def total_aux_loss(aux: dict) -> jax.Array:
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation,
-                    accum_steps: int) -> Callable:
+                    accum_steps: int, trainable: str = '') -> Callable:
     """train_step(params, opt_state, batch, rng) -> (params, opt_state, metrics).
 
+    trainable: TrainConfig.trainable; the parameters it does not match come out as they went in,
+    bit for bit.
     The batch is cut into `accum_steps` micro-batches, scanned in order; the gradient is that
     of the token-weighted mean loss over the whole batch, so accumulation changes memory, not
     the result (up to float summation order; the auxiliary losses are per micro-batch).
@@ -73,7 +76,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / count, grads)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        new = optax.apply_updates(params, updates)
+        params = jax.tree.map(lambda t, p, n: n if t else p, trainable_mask(params, trainable), params, new)
         aux = jax.tree.map(lambda x: x / accum_steps, aux)
         metrics = {
             'loss': nll / count,

@@ -79,7 +79,8 @@ class _StopSignal:
 def _compile(run: Run):
     """(train_step, eval_step), jitted with the run's shardings; train_step donates its state."""
     mesh, shardings, batch = run.mesh, run.param_shardings, run.batch_sharding
-    train_step = jax.jit(make_train_step(run.graphdef, run.optimizer, run.config.grad_accum_steps),
+    train_step = jax.jit(make_train_step(run.graphdef, run.optimizer, run.config.grad_accum_steps,
+                                         run.config.trainable),
                          in_shardings=(shardings, run.opt_shardings, batch, replicated(mesh)),
                          out_shardings=(shardings, run.opt_shardings, replicated(mesh)),
                          donate_argnums=(0, 1))

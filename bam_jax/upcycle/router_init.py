@@ -229,3 +229,25 @@ def format_shares(record: dict) -> str:
                for kind in kinds]
         lines.append(f'{name:<12}' + ''.join(f'{value:>8.3f}' for value in row))
     return '\n'.join(lines)
+
+
+def new_expert_columns(moe: dict, moe_config: ModelConfig, domain: list[dict], background: list[dict]
+                       ) -> tuple[dict[str, np.ndarray], dict]:
+    """Router columns for an expert added to a trained mixed model (bam-jax experts add/replace):
+    at each router, the direction from the mean input of the model's mix data (`background`, its
+    batches) to the mean input of the new expert's domain (`domain`), normalised and scaled to the
+    mean norm of the router's trained columns, so it competes with them on an equal footing.
+    The inputs are the mixed model's own, before the expert joins. Returns ({kernel path:
+    column [D]}, {'scale': {site: norm}})."""
+    forward = Forward(moe_config)
+    new, mix = forward.input_means(moe, domain), forward.input_means(moe, background)
+    columns, scales = {}, {}
+    for path in (p for p in moe if p.endswith('/router/kernel')):
+        site = path.rsplit('/router/', 1)[0]
+        direction = new[site] - mix[site]
+        if not np.linalg.norm(direction):
+            raise BamJaxError("router init: the new expert's domain has the mix's mean input; name another "
+                              'with --router_data')
+        scales[site] = float(np.mean(np.linalg.norm(moe[path], axis=0)))
+        columns[path] = (direction / np.linalg.norm(direction) * scales[site]).astype(np.float32)
+    return columns, {'scale': scales}
