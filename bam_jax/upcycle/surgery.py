@@ -49,14 +49,17 @@ def _split(config: ModelConfig, kind: str) -> int:
 
 
 def _resized(config: ModelConfig, names_after: list[str]) -> ModelConfig:
-    layers = {field: dataclasses.replace(getattr(config, field), num_experts=len(names_after))
-              for field in ('moe', 'moa', 'lory') if getattr(config, field) is not None}
-    changed = dataclasses.replace(config, **layers, expert_names=tuple(names_after))
-    for field in ('moe', 'moa'):
-        layer = getattr(changed, field)
-        if layer is not None and layer.routing == 'top_k' and layer.top_k > layer.num_experts:
-            changed = dataclasses.replace(changed, **{field: dataclasses.replace(layer, top_k=layer.num_experts)})
-    return changed
+    """config with len(names_after) experts in every expert layer; a top_k above what is left
+    comes down to it."""
+    layers = {}
+    for field in ('moe', 'moa', 'lory'):
+        layer = getattr(config, field)
+        if layer is not None:
+            changes = {'num_experts': len(names_after)}
+            if hasattr(layer, 'top_k'):
+                changes['top_k'] = min(layer.top_k, len(names_after) * getattr(layer, 'expert_split', 1))
+            layers[field] = dataclasses.replace(layer, **changes)
+    return dataclasses.replace(config, **layers, expert_names=tuple(names_after))
 
 
 def remove_expert(params: dict, config: ModelConfig, name: str) -> tuple[dict, ModelConfig]:
