@@ -1,13 +1,15 @@
 """`make bench`: speed of the train step and of decoding for dense, BTX, BAM and Lory models, of
 the upcycler, of the Hugging Face import and export, of a resume's data work and of the prepared
-data path, as six tables and JSON ({"train_step": [rows], "decode": [rows], "upcycle": {...},
-"hf_io": {...}, "resume": {...}, "data": {...}}, null for a table not run).
+data path, and routers initialised from domains, as seven tables and JSON ({"train_step": [rows],
+"decode": [rows], "upcycle": {...}, "hf_io": {...}, "resume": {...}, "data": {...}, "routers":
+{...}}, null for a table not run).
 
   python -m bam_jax.benchmarks [--model gin/models/X.gin]
                                [--archs dense,btx,btx_dropless,bam,bam_dropless,bam_shared_kv,lory4,lory8]
                                [--decode_archs dense,btx,bam,bam_shared_kv,lory4]
-                               [--batch N] [--seq_len T] [--steps S] [--tables train,decode,upcycle,hf_io,resume,data]
-                               [--resume_position N]
+                               [--batch N] [--seq_len T] [--steps S]
+                               [--tables train,decode,upcycle,hf_io,resume,data,routers]
+                               [--resume_position N] [--router_runs runs/demo]
 
 Every architecture is timed in the same run on the same model size. BTX has 4 FFN experts
 with top-1 routing, so its active parameters are the dense model's (plus a router); BAM adds
@@ -28,7 +30,9 @@ result, against copies of its safetensors file. The resume table (resume.py) tim
 work of a resume at --resume_position against a fresh start.
 The data table (data.py) times `prepare-data`'s work (byte vocabulary, and a 32k BPE tokenizer
 against its bare encode_batch), the prepared-data training stream, its memory over a 200 MB and a
-2 GB domain, and a start at batch 1,000,000.
+2 GB domain, and a start at batch 1,000,000. The routers table (routers.py) upcycles `make demo`'s
+seed and experts with random and domain-initialised routers and evaluates them before any mix
+training (skipped without those runs).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import pathlib
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 ARCHS = ('dense', 'btx', 'btx_dropless', 'bam', 'bam_dropless', 'bam_shared_kv', 'lory4', 'lory8')
-TABLES = ('train', 'decode', 'upcycle', 'hf_io', 'resume', 'data')
+TABLES = ('train', 'decode', 'upcycle', 'hf_io', 'resume', 'data', 'routers')
 
 
 def arch_config(dense, arch: str, lory_segment_len: int = 64):
@@ -81,6 +85,8 @@ def _args() -> argparse.Namespace:
     parser.add_argument('--tables', default=','.join(TABLES), help=f'comma list of {TABLES}')
     parser.add_argument('--resume_position', type=int, default=1_000_000,
                         help='resume table: the data position (batches of 8 x 1024 tokens) to resume at')
+    parser.add_argument('--router_runs', default='runs/demo',
+                        help="routers table: the directory of make demo's seed, code, law and math runs")
     parser.add_argument('--out', default='runs/bench/results.json')
     args = parser.parse_args()
     archs = ['dense'] + [a for a in args.archs.split(',') if a and a != 'dense']
@@ -141,7 +147,8 @@ def main() -> None:
         name = 'bench_14m'
 
     devices = f'{jax.device_count()} x {jax.devices()[0].device_kind}'
-    results = {'train_step': None, 'decode': None, 'upcycle': None, 'hf_io': None, 'resume': None, 'data': None}
+    results = {'train_step': None, 'decode': None, 'upcycle': None, 'hf_io': None, 'resume': None, 'data': None,
+               'routers': None}
     if 'train' in args.tables:
         results['train_step'] = _train_table(dense, name, dtype, devices, args)
     if 'decode' in args.tables:
@@ -172,6 +179,11 @@ def main() -> None:
         print('\ntiming data preparation and the prepared-data stream ...', flush=True)
         results['data'] = data_bench.run()
         data_bench.print_table(results['data'])
+    if 'routers' in args.tables:
+        from bam_jax.benchmarks import routers
+        print('\nupcycling make demo\'s runs with random and domain routers, and evaluating them ...', flush=True)
+        results['routers'] = routers.run(args.router_runs)
+        routers.print_table(results['routers'])
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
