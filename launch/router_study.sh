@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Routers initialised from the experts' domains against random ones, and expert surgery, on
 # `make demo`'s seed and experts (DEMO, default runs/demo), into OUT (default runs/router_study):
-#   1. BTX and BAM upcycled with random routers (router seeds 0, 1) and domain routers (seed and
-#      layerwise inputs), each evaluated before any mix training;
+#   1. BTX and BAM upcycled with random routers (router seeds 0, 1), the same rescaled to the
+#      domain routers' norm, and domain routers (seed and layerwise inputs), each evaluated
+#      before any mix training;
 #   2. each mixed for 150 steps (validation every 15), two data orders each;
 #   3. a fifth domain (man pages, which no built-in corpus reads) branched from the seed, added to
 #      the domain-initialised BTX mix and its routers trained alone on 5% of the mix's tokens,
@@ -23,12 +24,13 @@ for method in btx bam; do
   $B upcycle --method=$method --seed=$D/seed --experts=$EXPERTS --out=$R/${method}_layerwise_s0_init --router_init=domain --router_inputs=layerwise --overwrite
   cp -r $R/${method}_layerwise_s0_init $R/${method}_layerwise_s1_init
 done
+.venv/bin/python -m bam_jax.benchmarks.router_study "$R" --rescale  # random rows at the domain rows' scale
 for init in "$R"/*_init; do
   $B eval --workdir="$init" --gin.TrainConfig.seq_len=128 --gin.DataConfig.eval_batches=8 --json > "$init.eval.json"
 done
 for method in btx bam; do
   gin=$([[ $method == btx ]] && echo mix_btx_top1 || echo mix_bam)
-  for init in random domain layerwise; do
+  for init in random scaled domain layerwise; do
     for seed in 0 1; do
       name=${method}_${init}_s${seed}
       [[ -f $R/$name/budget.json ]] && continue

@@ -2,6 +2,11 @@
 and expert surgery, from the runs it wrote under OUT.
 
     python -m bam_jax.benchmarks.router_study OUT     (prints the tables, writes OUT/router_study.json)
+    python -m bam_jax.benchmarks.router_study OUT --rescale   (writes the `scaled` inits, below)
+
+Inits: random (router seeds 0 and 1), scaled (those random rows rescaled to the domain rows'
+mean column norm: the domain rows' scale without their directions), domain (seed inputs),
+layerwise.
 
   step 0    each upcycled model before mix training: average perplexity, and each expert
             domain's share of routing on its own expert (FFN top-1; BAM attention: mean weight)
@@ -22,6 +27,31 @@ import numpy as np
 
 EXPERTS = ('code', 'law', 'math')
 DOMAINS = ('general', 'code', 'law', 'math')
+INITS = ('random', 'scaled', 'domain', 'layerwise')
+
+
+def rescale(out: pathlib.Path) -> None:
+    """OUT/{method}_scaled_s{seed}_init: the random inits with every router column rescaled to
+    the mean column norm of the domain init's router."""
+    from bam_jax import storage, workdir
+    from bam_jax.upcycle.gin_file import model_gin
+    from bam_jax.workdir import stream, tensors
+
+    for method in ('btx', 'bam'):
+        domain = tensors.CheckpointReader(workdir.resolve_checkpoint(out / f'{method}_domain_s0_init'))
+        for seed in (0, 1):
+            source = workdir.resolve_checkpoint(out / f'{method}_random_s{seed}_init')
+            reader, target = tensors.CheckpointReader(source), storage.path(out / f'{method}_scaled_s{seed}_init')
+            params = {path: reader.read(path) for path in reader.nbytes}
+            for path in (p for p in params if p.endswith('/router/kernel')):
+                norm = np.linalg.norm(domain.read(path), axis=0).mean()
+                params[path] = (params[path] / np.linalg.norm(params[path], axis=0) * norm).astype(np.float32)
+            config = workdir.read_model_config(source)
+            tmp = storage.staging_dir(target, 'upcycle')
+            tensors.write_params(tmp, sorted(params.items()), budget=1 << 26)
+            stream.write_model_config(tmp, config)
+            (tmp / 'model.gin').write_text(model_gin(config, target, 'router_study --rescale'))
+            stream.publish(tmp, target, 'upcycle')
 
 
 def _last_json(path: pathlib.Path) -> dict | None:
@@ -47,7 +77,7 @@ def _shares(result: dict) -> dict[str, dict[str, float]]:
 def step0(out: pathlib.Path) -> list[dict]:
     rows = []
     for method in ('btx', 'bam'):
-        for init in ('random', 'domain', 'layerwise'):
+        for init in INITS:
             for seed in (0, 1):
                 result = _last_json(out / f'{method}_{init}_s{seed}_init.eval.json')
                 if result:
@@ -60,7 +90,7 @@ def mix(out: pathlib.Path) -> list[dict]:
     rows = []
     for method in ('btx', 'bam'):
         curves = {}
-        for init in ('random', 'domain', 'layerwise'):
+        for init in INITS:
             for seed in (0, 1):
                 metrics = out / f'{method}_{init}_s{seed}' / 'metrics.json'
                 if (out / f'{method}_{init}_s{seed}' / 'budget.json').is_file():
@@ -116,8 +146,11 @@ def print_tables(result: dict) -> None:
               else 'the full mix gains nothing on manpages')
 
 
-def main(out: str) -> None:
+def main(out: str, *flags: str) -> None:
     out = pathlib.Path(out)
+    if '--rescale' in flags:
+        rescale(out)
+        return
     result = {'step0': step0(out), 'mix': mix(out), 'surgery': surgery(out)}
     print_tables(result)
     (out / 'router_study.json').write_text(json.dumps(result, indent=1) + '\n')
