@@ -67,10 +67,12 @@ def test_removing_an_expert_routing_never_selects_leaves_the_logits(expert_split
     np.testing.assert_allclose(logits(removed, smaller), logits(params, config), rtol=1e-6, atol=1e-6)
 
 
-def test_removing_drops_exactly_the_experts_slices_in_every_layer():
-    params, config, _ = mixed('bam')
+@pytest.mark.parametrize('method', ['bam', 'lory'])
+def test_removing_drops_exactly_the_experts_slices_in_every_layer(method):
+    params, config, _ = mixed(method)
     removed, smaller = surgery.remove_expert(params, config, 'code')
-    assert smaller.moa.num_experts == smaller.moe.num_experts == 3 and smaller.expert_names == ('seed', 'law', 'math')
+    layers = [layer for layer in (smaller.moe, smaller.moa, smaller.lory) if layer is not None]
+    assert [layer.num_experts for layer in layers] == [3] * len(layers) and smaller.expert_names == ('seed', 'law', 'math')
     for path, value in params.items():
         if '/experts/' in path:
             np.testing.assert_array_equal(removed[path], np.delete(value, 1, axis=0))
@@ -171,3 +173,35 @@ def test_the_commands_write_a_model_eval_and_training_read(dense, tmp_path):  # 
                           (['remove', f'--workdir={removed}', '--expert=math'], 'only expert left')]:
         assert_one_line_error(run_cli('experts', *args, f'--out={tmp_path / "bad"}'), message)
     assert not (tmp_path / 'bad').exists()
+
+
+def test_with_soft_routing_an_added_expert_moves_the_output_by_its_weight_only():
+    """BAM's soft attention experts: out = sum_e p_e y_e, so after an expert joins with weight w,
+    out' = (1 - w) out + w y_new, where y_new is the new expert alone (gate 1)."""
+    from flax import nnx
+
+    from bam_jax.models.attention_kernels import self_attention_mask
+    from bam_jax.models.moa import MoAttention
+
+    params, config, models = mixed('bam')
+    prefix = 'layers/0/attn/'
+    layer_params = lambda flat: {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}  # noqa: E731
+    smaller_params, smaller = surgery.remove_expert(params, config, 'math')
+    column = np.random.default_rng(1).standard_normal(CONFIG.d_model).astype(np.float32) * 0.5
+    columns = {p: column for p in smaller_params if p.endswith('router/kernel')}
+    grown, bigger = surgery.insert_expert(smaller_params, smaller, models[3], 'math', 3, columns)
+    x = np.random.default_rng(2).standard_normal((2, 8, CONFIG.d_model)).astype(np.float32)
+    positions = np.broadcast_to(np.arange(8), (2, 8))
+    mask = self_attention_mask(np.ones((2, 8), np.int32), CONFIG, True)
+
+    def attention(flat, cfg):
+        graphdef, _ = split_params(MoAttention(cfg, rngs=nnx.Rngs(0)))
+        return np.asarray(merge_params(graphdef, unflatten(layer_params(flat)))(x, positions, mask), np.float64)
+
+    alone = dataclasses.replace(bigger, moa=dataclasses.replace(bigger.moa, num_experts=1), moe=None, expert_names=())
+    only_new = {k: v[3:4] if '/experts/' in k else v[:, 3:4] for k, v in grown.items() if k.startswith(prefix)}
+    logits = x @ grown[prefix + 'router/kernel']
+    weight = np.exp(logits[..., 3] - logits.max(-1)) / np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)
+    expected = (1 - weight[..., None]) * attention(smaller_params, smaller) + weight[..., None] * attention(only_new, alone)
+    np.testing.assert_allclose(attention(grown, bigger), expected, rtol=1e-5, atol=1e-5)
+    assert 0 < weight.min() and weight.max() < 1
