@@ -9,7 +9,7 @@
 #      the domain-initialised BTX mix and its routers trained alone on 5% of the mix's tokens,
 #      against a full upcycle and mix of all five; and the law expert removed;
 #   4. the tables: python -m bam_jax.benchmarks.router_study OUT
-# About 35 minutes on 2 CPU cores.
+# About 40 minutes on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 D="${DEMO:-runs/demo}" R="${OUT:-runs/router_study}" B=.venv/bin/bam-jax
@@ -64,5 +64,6 @@ $B experts remove --workdir=$R/btx_domain_s0 --expert=law --out=$R/remove_law --
 for run in btx_domain_s0 add5 add5_router btx5 remove_law; do
   $B eval --workdir=$R/$run $EVAL --json > $R/$run.eval5.json
 done
-$B eval --workdir=$D/seed $EVAL --json > $R/seed.eval5.json
+rm -rf "$R/seed" && cp -r "$D/seed" "$R/seed"  # evaluated from a copy: eval writes into the run it reads
+$B eval --workdir=$R/seed $EVAL --json > $R/seed.eval5.json
 .venv/bin/python -m bam_jax.benchmarks.router_study "$R"

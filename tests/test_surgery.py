@@ -151,6 +151,9 @@ def test_the_commands_write_a_model_eval_and_training_read(dense, tmp_path):  # 
                         '--gin.TrainConfig.seq_len=32', '--gin.DataConfig.math_documents=60', check=True)
     result = json.loads(evaluated.stdout.splitlines()[-1])
     assert result['experts'] == {'ffn': ['math'], 'attn': ['math']}
+    generated = run_cli('generate', f'--workdir={removed}', '--prompt=Problem', '--max_new_tokens=3', '--json',
+                        '--gin.TrainConfig.seq_len=32', check=True)  # the KV cache follows the expert count
+    assert len(json.loads(generated.stdout.splitlines()[-1])['completion_ids']) <= 3
     added = tmp_path / 'added'
     done = run_cli('experts', 'add', f'--workdir={removed}', f'--run={dense["law"][0]}', '--router_tokens=256',
                    f'--out={added}', check=True)

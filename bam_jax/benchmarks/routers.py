@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,7 +65,11 @@ def run(runs: str = RUNS) -> dict | None:
                 result = _evaluate(out)
                 rows.append({'method': method, 'init': init, 'upcycle_s': seconds,
                              'perplexity': result['perplexity'], 'own_share': _own_shares(result)})
-    alone = {e: _evaluate(runs / e)['perplexity'][e] for e in EXPERTS}
+        alone = {}
+        for expert in EXPERTS:  # from a copy: eval writes eval.json into the run it reads
+            copy = pathlib.Path(tmp) / f'alone_{expert}'
+            shutil.copytree(runs / expert, copy, ignore=shutil.ignore_patterns('tb', 'eval.json', '*.png'))
+            alone[expert] = _evaluate(copy)['perplexity'][expert]
     return {'runs': str(runs), 'rows': rows, 'expert_alone': alone}
 
 
