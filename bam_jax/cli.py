@@ -32,7 +32,8 @@ from bam_jax.errors import BamJaxError
 
 EXIT_USER_ERROR = 1
 EXIT_SIGTERM = 143
-HOST_COMMANDS = ('upcycle', 'import-hf', 'export-hf', 'prepare-data', 'experts')  # work on the host's CPU, not the devices
+# Commands that work on the host's CPU, not the devices.
+HOST_COMMANDS = ('upcycle', 'import-hf', 'export-hf', 'prepare-data', 'experts')
 
 
 def _quiet_backends() -> None:
@@ -330,7 +331,7 @@ def _prepare_data(args, bindings) -> int:
             say(f'{"domain":<12} {"read":>9} {"duplicate":>9} {"train docs":>10} {"train tokens":>13} '
                 f'{"valid docs":>10} {"valid tokens":>13} {"skipped":>7} {"seconds":>8}')
         say(f'{domain:<12} {r["documents_read"]:>9} {r["duplicates"]:>9} {train["documents"]:>10} '
-              f'{train["tokens"]:>13} {valid["documents"]:>10} {valid["tokens"]:>13} {len(r["skipped"]):>7} '
+            f'{train["tokens"]:>13} {valid["documents"]:>10} {valid["tokens"]:>13} {len(r["skipped"]):>7} '
             f'{r["seconds"]:>8.1f}', flush=True)
         names.append(r['name'])
     say(f'wrote {", ".join(names)} under {config.data_dir}' +

@@ -30,7 +30,8 @@ def test_pod_runs_every_worker_with_distributed():
     assert remote.endswith(' --distributed') and '--workdir=runs/seed' in remote
     (cmd,) = commands(dry_run('prepare-data', '--gin_file=gin/seed.gin', TPU_NAME='pod-a', TPU_ZONE='z'))
     assert '--worker=all' in cmd  # every worker prepares its share of the input files
-    assert next(a for a in cmd if a.startswith('--command=')).endswith('prepare-data --gin_file=gin/seed.gin --distributed')
+    remote = next(a for a in cmd if a.startswith('--command='))
+    assert remote.endswith('prepare-data --gin_file=gin/seed.gin --distributed')
 
 
 def test_pod_runs_host_commands_once_on_worker_0():

@@ -6,11 +6,12 @@ removed once, and a bad input in one worker's share stopping both with nothing p
 import json
 import subprocess
 
+from test_prepare import corpus_texts, decoded
+
 from bam_jax.data import DataConfig, prepare, text_domain
 from bam_jax.data.prepare import MANIFEST, open_split, prepare_domain
 
 from helpers import REPO, cli_env
-from test_prepare import corpus_texts, decoded
 
 WORKERS = 2
 

@@ -82,7 +82,8 @@ def test_rows_are_each_domains_mean_router_input_by_the_rule(method):
         rows = expected_rows(expected_means(models[0], [samples[m] for m in range(3)], layer))
         for kind in kinds:
             np.testing.assert_allclose(moe[f'layers/{layer}/{kind}/router/kernel'], rows, rtol=2e-5, atol=1e-6)
-            assert f'layers/{layer}/{kind}' in record['scale'] and set(record['own_share'][f'layers/{layer}/{kind}']) == {0, 1, 2}
+            site = f'layers/{layer}/{kind}'
+            assert site in record['scale'] and set(record['own_share'][site]) == {0, 1, 2}
     # layer by layer, the MoE's own inputs: its norms are the models' averages, nothing else moves
     layerwise = dict(upcycle(models, CONFIG, spec)[0])
     router_init.domain_rows(spec, layerwise, moe_config, models[0], CONFIG, samples, inputs='layerwise')
@@ -130,9 +131,9 @@ def test_domains_that_look_alike_are_refused():
         router_init.rows_from_means(np.ones((3, 4)))
 
 
-def _write_configs(dense, sources):
+def _write_configs(runs, sources):
     for name, source in sources.items():
-        (dense[name][0] / 'config.gin').write_text(
+        (runs[name][0] / 'config.gin').write_text(
             f"DataConfig.source = '{source}'\nDataConfig.math_documents = 60\nTrainConfig.seq_len = 32\n")
 
 

@@ -8,10 +8,11 @@ Documents stream in from their files (sources.py) or the built-in corpora (corpo
 de-duplicated by the hash of its normalised content, kept as 8 bytes per document (SeenHashes),
 never as text, and goes to validation when that hash, read as a fraction of 2**64, is below
 DataConfig.validation_fraction (the same content is always on the same side). A split too small
-to evaluate on takes the documents with the smallest hashes, up to MIN_VALIDATION_DOCUMENTS and at most half the domain, held back in a heap
-of that many documents until the end. Tokens are the run's vocabulary's, each document followed
-by its EOS. The domain is built in a hidden directory beside its final place and renamed into
-place at the end: an interrupted preparation publishes nothing.
+to evaluate on takes the documents with the smallest hashes, up to MIN_VALIDATION_DOCUMENTS and
+at most half the domain, held back in a heap of that many documents until the end. Tokens are
+the run's vocabulary's, each document followed by its EOS. The domain is built in a hidden
+directory beside its final place and renamed into place at the end: an interrupted preparation
+publishes nothing; prepare_pod.py does the same with many workers.
 """
 
 from __future__ import annotations

@@ -30,9 +30,23 @@ import numpy as np
 
 from bam_jax import storage
 from bam_jax.data import sources
-from bam_jax.data.prepare import (MANIFEST, DomainSource, DomainWriter, Encoder, Held, SeenHashes, SplitWriter,
-                                  check_not_empty, document_hash, domain_dir, domain_settings, manifest, place_held,
-                                  prepared_name, document_batches)
+from bam_jax.data.prepare import (
+    MANIFEST,
+    DomainSource,
+    DomainWriter,
+    Encoder,
+    Held,
+    SeenHashes,
+    SplitWriter,
+    check_not_empty,
+    document_batches,
+    document_hash,
+    domain_dir,
+    domain_settings,
+    manifest,
+    place_held,
+    prepared_name,
+)
 from bam_jax.data.token_files import Part
 from bam_jax.errors import BamJaxError
 from bam_jax.progress import progress_bar

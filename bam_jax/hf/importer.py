@@ -27,8 +27,8 @@ from bam_jax.errors import BamJaxError
 from bam_jax.hf import families
 from bam_jax.hf.safetensors_files import SafetensorsReader, weight_files
 from bam_jax.models import abstract_model, flatten, split_params
-from bam_jax.upcycle.gin_file import model_gin
 from bam_jax.progress import progress_bar
+from bam_jax.upcycle.gin_file import model_gin
 from bam_jax.workdir import files, stream, tensors
 from bam_jax.workdir.files import TOKENIZER_DIR
 

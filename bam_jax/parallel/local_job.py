@@ -9,9 +9,10 @@ CPU collectives between them. Past the launcher this is exactly a pod's code pat
 all N·D devices, every process feeds its own part of each batch, and Orbax writes one checkpoint
 together.
 
-Host-only commands (upcycle, import-hf, export-hf, experts) run once, as one process, as on a pod's first
-worker; prepare-data runs on every process, which share each domain's input files. Process 0's stdout passes through untouched (tables, JSON); every process's stderr
-does, the others' lines prefixed `[process i]`.
+Host-only commands (upcycle, import-hf, export-hf, experts) run once, as one process, as on a
+pod's first worker; prepare-data runs on every process, which share each domain's input files.
+Process 0's stdout passes through untouched (tables, JSON); every process's stderr does, the
+others' lines prefixed `[process i]`.
 
 SIGTERM or Ctrl-C is forwarded to every process (a training run saves once and stops). When a
 process dies, the survivors are expected to stop by themselves: a failed collective or the

@@ -48,7 +48,7 @@ def _check_dense(config: ModelConfig, dense: ModelConfig, run: str) -> None:
 
 
 def _new_expert(mix: str, params: dict, config: ModelConfig, run: str, router_data: str, tokens: int) -> tuple:
-    """(its dense params, its name, its router columns, the record of them)."""
+    """The dense run's params, its name, its router columns, their record, and its Domain."""
     _, dense_config, dense = _read(run, 'run')
     _check_dense(config, dense_config, run)
     domain, background = router_init.run_domains([run, mix], f'{router_data},' if router_data else '')
