@@ -115,7 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     _distributed_flag(generate)
     generate.add_argument('--json', action='store_true',
                           help='one JSON object per prompt on stdout: prompt, completion, prompt_ids, '
-                               'completion_ids, stop_reason')
+                               'completion_ids, stop_reason, start_id and input_ids (the start token, then '
+                               'prompt_ids: what the model read)')
     _hf_parsers(commands)
     prepare = commands.add_parser(
         'prepare-data', help='tokenize the domains of gin files into prepared token files',

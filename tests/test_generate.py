@@ -262,7 +262,9 @@ def test_cli_json_equals_cache_free_greedy(bam_run, tmp_path, monkeypatch, capsy
     for line in lines:
         assert set(line) >= {'prompt', 'completion', 'prompt_ids', 'completion_ids', 'stop_reason'}
         assert line['prompt_ids'] == list(vocab.encode(line['prompt']))
-        seq = [0, *line['prompt_ids']]  # the start token every training document began with
+        # the start token every training document began with, then the prompt: what the model read
+        assert line['start_id'] == 0 and line['input_ids'] == [0, *line['prompt_ids']]
+        seq = list(line['input_ids'])
         for _ in range(8):
             row = np.zeros((1, 64), np.int32)
             row[0, :len(seq)] = seq

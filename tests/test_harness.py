@@ -13,6 +13,7 @@ import pytest
 from lm_eval.api.instance import Instance
 
 from bam_jax import gin_config
+from bam_jax.errors import BamJaxError
 from bam_jax.evaluate.harness import BamJaxLM
 from bam_jax.generate import LanguageModel
 from bam_jax.models import merge_params
@@ -131,3 +132,12 @@ def test_bad_tasks_and_options_are_one_line(bam_run, args, message, monkeypatch,
     status, out, err = cli_in_process(monkeypatch, capsys, 'eval', f'--workdir={bam_run["run"]}', *args)
     assert_one_line_error((status, err), message)
     assert out == ''
+
+
+def test_unknown_model_args_are_refused_in_one_line():
+    import lm_eval.api.registry
+
+    model = lm_eval.api.registry.get_model('bam_jax')
+    with pytest.raises(BamJaxError, match='takes model_args workdir and gin, not dtype') as error:
+        model.create_from_arg_string('workdir=runs/x,dtype=float32', {'batch_size': 4, 'device': 'cpu'})
+    assert '\n' not in str(error.value)

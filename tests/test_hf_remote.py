@@ -19,15 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
+import torch  # the test extra: missing, this fails instead of skipping
+import transformers
 
 from bam_jax.generate import Engine
 from bam_jax.hf import remote
 from bam_jax.models import ModelConfig, abstract_model, flatten, merge_params, split_params
 from bam_jax.models.config import LoryConfig, MoAConfig, MoEConfig
 from bam_jax.models.params import unflatten
-
-torch = pytest.importorskip('torch')
-transformers = pytest.importorskip('transformers')
 
 # The same float32 function in another summation order (XLA against torch): rounding only. The
 # logits are of order 1-10.

@@ -172,7 +172,7 @@ def test_ids_from_generation_config_and_config(bpe_dir, tmp_path):
 def test_byte_and_sentencepiece_start_with_zero(tmp_path):
     assert data.start_id(seqio.ByteVocabulary()) == 0
     assert data.start_id(data.vocabulary(data.DataConfig())) == 0
-    spm = pytest.importorskip('sentencepiece')
+    import sentencepiece as spm  # seqio's dependency
     (tmp_path / 'text.txt').write_text('\n'.join(_samples('math', 'train', count=20)))
     spm.SentencePieceTrainer.train(input=str(tmp_path / 'text.txt'), model_prefix=str(tmp_path / 'm'),
                                    vocab_size=100, pad_id=0, eos_id=1, unk_id=2, bos_id=3, minloglevel=2)
@@ -196,7 +196,7 @@ def _byte_cases():
 
 
 def test_byte_tokenizer_through_transformers_equals_the_byte_vocabulary(tmp_path):
-    transformers = pytest.importorskip('transformers')
+    import transformers  # the test extra
     names = data.write_byte_tokenizer(tmp_path)
     assert sorted(names) == sorted(p.name for p in tmp_path.iterdir())
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path))

@@ -40,7 +40,7 @@ def written(tmp_path_factory):
 @pytest.fixture(scope='module')
 def hf_cache(tmp_path_factory):
     """lm-eval's datasets.load_dataset caches the JSONL files in tmp."""
-    datasets = pytest.importorskip('datasets')
+    import datasets  # lm_eval's dependency
     cache = datasets.config.HF_DATASETS_CACHE
     datasets.config.HF_DATASETS_CACHE = tmp_path_factory.mktemp('hf_datasets')
     yield

@@ -15,7 +15,6 @@ import collections
 import re
 import sys
 import zlib
-from typing import Protocol
 
 import numpy as np
 from scipy import sparse
@@ -25,13 +24,6 @@ DEFAULT_NEIGHBOURS = 32
 DEFAULT_BLOCK = 256
 
 _TOKEN = re.compile(r'\w+')
-
-
-class Embedder(Protocol):
-    """Maps texts to vectors, one L2-normalised row per text (a numpy array
-    or a scipy.sparse matrix); cosine similarity is then a dot product."""
-
-    def embed(self, texts: list[str]): ...
 
 
 class TfidfEmbedder:
@@ -161,15 +153,15 @@ def chain(neighbours):
 
 
 def similarity_order(texts, shard_size=DEFAULT_SHARD_SIZE, k=DEFAULT_NEIGHBOURS,
-                     embedder=None, block=DEFAULT_BLOCK, progress=False):
+                     block=DEFAULT_BLOCK, progress=False):
     """Order of `texts` (a permutation of their indices) that chains similar
-    texts, shard by shard. Neighbours with similarity <= 0 are never
-    followed: the chain restarts instead. `progress` prints a line per shard
-    to stderr.
+    texts (TF-IDF cosine similarity), shard by shard. Neighbours with
+    similarity <= 0 are never followed: the chain restarts instead.
+    `progress` prints a line per shard to stderr.
     """
     if shard_size < 1:
         raise ValueError(f'shard_size must be >= 1, got {shard_size}')
-    embedder = embedder or TfidfEmbedder()
+    embedder = TfidfEmbedder()
     texts = list(texts)
     order = []
     shards = range(0, len(texts), shard_size)

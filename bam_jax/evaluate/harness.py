@@ -39,6 +39,10 @@ def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+# What lm_eval itself passes every model besides model_args (its --batch_size, --device ...).
+HARNESS_ARGS = frozenset({'max_batch_size', 'device'})
+
+
 @register_model('bam_jax')
 class BamJaxLM(LM):
     """model_args: workdir=DIR (the run; its config.gin, or an upcycled/imported model's
@@ -47,8 +51,12 @@ class BamJaxLM(LM):
 
     def __init__(self, workdir: str | None = None, gin: str = '', lm: LanguageModel | None = None,
                  batch_size: int | str | None = None, progress: Callable[[str], None] | None = _stderr,
-                 **ignored):
+                 **harness):
         super().__init__()
+        unknown = sorted(set(harness) - HARNESS_ARGS)
+        if unknown:  # a silently ignored setting (dtype=float32) would read as if it had applied
+            raise BamJaxError(f"the bam_jax harness model takes model_args workdir and gin, not {', '.join(unknown)} "
+                              '(model settings go in gin="NAME=VALUE;...")')
         size = 16 if batch_size in (None, 'auto') else int(str(batch_size).split(':')[0])
         if lm is None:
             if workdir is None:

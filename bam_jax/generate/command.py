@@ -57,8 +57,12 @@ def generate_command(workdir: str | storage.Path, bindings: list[str], prompts: 
         if jax.process_index() != 0:  # a multi-process job: process 0 prints for all
             break
         if as_json:
+            # input_ids: what the model read, the start token every document began with in training
+            # first, so another implementation (transformers) given them computes the same tokens.
             print(json.dumps({'prompt': prompt, 'completion': done.text, 'prompt_ids': done.prompt_ids,
-                              'completion_ids': done.completion_ids, 'stop_reason': done.stop_reason}), flush=True)
+                              'completion_ids': done.completion_ids, 'stop_reason': done.stop_reason,
+                              'start_id': model.start_id, 'input_ids': [model.start_id, *done.prompt_ids]}),
+                  flush=True)
         else:
             print(f'--- {i + 1}/{len(prompts)}: {len(done.prompt_ids)} + {len(done.completion_ids)} tokens, '
                   f'stopped by {done.stop_reason}')
