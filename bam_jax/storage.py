@@ -18,6 +18,8 @@ from collections.abc import Iterator
 
 from etils import epath
 
+from bam_jax.errors import BamJaxError
+
 Path = epath.Path
 _COPY_CHUNK = 16 << 20
 
@@ -117,3 +119,21 @@ def publish(tmp: epath.Path, out: epath.Path, kind: str, on_upload=None) -> None
         out.rename(old)
     tmp.rename(out)
     remove(old)
+
+
+@contextlib.contextmanager
+def atomic_output(out: epath.Path, kind: str, overwrite: bool = False, on_upload=None) -> Iterator[epath.Path]:
+    """Builds the directory `out` whole or not at all: yields the hidden directory to build it in
+    (staging_dir), which becomes `out` when the block ends (publish: uploaded first for a remote
+    `out`, on_upload then runs) and is deleted if the block raises. An existing `out` is refused
+    unless it may be replaced, and then replaced only once the new one is complete."""
+    if occupied(out) and not overwrite:
+        raise BamJaxError(f'{out} exists; pass --overwrite to replace it')
+    tmp = staging_dir(out, kind)
+    try:
+        yield tmp
+    except BaseException:  # a damaged input, an interrupt: leave nothing behind
+        with contextlib.suppress(OSError):
+            remove(tmp)
+        raise
+    publish(tmp, out, kind, on_upload)

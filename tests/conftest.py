@@ -33,7 +33,8 @@ os.environ.setdefault('BAM_JAX_DATA_DIR', os.path.join(os.path.dirname(os.path.d
 # them alone at the end of the suite.
 SLOW_FIRST = ('test_pipeline.py', 'test_cli.py', 'test_multiprocess.py', 'test_generate.py', 'test_train.py',
               'test_harness.py', 'test_data.py', 'test_storage.py', 'test_upcycle.py', 'test_lory_train.py',
-              'test_hf.py', 'test_eval.py', 'test_gpu_check.py', 'test_upcycle_errors.py', 'test_workdir.py')
+              'test_hf.py', 'test_eval.py', 'test_surgery.py', 'test_gpu_check.py', 'test_upcycle_errors.py',
+              'test_router_init.py', 'test_workdir.py')
 
 
 def pytest_collection_modifyitems(items):
@@ -71,3 +72,19 @@ def bam_run(tmp_path_factory):
     assert out['cli']['status'] == 0, out['cli']['stderr'][-3000:]
     out['result'] = json.loads(out['cli']['stdout'])  # stdout holds the JSON and nothing else
     return out
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """cli(COMMAND, *ARGS, check=False): `bam-jax` run in this process, without a subprocess's
+    interpreter and JAX start-up; returns .returncode, .stdout and .stderr (check: assert 0)."""
+    import types
+
+    from helpers import cli_in_process
+
+    def run(*args, check=False):
+        status, out, err = cli_in_process(monkeypatch, capsys, *args)
+        assert not check or status == 0, err[-3000:]
+        return types.SimpleNamespace(returncode=status, stdout=out, stderr=err)
+
+    return run

@@ -15,7 +15,7 @@ from bam_jax.models import ModelConfig
 from bam_jax.upcycle import router_init
 from bam_jax.upcycle.core import UpcycleSpec, upcycle
 
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error
 from references import np_rms_norm
 from upcycle_cases import dense, random_params  # noqa: F401 - the dense fixture
 
@@ -137,12 +137,12 @@ def _write_configs(runs, sources):
             f"DataConfig.source = '{source}'\nDataConfig.math_documents = 60\nTrainConfig.seq_len = 32\n")
 
 
-def test_the_command_reads_each_runs_domain_and_records_the_shares(dense, tmp_path):  # noqa: F811
+def test_the_command_reads_each_runs_domain_and_records_the_shares(dense, tmp_path, cli):  # noqa: F811
     _write_configs(dense, {'seed': 'math', 'code': 'code', 'law': 'law', 'math': 'math'})
     runs = {name: str(dense[name][0]) for name in ('seed', 'code', 'law', 'math')}
     common = ['--method=btx', f'--seed={runs["seed"]}', f'--experts={runs["code"]},{runs["law"]}',
               '--router_init=domain', '--router_tokens=256']
-    done = run_cli('upcycle', *common, '--router_data=general,code,law', f'--out={tmp_path / "out"}', check=True)
+    done = cli('upcycle', *common, '--router_data=general,code,law', f'--out={tmp_path / "out"}', check=True)
     assert 'share routed to the own expert' in done.stdout
     record = json.loads((tmp_path / 'out' / 'upcycle.json').read_text())['router_init']
     assert record['method'] == 'domain' and record['domains'] == ['general', 'code', 'law']
@@ -151,7 +151,7 @@ def test_the_command_reads_each_runs_domain_and_records_the_shares(dense, tmp_pa
     assert all(set(shares) == {'general', 'code', 'law'} for shares in record['own_share'].values())
     # Experts are named by the runs they came from (the domain each run's config says it read).
     assert json.loads((tmp_path / 'out' / 'upcycle.json').read_text())['expert_names'] == ['math', 'code', 'law']
-    evaluated = run_cli('eval', f'--workdir={tmp_path / "out"}', '--json', '--gin.DataConfig.eval_batches=1',
+    evaluated = cli('eval', f'--workdir={tmp_path / "out"}', '--json', '--gin.DataConfig.eval_batches=1',
                         '--gin.TrainConfig.seq_len=32', '--gin.DataConfig.math_documents=60', check=True)
     result = json.loads(evaluated.stdout.splitlines()[-1])
     assert result['experts'] == {'ffn': ['math', 'code', 'law']}
@@ -159,9 +159,9 @@ def test_the_command_reads_each_runs_domain_and_records_the_shares(dense, tmp_pa
     # Bad input: one line, nothing written.
     for args, message in [(['--router_data=code,law'], '2 domains for 3 input models'),
                           (['--router_data=general,code,nope'], 'unknown domains nope')]:
-        assert_one_line_error(run_cli('upcycle', *common, *args, f'--out={tmp_path / "bad"}'), message)
-    assert_one_line_error(run_cli('upcycle', '--method=sparse_upcycle', f'--seed={runs["seed"]}',
+        assert_one_line_error(cli('upcycle', *common, *args, f'--out={tmp_path / "bad"}'), message)
+    assert_one_line_error(cli('upcycle', '--method=sparse_upcycle', f'--seed={runs["seed"]}',
                                   '--router_init=domain', f'--out={tmp_path / "bad"}'), 'sparse_upcycle copies one')
-    assert_one_line_error(run_cli('upcycle', '--method=btx', f'--seed={runs["seed"]}', f'--experts={runs["code"]}',
+    assert_one_line_error(cli('upcycle', '--method=btx', f'--seed={runs["seed"]}', f'--experts={runs["code"]}',
                                   '--router_tokens=5', f'--out={tmp_path / "bad"}'), 'apply to --router_init=domain')
     assert not (tmp_path / 'bad').exists()

@@ -22,7 +22,7 @@ from bam_jax.upcycle.core import UpcycleSpec, upcycle
 from bam_jax.workdir import resolve_checkpoint
 from bam_jax.workdir.tensors import CheckpointReader
 
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error
 from upcycle_cases import dense, random_params  # noqa: F401 - the dense fixture
 
 CONFIG = ModelConfig(vocab_size=64, d_model=16, num_layers=2, num_heads=2, num_kv_heads=2, d_ff=32, dtype='float32')
@@ -140,31 +140,31 @@ def _write_config(directory, source):
         f"DataConfig.source = '{source}'\nDataConfig.math_documents = 60\nTrainConfig.seq_len = 32\n")
 
 
-def test_the_commands_write_a_model_eval_and_training_read(dense, tmp_path):  # noqa: F811
+def test_the_commands_write_a_model_eval_and_training_read(dense, tmp_path, cli):  # noqa: F811
     for name, source in (('seed', 'math'), ('code', 'code'), ('law', 'law')):
         _write_config(dense[name][0], source)
     mix = tmp_path / 'mix'
-    run_cli('upcycle', '--method=bam', f'--seed={dense["seed"][0]}', f'--experts={dense["code"][0]}',
+    cli('upcycle', '--method=bam', f'--seed={dense["seed"][0]}', f'--experts={dense["code"][0]}',
             f'--out={mix}', check=True)
     removed = tmp_path / 'removed'
-    done = run_cli('experts', 'remove', f'--workdir={mix}', '--expert=code', f'--out={removed}', check=True)
+    done = cli('experts', 'remove', f'--workdir={mix}', '--expert=code', f'--out={removed}', check=True)
     assert 'math, code -> math' in done.stdout
-    evaluated = run_cli('eval', f'--workdir={removed}', '--json', '--gin.DataConfig.eval_batches=1',
+    evaluated = cli('eval', f'--workdir={removed}', '--json', '--gin.DataConfig.eval_batches=1',
                         '--gin.TrainConfig.seq_len=32', '--gin.DataConfig.math_documents=60', check=True)
     result = json.loads(evaluated.stdout.splitlines()[-1])
     assert result['experts'] == {'ffn': ['math'], 'attn': ['math']}
-    generated = run_cli('generate', f'--workdir={removed}', '--prompt=Problem', '--max_new_tokens=3', '--json',
+    generated = cli('generate', f'--workdir={removed}', '--prompt=Problem', '--max_new_tokens=3', '--json',
                         '--gin.TrainConfig.seq_len=32', check=True)  # the KV cache follows the expert count
     assert len(json.loads(generated.stdout.splitlines()[-1])['completion_ids']) <= 3
     added = tmp_path / 'added'
-    done = run_cli('experts', 'add', f'--workdir={removed}', f'--run={dense["law"][0]}', '--router_tokens=256',
+    done = cli('experts', 'add', f'--workdir={removed}', f'--run={dense["law"][0]}', '--router_tokens=256',
                    f'--out={added}', check=True)
     record = json.loads((added / 'experts.json').read_text())
     assert record['experts_after'] == ['math', 'law'] and record['router']['domain'] == 'law'
     assert set(record['router']['own_share']) == {'layers/0/ffn', 'layers/0/attn', 'layers/1/ffn', 'layers/1/attn'}
     # the routers alone train: everything else stays bit for bit
     trained = tmp_path / 'router_only'
-    run_cli('train', f'--gin_file={added}/model.gin', '--gin_file=gin/mix_router_only.gin', '--gin.TRAIN_STEPS=2',
+    cli('train', f'--gin_file={added}/model.gin', '--gin_file=gin/mix_router_only.gin', '--gin.TRAIN_STEPS=2',
             '--gin.BATCH_SIZE=8', '--gin.SEQ_LEN=32', "--gin.DataConfig.source='math'",
             '--gin.DataConfig.math_documents=60', '--gin.DataConfig.eval_batches=1', '--gin.TrainConfig.warmup_steps=1',
             f'--workdir={trained}', check=True)
@@ -176,7 +176,7 @@ def test_the_commands_write_a_model_eval_and_training_read(dense, tmp_path):  # 
                           (['add', f'--workdir={added}', f'--run={dense["wide"][0]}'], 'another shape'),
                           (['add', f'--workdir={added}', f'--run={added}'], 'a mixed model'),
                           (['remove', f'--workdir={removed}', '--expert=math'], 'only expert left')]:
-        assert_one_line_error(run_cli('experts', *args, f'--out={tmp_path / "bad"}'), message)
+        assert_one_line_error(cli('experts', *args, f'--out={tmp_path / "bad"}'), message)
     assert not (tmp_path / 'bad').exists()
 
 

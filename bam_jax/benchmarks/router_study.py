@@ -35,7 +35,7 @@ def rescale(out: pathlib.Path) -> None:
     the mean column norm of the domain init's router."""
     from bam_jax import storage, workdir
     from bam_jax.upcycle.gin_file import model_gin
-    from bam_jax.workdir import stream, tensors
+    from bam_jax.workdir import outputs, tensors
 
     for method in ('btx', 'bam'):
         domain = tensors.CheckpointReader(workdir.resolve_checkpoint(out / f'{method}_domain_s0_init'))
@@ -47,11 +47,10 @@ def rescale(out: pathlib.Path) -> None:
                 norm = np.linalg.norm(domain.read(path), axis=0).mean()
                 params[path] = (params[path] / np.linalg.norm(params[path], axis=0) * norm).astype(np.float32)
             config = workdir.read_model_config(source)
-            tmp = storage.staging_dir(target, 'upcycle')
-            tensors.write_params(tmp, sorted(params.items()), budget=1 << 26)
-            stream.write_model_config(tmp, config)
-            (tmp / 'model.gin').write_text(model_gin(config, target, 'router_study --rescale'))
-            stream.publish(tmp, target, 'upcycle')
+            with outputs.atomic_output(target, 'upcycle', overwrite=True) as tmp:
+                tensors.write_params(tmp, sorted(params.items()), budget=1 << 26)
+                outputs.write_model_config(tmp, config)
+                (tmp / 'model.gin').write_text(model_gin(config, target, 'router_study --rescale'))
 
 
 def _last_json(path: pathlib.Path) -> dict | None:

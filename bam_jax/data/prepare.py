@@ -403,21 +403,14 @@ def prepare_domain(config, domain: str, skip_bad: bool = False, progress: bool =
     files = source.part()
     out = domain_dir(config.data_dir, prepared_name(config, domain))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = storage.staging_dir(out, 'prepare')
-    tmp.mkdir(parents=True)
     bar = progress_bar(None, f'prepare {domain}', source.unit, progress, total=source.size(files))
-    try:
+    with contextlib.closing(bar), storage.atomic_output(out, 'prepare', overwrite=True) as tmp:
+        tmp.mkdir(parents=True)
         counts = write_domain(source.documents(reader, files), encoder, tmp, domain_settings(config, domain),
                               lambda batch: bar.update(source.batch_size(batch)))
-        bar.close()
         check_not_empty(domain, counts, source.inputs())
         record = manifest(source, out.name, encoder, counts, reader.skipped, time.perf_counter() - start)
         (tmp / MANIFEST).write_text(json.dumps(record, indent=1) + '\n')
-        storage.publish(tmp, out, 'prepare')
-    except BaseException:
-        bar.close()
-        storage.remove(tmp)
-        raise
     return record
 
 

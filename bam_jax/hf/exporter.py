@@ -17,7 +17,6 @@ export.json (what was exported from where), and for bam_jax the modeling files.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -32,7 +31,7 @@ from bam_jax.hf.importer import IMPORT_RECORD
 from bam_jax.hf.safetensors_files import DEFAULT_SHARD_BYTES, TensorSpec, write_safetensors
 from bam_jax.models import ModelConfig
 from bam_jax.progress import progress_bar
-from bam_jax.workdir import files, stream
+from bam_jax.workdir import files, outputs
 from bam_jax.workdir import tensors as workdir_tensors
 
 CUSTOM = 'bam_jax'
@@ -188,7 +187,6 @@ def export_hf(run: str | storage.Path, out: str | storage.Path, *, fmt: str = 'a
     workdir.check_model(config, step_dir, f'checkpoint {step_dir}')
     origin = import_record(run)
     fmt = choose_format(config, fmt, origin and origin['family'])
-    stream.check_output(out, overwrite)
     data_config = data.DataConfig()
     vocabulary = data.vocabulary(data_config)
     hf_origin = origin['hf_config'] if origin else {}
@@ -196,9 +194,8 @@ def export_hf(run: str | storage.Path, out: str | storage.Path, *, fmt: str = 'a
     max_length = int(hf_origin.get('max_position_embeddings') or TrainConfig().seq_len)
     shapes = {path: shape for path, (shape, _) in workdir.read_param_shapes(step_dir).items()}
 
-    tmp = storage.staging_dir(out, 'export')
-    tmp.mkdir(parents=True)
-    try:
+    with outputs.atomic_output(out, 'export', overwrite) as tmp:
+        tmp.mkdir(parents=True)
         reader = workdir_tensors.CheckpointReader(step_dir)
         specs = _tensor_specs(config, fmt, shapes, reader, DTYPES[dtype])
         bar = progress_bar(None, f'export {fmt}', 'tensor', progress, total=len(specs))
@@ -224,9 +221,4 @@ def export_hf(run: str | storage.Path, out: str | storage.Path, *, fmt: str = 'a
             'seconds': time.perf_counter() - start,
         }
         workdir.write_json_atomic(tmp / EXPORT_RECORD, record)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            storage.remove(tmp)
-        raise
-    stream.publish(tmp, out, 'export')
     return record

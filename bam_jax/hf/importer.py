@@ -14,7 +14,6 @@ near the largest tensor.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -29,7 +28,7 @@ from bam_jax.hf.safetensors_files import SafetensorsReader, weight_files
 from bam_jax.models import abstract_model, flatten, split_params
 from bam_jax.progress import progress_bar
 from bam_jax.upcycle.gin_file import model_gin
-from bam_jax.workdir import files, stream, tensors
+from bam_jax.workdir import files, outputs, tensors
 from bam_jax.workdir.files import TOKENIZER_DIR
 
 IMPORT_RECORD = 'import.json'
@@ -79,21 +78,14 @@ def import_hf(hf_dir: str | storage.Path, out: str | storage.Path, *, dtype: str
     tokenizer = hf_dir / 'tokenizer.json'
     if not tokenizer.is_file():
         raise BamJaxError(f'{hf_dir} has no tokenizer.json (the model\'s Hugging Face tokenizer)')
-    stream.check_output(out, overwrite)
     # safetensors memory-maps its files: a remote model's weights are downloaded first.
-    with storage.local_copy(hf_dir, weight_files(hf_dir)) as local:
+    with outputs.atomic_output(out, 'import', overwrite) as tmp, \
+            storage.local_copy(hf_dir, weight_files(hf_dir)) as local:
         reader = SafetensorsReader(local, source=hf_dir)
         mapping = _hf_tensors(reader, families.tensors(config, family), family, config.tie_embeddings)
-        tmp = storage.staging_dir(out, 'import')
-        try:
-            record = _write_import(tmp, out, hf_dir, hf, reader, mapping, config, family, dtype, progress)
-            record['seconds'] = time.perf_counter() - start
-            workdir.write_json_atomic(tmp / IMPORT_RECORD, record)
-        except BaseException:  # a damaged input, an interrupt: leave nothing behind
-            with contextlib.suppress(OSError):
-                storage.remove(tmp)
-            raise
-    stream.publish(tmp, out, 'import')
+        record = _write_import(tmp, out, hf_dir, hf, reader, mapping, config, family, dtype, progress)
+        record['seconds'] = time.perf_counter() - start
+        workdir.write_json_atomic(tmp / IMPORT_RECORD, record)
     return record
 
 
@@ -115,7 +107,7 @@ def _write_import(tmp: storage.Path, out: storage.Path, hf_dir: storage.Path, hf
 
     largest = max(math.prod(s) for s in shapes.values()) * np.dtype(dtype).itemsize
     written, _ = tensors.write_params(tmp, converted(), budget=largest)
-    stream.write_model_config(tmp, config)
+    outputs.write_model_config(tmp, config)
     copied = copy_tokenizer_files(hf_dir, tmp / TOKENIZER_DIR)
     seq_len = min(int(hf.get('max_position_embeddings') or DEFAULT_SEQ_LEN), DEFAULT_SEQ_LEN)
     gin = model_gin(config, out, f'bam-jax import-hf --hf_dir={hf_dir}', tokenizer=out / TOKENIZER_DIR)

@@ -30,7 +30,7 @@ from bam_jax.models.config import ModelConfig, first_difference
 from bam_jax.progress import progress_bar
 from bam_jax.upcycle.core import Recipe, UpcycleSpec, build, model_config, plan, reads, upcycle
 from bam_jax.upcycle.gin_file import model_gin
-from bam_jax.workdir import files, stream, tensors
+from bam_jax.workdir import files, outputs, tensors
 
 STEP = 0
 
@@ -130,49 +130,49 @@ def upcycle_checkpoints(method: str, experts: list[str], out: str | storage.Path
     expert_models = _expert_models(method, len(named), seed is not None and not seed_expert, num_experts)
     spec = UpcycleSpec(method, len(named), expert_models, expert_split, router_seed,
                        run_names([directory for _, directory in named]))
-    stream.check_output(out, overwrite)
-    inputs = [(name, *_read_input(directory, name)) for name, directory in named]
-    _check_same_architecture(inputs)
-    tokenizer = _tokenizer(inputs)
-    dense = inputs[0][2]
-    recipes = plan(spec, dense, {k: v[0] for k, v in inputs[0][3].items()})
-    moe_config = model_config(dense, spec)
-    if domains is not None and method == 'sparse_upcycle':
-        raise BamJaxError('--router_init=domain needs experts from different domains; sparse_upcycle copies one model')
-    if domains is not None and len(domains) != len(inputs):
-        raise BamJaxError(f'{len(domains)} router domains for {len(inputs)} input models')
-
-    tmp = storage.staging_dir(out, 'upcycle')
-    try:
+    with outputs.atomic_output(out, 'upcycle', overwrite) as tmp:
+        inputs = [(name, *_read_input(directory, name)) for name, directory in named]
+        _check_same_architecture(inputs)
+        tokenizer = _tokenizer(inputs)
+        if domains is not None and method == 'sparse_upcycle':
+            raise BamJaxError('--router_init=domain needs experts from different domains; sparse_upcycle copies one '
+                              'model')
+        if domains is not None and len(domains) != len(inputs):
+            raise BamJaxError(f'{len(domains)} router domains for {len(inputs)} input models')
         context = tensors.shared_context()
         readers = [tensors.CheckpointReader(step_dir, context) for _, step_dir, _, _ in inputs]
         routers, router_record = {}, 'random'
         if domains is not None:
-            routers, router_record = _domain_routers(spec, readers, dense, domains, router_tokens, router_inputs,
-                                                     progress)
-        bar = progress_bar(recipes, f'upcycle {method}', 'tensor', progress)
-        written, largest = _build_all(recipes, readers, spec.num_models, tmp, bar, routers)
-        stream.write_model_config(tmp, moe_config, step=STEP)
-        if tokenizer is not None:  # the output carries its own copy, as an imported model does
-            from bam_jax.data import copy_tokenizer_files
-            copy_tokenizer_files(tokenizer if tokenizer.is_dir() else tokenizer.parent, tmp / files.TOKENIZER_DIR)
-        (tmp / files.MODEL_GIN).write_text(model_gin(moe_config, out, f'bam-jax upcycle --method={method}',
-                                                     tokenizer=tokenizer and out / files.TOKENIZER_DIR))
-        summary = {
-            'method': method, 'out': str(out),
-            'inputs': [{'name': name, 'step_dir': str(d)} for name, d, _, _ in inputs],
-            'expert_models': [inputs[i][0] for i in expert_models], 'expert_names': list(moe_config.expert_names),
-            'expert_split': expert_split,
-            'router_seed': router_seed, 'router_init': router_record, 'model': moe_config.to_dict(),
-            'tensors': len(recipes), 'bytes_read': sum(r.bytes_read for r in readers), 'bytes_written': written,
-            'largest_tensor_bytes': largest, 'seconds': time.perf_counter() - start,
-        }
+            routers, router_record = _domain_routers(spec, readers, inputs[0][2], domains, router_tokens,
+                                                     router_inputs, progress)
+        summary = _write(tmp, out, spec, inputs, readers, routers, tokenizer, progress)
+        summary.update(router_init=router_record, seconds=time.perf_counter() - start)
         workdir.write_json_atomic(tmp / files.UPCYCLE, summary)
-    except BaseException:  # a damaged input, an interrupt: leave nothing behind
-        storage.remove(tmp)
-        raise
-    stream.publish(tmp, out, 'upcycle')
     return summary
+
+
+def _write(tmp: storage.Path, out: storage.Path, spec: UpcycleSpec, inputs: list, readers: list, routers: dict,
+           tokenizer: storage.Path | None, progress: bool) -> dict:
+    """Writes the MoE's checkpoint, model.gin and tokenizer under tmp; returns upcycle.json's record."""
+    dense = inputs[0][2]
+    recipes = plan(spec, dense, {k: v[0] for k, v in inputs[0][3].items()})
+    moe_config = model_config(dense, spec)
+    bar = progress_bar(recipes, f'upcycle {spec.method}', 'tensor', progress)
+    written, largest = _build_all(recipes, readers, spec.num_models, tmp, bar, routers)
+    outputs.write_model_config(tmp, moe_config, step=STEP)
+    if tokenizer is not None:  # the output carries its own copy, as an imported model does
+        from bam_jax.data import copy_tokenizer_files
+        copy_tokenizer_files(tokenizer if tokenizer.is_dir() else tokenizer.parent, tmp / files.TOKENIZER_DIR)
+    (tmp / files.MODEL_GIN).write_text(model_gin(moe_config, out, f'bam-jax upcycle --method={spec.method}',
+                                                 tokenizer=tokenizer and out / files.TOKENIZER_DIR))
+    return {
+        'method': spec.method, 'out': str(out),
+        'inputs': [{'name': name, 'step_dir': str(d)} for name, d, _, _ in inputs],
+        'expert_models': [inputs[i][0] for i in spec.expert_models], 'expert_names': list(moe_config.expert_names),
+        'expert_split': spec.expert_split, 'router_seed': spec.router_seed, 'model': moe_config.to_dict(),
+        'tensors': len(recipes), 'bytes_read': sum(r.bytes_read for r in readers), 'bytes_written': written,
+        'largest_tensor_bytes': largest,
+    }
 
 
 def _domain_routers(spec: UpcycleSpec, readers: list[tensors.CheckpointReader], dense: ModelConfig, domains: list,

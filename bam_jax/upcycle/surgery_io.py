@@ -24,7 +24,7 @@ from bam_jax.models.config import ModelConfig, first_difference
 from bam_jax.upcycle import router_init, surgery
 from bam_jax.upcycle.gin_file import model_gin
 from bam_jax.upcycle.io import run_names
-from bam_jax.workdir import files, stream, tensors
+from bam_jax.workdir import files, outputs, tensors
 
 RECORD = 'experts.json'
 OPERATIONS = ('remove', 'add', 'replace')
@@ -70,23 +70,23 @@ def experts_command(operation: str, mix: str, out: str, expert: str | None = Non
         if (given is not None) != needed:
             raise BamJaxError(f'experts {operation} {"needs" if needed else "takes no"} {flag}')
     out = storage.path(out)
-    stream.check_output(out, overwrite)
-    step_dir, config, params = _read(mix, 'workdir')
-    record = {'operation': operation, 'workdir': str(mix), 'checkpoint': str(step_dir), 'expert': expert,
-              'run': run, 'experts_before': surgery.names(config)}
-    if operation == 'remove':
-        params, config = surgery.remove_expert(params, config, expert)
-    else:
-        dense, name, columns, record['router'], domain = _new_expert(mix, params, config, run, router_data,
-                                                                     router_tokens)
-        if operation == 'add':
-            params, config = surgery.insert_expert(params, config, dense, name, len(surgery.names(config)), columns)
+    with outputs.atomic_output(out, 'experts', overwrite) as tmp:
+        step_dir, config, params = _read(mix, 'workdir')
+        record = {'operation': operation, 'workdir': str(mix), 'checkpoint': str(step_dir), 'expert': expert,
+                  'run': run, 'experts_before': surgery.names(config)}
+        if operation == 'remove':
+            params, config = surgery.remove_expert(params, config, expert)
         else:
-            params, config = surgery.replace_expert(params, config, expert, dense, name, columns)
-        record['router']['own_share'] = _own_share(params, config, name, router_init.sample(domain, router_tokens))
-    record['experts_after'] = surgery.names(config)
-    _write(out, params, config, record, operation, step_dir)
-    record['seconds'] = time.perf_counter() - start
+            dense, name, columns, record['router'], domain = _new_expert(mix, params, config, run, router_data,
+                                                                         router_tokens)
+            if operation == 'add':
+                params, config = surgery.insert_expert(params, config, dense, name, len(surgery.names(config)),
+                                                       columns)
+            else:
+                params, config = surgery.replace_expert(params, config, expert, dense, name, columns)
+            record['router']['own_share'] = _own_share(params, config, name, router_init.sample(domain, router_tokens))
+        record.update(experts_after=surgery.names(config), seconds=time.perf_counter() - start)
+        _write(tmp, out, params, config, record, operation, step_dir)
     return record
 
 
@@ -97,18 +97,13 @@ def _own_share(params: dict, config: ModelConfig, name: str, batches: list[dict]
     return {layer: float(load.reshape(len(surgery.names(config)), -1)[index].sum()) for layer, load in loads.items()}
 
 
-def _write(out: storage.Path, params: dict, config: ModelConfig, record: dict, operation: str,
+def _write(tmp: storage.Path, out: storage.Path, params: dict, config: ModelConfig, record: dict, operation: str,
            source: storage.Path) -> None:
-    tmp = storage.staging_dir(out, 'experts')
-    try:
-        largest = max(value.nbytes for value in params.values())
-        tensors.write_params(tmp, sorted(params.items()), budget=2 * largest)
-        stream.write_model_config(tmp, config)
-        tokenizer = files.string_bindings(source.parents[1], 'DataConfig.tokenizer_path')
-        (tmp / files.MODEL_GIN).write_text(model_gin(config, out, f'bam-jax experts {operation}', routing=True,
-                                                     tokenizer=storage.path(tokenizer[-1]) if tokenizer else None))
-        workdir.write_json_atomic(tmp / RECORD, {**record, 'model': config.to_dict()})
-    except BaseException:
-        storage.remove(tmp)
-        raise
-    stream.publish(tmp, out, 'experts')
+    """The checkpoint, model.gin (with the routing, and the source's tokenizer) and experts.json under tmp."""
+    largest = max(value.nbytes for value in params.values())
+    tensors.write_params(tmp, sorted(params.items()), budget=2 * largest)
+    outputs.write_model_config(tmp, config)
+    tokenizer = files.string_bindings(source.parents[1], 'DataConfig.tokenizer_path')
+    (tmp / files.MODEL_GIN).write_text(model_gin(config, out, f'bam-jax experts {operation}', routing=True,
+                                                 tokenizer=storage.path(tokenizer[-1]) if tokenizer else None))
+    workdir.write_json_atomic(tmp / RECORD, {**record, 'model': config.to_dict()})

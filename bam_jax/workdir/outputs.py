@@ -1,7 +1,8 @@
-"""Outputs that appear whole, for the commands that move whole models (the upcycler,
-`import-hf`, `export-hf`): each builds everything under a hidden temporary directory next to the
-output (bam_jax.workdir.tensors reads and writes the tensors) that is renamed into place at the
-end, so an interrupted run leaves no output behind. Also the model item.
+"""Outputs that appear whole, for the commands that write whole models (upcycle, experts,
+import-hf, export-hf): atomic_output builds everything under a hidden directory next to the
+output (bam_jax.workdir.tensors writes the tensors) and renames it into place at the end, so an
+interrupted run leaves no output behind; on an object store each checkpoint directory also gets
+Orbax's commit marker. Also the model item.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import orbax.checkpoint as ocp
 
 from bam_jax import storage
-from bam_jax.errors import BamJaxError
 from bam_jax.models.config import ModelConfig
 from bam_jax.workdir import files
 
@@ -22,10 +22,10 @@ def write_model_config(tmp: storage.Path, config: ModelConfig, step: int = 0) ->
         checkpointer.save(tmp / files.CHECKPOINTS / str(step) / 'model', args=ocp.args.JsonSave(config.to_dict()))
 
 
-def publish(tmp: storage.Path, out: storage.Path, kind: str) -> None:
-    """storage.publish, with Orbax's commit marker in every checkpoint directory uploaded to an
-    object store."""
-    storage.publish(tmp, out, kind, on_upload=_mark_committed)
+def atomic_output(out: storage.Path, kind: str, overwrite: bool = False):
+    """storage.atomic_output (a context manager yielding the directory to build `out` in), with
+    Orbax's commit marker in every checkpoint directory uploaded to an object store."""
+    return storage.atomic_output(out, kind, overwrite, on_upload=_mark_committed)
 
 
 def _mark_committed(tmp: storage.Path, out: storage.Path) -> None:
@@ -35,9 +35,3 @@ def _mark_committed(tmp: storage.Path, out: storage.Path) -> None:
         for directory in [step_dir, *(d for d in step_dir.iterdir() if d.is_dir())]:
             final = out / directory.relative_to(tmp)
             (directory / _COMMIT_MARKER).write_text(f'Checkpoint commit was successful to {final}')
-
-
-def check_output(out: storage.Path, overwrite: bool) -> None:
-    """Refuses an existing output unless it may be replaced."""
-    if storage.occupied(out) and not overwrite:
-        raise BamJaxError(f'{out} exists; pass --overwrite to replace it')
