@@ -418,3 +418,19 @@ def test_gin_configures_user_domains(tmp_path):
         'notes', (f'{tmp_path}/*.txt',), 'text'),)
     assert data.eval_domain_names(config) == ('code', 'notes')
     hash(config)
+
+
+def test_the_byte_vocabulary_is_seqios_without_tensorflow():
+    """bam_jax's own ByteVocabulary (no seqio, no TensorFlow to load) against seqio's, on text and
+    on ids of every kind: specials, EOS mid-way, ids past the vocabulary, broken UTF-8."""
+    import seqio
+
+    ours, theirs = data.vocabulary(data.DataConfig()), seqio.ByteVocabulary()
+    assert (ours.vocab_size, ours.pad_id, ours.eos_id, ours.unk_id) == (259, 0, 1, 2) == (
+        theirs.vocab_size, theirs.pad_id, theirs.eos_id, theirs.unk_id)
+    for text in ['héllo wörld 数据', '', 'a\x00b\n\t', 'x = 1;' * 50]:
+        assert ours.encode(text) == list(theirs.encode(text))
+    rng = np.random.default_rng(0)
+    for _ in range(500):
+        ids = rng.integers(0, 300, rng.integers(0, 24)).tolist()
+        assert ours.decode(ids) == theirs.decode(ids), ids

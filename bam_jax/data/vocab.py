@@ -1,6 +1,6 @@
 """Vocabularies: bytes by default, a SentencePiece model or a Hugging Face tokenizer when configured.
 
-    bytes          seqio.ByteVocabulary(): 259 ids, pad 0, eos 1, unk 2, byte b -> b + 3
+    bytes          ByteVocabulary(): 259 ids, pad 0, eos 1, unk 2, byte b -> b + 3 (seqio's, ByT5's)
     spm_path       seqio.SentencePieceVocabulary of a .model file
     tokenizer_path HFTokenizerVocabulary of a Hugging Face tokenizer directory (tokenizer.json)
 
@@ -31,8 +31,28 @@ def vocabulary_key(spm_path=None, tokenizer_path=None):
     return ('bytes',) if spm_path is None else ('spm', _model_path(spm_path))
 
 
+BYTE_VOCAB_SIZE, BYTE_EOS_ID = 259, 1
+_BYTE_OFFSET = 3  # pad 0, EOS 1, unk 2 come first
+
+
+class ByteVocabulary:
+    """seqio.ByteVocabulary's ids and text without seqio, and so without TensorFlow: byte b is id
+    b + 3. decode reads up to the first EOS, drops every id that is not a byte's, and drops what
+    is not UTF-8, as seqio does."""
+    vocab_size, pad_id, eos_id, unk_id, bos_id = BYTE_VOCAB_SIZE, 0, BYTE_EOS_ID, 2, None
+
+    def encode(self, text: str) -> list[int]:
+        return [b + _BYTE_OFFSET for b in text.encode('utf-8')]
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if self.eos_id in ids:
+            ids = ids[:ids.index(self.eos_id)]
+        return bytes(i - _BYTE_OFFSET for i in ids if _BYTE_OFFSET <= i < BYTE_VOCAB_SIZE).decode('utf-8', 'ignore')
+
+
 def make_vocabulary(spm_path=None, tokenizer_path=None):
-    """seqio.ByteVocabulary(), the SentencePiece model at `spm_path` or the Hugging Face tokenizer
+    """ByteVocabulary(), the SentencePiece model at `spm_path` or the Hugging Face tokenizer
     at `tokenizer_path` (a directory with tokenizer.json, or that file). Cached: one object per
     model, so tasks registered with it compare equal. Loads the model now, so that a missing or
     broken one is a BamJaxError here rather than an error inside tf.data."""
@@ -41,15 +61,15 @@ def make_vocabulary(spm_path=None, tokenizer_path=None):
 
 @functools.cache
 def _load(key):
-    from google.protobuf import message
-
-    from bam_jax.data.tf_setup import seqio  # on demand: generation and export import this module
-
     kind, path = key[0], key[-1]
     if kind == 'bytes':
-        return seqio.ByteVocabulary()
+        return ByteVocabulary()
     if kind == 'hf':
         return _hf_vocabulary(path)
+    from google.protobuf import message
+
+    from bam_jax.data.tf_setup import seqio  # on demand: only a SentencePiece model needs it
+
     if not os.path.isfile(path):
         raise BamJaxError(f'SentencePiece model not found: {path}')
     vocab = seqio.SentencePieceVocabulary(path)
@@ -58,9 +78,6 @@ def _load(key):
     except (message.Error, RuntimeError, OSError) as e:
         raise BamJaxError(f'cannot load SentencePiece model {path}: {e}') from None
     return vocab
-
-
-BYTE_VOCAB_SIZE, BYTE_EOS_ID = 259, 1  # seqio.ByteVocabulary: pad 0, EOS 1, unk 2, byte b -> b + 3
 
 
 def vocab_size(config) -> int:
