@@ -66,6 +66,16 @@ def _parser() -> argparse.ArgumentParser:
                        help='gin file; repeatable, later files override earlier ones')
     train.add_argument('--workdir', required=True, help='run directory: checkpoints, metrics, config')
     _distributed_flag(train)
+    _upcycle_parser(commands)
+    _experts_parser(commands)
+    _eval_parser(commands)
+    _generate_parser(commands)
+    _hf_parsers(commands)
+    _prepare_parser(commands)
+    return parser
+
+
+def _upcycle_parser(commands) -> None:
     upcycle = commands.add_parser(
         'upcycle', help='mix dense checkpoints into one MoE checkpoint (BTX, BAM, sparse upcycling, Lory)',
         description='Builds the initial MoE of the mix stage from dense runs. Each DIR is a run workdir or a '
@@ -94,8 +104,9 @@ def _parser() -> argparse.ArgumentParser:
     upcycle.add_argument('--router_inputs', choices=('seed', 'layerwise'), default='seed',
                          help="with --router_init=domain: the router inputs from the dense seed, or from the "
                               'MoE layer by layer')
-    _experts_parser(commands)
-    _eval_parser(commands)
+
+
+def _generate_parser(commands) -> None:
     generate = commands.add_parser(
         'generate', help="complete prompts with a run's latest checkpoint (KV-cache decoding)",
         description="Completes each prompt with the run's latest checkpoint and its own vocabulary, under its "
@@ -117,7 +128,9 @@ def _parser() -> argparse.ArgumentParser:
                           help='one JSON object per prompt on stdout: prompt, completion, prompt_ids, '
                                'completion_ids, stop_reason, start_id and input_ids (the start token, then '
                                'prompt_ids: what the model read)')
-    _hf_parsers(commands)
+
+
+def _prepare_parser(commands) -> None:
     prepare = commands.add_parser(
         'prepare-data', help='tokenize the domains of gin files into prepared token files',
         description='Reads every domain the gin files name (the built-in corpora and the text_domain(...) '
@@ -128,7 +141,6 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument('--skip_bad', action='store_true',
                          help='skip malformed lines and unreadable files, counting them, instead of stopping')
     _distributed_flag(prepare)
-    return parser
 
 
 def _experts_parser(commands) -> None:

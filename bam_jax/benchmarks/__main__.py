@@ -159,35 +159,29 @@ def main() -> None:
         decode.print_table(results['decode'], f'config: {name}, {dtype}, {devices}; greedy, no EOS; prefill includes '
                                               'the first new token; tok/s: the decode loop\'s new tokens per second '
                                               '(all rows); cache: K/V (and Lory\'s merged FFNs) at batch 16')
-    if 'upcycle' in args.tables:
-        from bam_jax.benchmarks import upcycle as upcycle_bench
-        print('\ntiming upcycle (btx, 4 x 200M) and copies of its inputs ...', flush=True)
-        results['upcycle'] = upcycle_bench.run()
-        upcycle_bench.print_table(results['upcycle'])
-    if 'hf_io' in args.tables:
-        from bam_jax.benchmarks import hf_io
-        print('\ntiming import-hf and export-hf (llama) and copies of their input ...', flush=True)
-        results['hf_io'] = hf_io.run()
-        hf_io.print_table(results['hf_io'])
-    if 'resume' in args.tables:
-        from bam_jax.benchmarks import resume
-        print(f'\ntiming a resume at batch {args.resume_position:,} ...', flush=True)
-        results['resume'] = resume.run(args.resume_position)
-        resume.print_table(results['resume'])
-    if 'data' in args.tables:
-        from bam_jax.benchmarks import data as data_bench
-        print('\ntiming data preparation and the prepared-data stream ...', flush=True)
-        results['data'] = data_bench.run()
-        data_bench.print_table(results['data'])
-    if 'routers' in args.tables:
-        from bam_jax.benchmarks import routers
-        print('\nupcycling make demo\'s runs with random and domain routers, and evaluating them ...', flush=True)
-        results['routers'] = routers.run(args.router_runs)
-        routers.print_table(results['routers'])
+    _module_tables(args, results)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     print(f'saved {out}')
+
+
+def _module_tables(args: argparse.Namespace, results: dict) -> None:
+    """The tables whose module does its own work: module.run(*arguments), then print_table."""
+    import importlib
+
+    tables = [('upcycle', 'timing upcycle (btx, 4 x 200M) and copies of its inputs', ()),
+              ('hf_io', 'timing import-hf and export-hf (llama) and copies of their input', ()),
+              ('resume', f'timing a resume at batch {args.resume_position:,}', (args.resume_position,)),
+              ('data', 'timing data preparation and the prepared-data stream', ()),
+              ('routers', "upcycling make demo's runs with random and domain routers, and evaluating them",
+               (args.router_runs,))]
+    for table, message, arguments in tables:  # each table is the module of its name
+        if table in args.tables:
+            bench = importlib.import_module(f'bam_jax.benchmarks.{table}')
+            print(f'\n{message} ...', flush=True)
+            results[table] = bench.run(*arguments)
+            bench.print_table(results[table])
 
 
 def _train_table(dense, name: str, dtype: str, devices: str, args: argparse.Namespace) -> list[dict]:
