@@ -48,14 +48,14 @@ def _check_dense(config: ModelConfig, dense: ModelConfig, run: str) -> None:
 
 
 def _new_expert(mix: str, params: dict, config: ModelConfig, run: str, router_data: str, tokens: int) -> tuple:
-    """The dense run's params, its name, its router columns, their record, and its Domain."""
+    """The dense run's params, its name, its router columns, their record, and its domain's sample."""
     _, dense_config, dense = _read(run, 'run')
     _check_dense(config, dense_config, run)
     domain, background = router_init.run_domains([run, mix], f'{router_data},' if router_data else '')
-    columns, record = router_init.new_expert_columns(params, config, router_init.sample(domain, tokens),
-                                                     router_init.sample(background, tokens))
+    sample = router_init.sample(domain, tokens)
+    columns, record = router_init.new_expert_columns(params, config, sample, router_init.sample(background, tokens))
     return dense, run_names([run])[0], columns, {'domain': domain.source, 'background': background.source,
-                                                 'tokens': tokens, **record}, domain
+                                                 'tokens': tokens, **record}, sample
 
 
 def experts_command(operation: str, mix: str, out: str, expert: str | None = None, run: str | None = None,
@@ -77,14 +77,14 @@ def experts_command(operation: str, mix: str, out: str, expert: str | None = Non
         if operation == 'remove':
             params, config = surgery.remove_expert(params, config, expert)
         else:
-            dense, name, columns, record['router'], domain = _new_expert(mix, params, config, run, router_data,
+            dense, name, columns, record['router'], sample = _new_expert(mix, params, config, run, router_data,
                                                                          router_tokens)
             if operation == 'add':
                 params, config = surgery.insert_expert(params, config, dense, name, len(surgery.names(config)),
                                                        columns)
             else:
                 params, config = surgery.replace_expert(params, config, expert, dense, name, columns)
-            record['router']['own_share'] = _own_share(params, config, name, router_init.sample(domain, router_tokens))
+            record['router']['own_share'] = _own_share(params, config, name, sample)
         record.update(experts_after=surgery.names(config), seconds=time.perf_counter() - start)
         _write(tmp, out, params, config, record, operation, step_dir)
     return record
