@@ -25,15 +25,15 @@ Errors a user can fix print one line, `error: ...`, and exit with status 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+from collections.abc import Callable
 
 from bam_jax.errors import BamJaxError
 
 EXIT_USER_ERROR = 1
 EXIT_SIGTERM = 143
-# Commands that work on the host's CPU, not the devices.
-HOST_COMMANDS = ('upcycle', 'import-hf', 'export-hf', 'prepare-data', 'experts')
 
 
 def _quiet_backends() -> None:
@@ -61,23 +61,26 @@ def _parser() -> argparse.ArgumentParser:
         prog='bam-jax', description='Branch-Train-Mix: train dense seeds and experts, mix them into MoEs.',
         epilog='Any command also takes gin overrides: --gin.NAME=VALUE (strings need inner quotes).')
     commands = parser.add_subparsers(dest='command', required=True)
-    train = commands.add_parser('train', help='train or resume a run (seed, branch, mix)')
-    train.add_argument('--gin_file', action='append', required=True,
-                       help='gin file; repeatable, later files override earlier ones')
-    train.add_argument('--workdir', required=True, help='run directory: checkpoints, metrics, config')
-    _distributed_flag(train)
-    _upcycle_parser(commands)
-    _experts_parser(commands)
-    _eval_parser(commands)
-    _generate_parser(commands)
-    _hf_parsers(commands)
-    _prepare_parser(commands)
+    for name, command in COMMANDS.items():
+        sub = command.add_parser(commands, name)
+        if command.every_worker:
+            sub.add_argument('--distributed', action='store_true',
+                             help='join a multi-process job: jax.distributed.initialize() (automatic on a TPU '
+                                  'pod; launch/run.sh passes it)')
     return parser
 
 
-def _upcycle_parser(commands) -> None:
+def _train_parser(commands, name):
+    train = commands.add_parser(name, help='train or resume a run (seed, branch, mix)')
+    train.add_argument('--gin_file', action='append', required=True,
+                       help='gin file; repeatable, later files override earlier ones')
+    train.add_argument('--workdir', required=True, help='run directory: checkpoints, metrics, config')
+    return train
+
+
+def _upcycle_parser(commands, name):
     upcycle = commands.add_parser(
-        'upcycle', help='mix dense checkpoints into one MoE checkpoint (BTX, BAM, sparse upcycling, Lory)',
+        name, help='mix dense checkpoints into one MoE checkpoint (BTX, BAM, sparse upcycling, Lory)',
         description='Builds the initial MoE of the mix stage from dense runs. Each DIR is a run workdir or a '
                     'checkpoint directory (its latest step is used). Writes OUT/checkpoints/0 and OUT/model.gin; '
                     'train it with: bam-jax train --gin_file=OUT/model.gin --gin_file=gin/mix_<method>.gin')
@@ -104,11 +107,12 @@ def _upcycle_parser(commands) -> None:
     upcycle.add_argument('--router_inputs', choices=('seed', 'layerwise'), default='seed',
                          help="with --router_init=domain: the router inputs from the dense seed, or from the "
                               'MoE layer by layer')
+    return upcycle
 
 
-def _generate_parser(commands) -> None:
+def _generate_parser(commands, name):
     generate = commands.add_parser(
-        'generate', help="complete prompts with a run's latest checkpoint (KV-cache decoding)",
+        name, help="complete prompts with a run's latest checkpoint (KV-cache decoding)",
         description="Completes each prompt with the run's latest checkpoint and its own vocabulary, under its "
                     'config.gin plus any --gin overrides. Greedy unless --temperature > 0. Prints the completions '
                     '(or JSON lines with --json); progress goes to stderr.')
@@ -123,16 +127,16 @@ def _generate_parser(commands) -> None:
     generate.add_argument('--seed', type=int, default=0, help='sampling seed')
     generate.add_argument('--stop', action='append', default=[], help='stop at this text; repeatable')
     generate.add_argument('--batch_size', type=int, default=16, help='prompts decoded together (default 16)')
-    _distributed_flag(generate)
     generate.add_argument('--json', action='store_true',
                           help='one JSON object per prompt on stdout: prompt, completion, prompt_ids, '
                                'completion_ids, stop_reason, start_id and input_ids (the start token, then '
                                'prompt_ids: what the model read)')
+    return generate
 
 
-def _prepare_parser(commands) -> None:
+def _prepare_parser(commands, name):
     prepare = commands.add_parser(
-        'prepare-data', help='tokenize the domains of gin files into prepared token files',
+        name, help='tokenize the domains of gin files into prepared token files',
         description='Reads every domain the gin files name (the built-in corpora and the text_domain(...) '
                     'user domains), de-duplicates and splits it by content hash, tokenizes it with the run\'s '
                     'vocabulary and writes token files and a manifest to DataConfig.data_dir/DOMAIN (atomically).')
@@ -140,12 +144,12 @@ def _prepare_parser(commands) -> None:
     prepare.add_argument('--domains', default='', help='comma-separated domains (default: all the files name)')
     prepare.add_argument('--skip_bad', action='store_true',
                          help='skip malformed lines and unreadable files, counting them, instead of stopping')
-    _distributed_flag(prepare)
+    return prepare
 
 
-def _experts_parser(commands) -> None:
+def _experts_parser(commands, name):
     experts = commands.add_parser(
-        'experts', help="expert surgery on a mixed model: remove, add or replace an expert",
+        name, help="expert surgery on a mixed model: remove, add or replace an expert",
         description="Writes OUT, a copy of the mixed model MIX (its latest checkpoint) with one expert removed, "
                     "added from a dense run, or replaced by one; experts are named by their runs (seed, code, ...). "
                     'A new expert\'s router columns come from its domain. Train the routers alone with: bam-jax '
@@ -166,11 +170,12 @@ def _experts_parser(commands) -> None:
                              help='tokens read from its domain and from the mix data (default 32768)')
         sub.add_argument('--out', required=True, help='output directory (written atomically)')
         sub.add_argument('--overwrite', action='store_true', help='replace OUT if it exists')
+    return experts
 
 
-def _eval_parser(commands) -> None:
+def _eval_parser(commands, name):
     evaluate = commands.add_parser(
-        'eval', help='held-out perplexity per domain, and the routing map of an MoE run',
+        name, help='held-out perplexity per domain, and the routing map of an MoE run',
         description="Evaluates a run's latest checkpoint under its own config.gin plus any --gin overrides "
                     "(e.g. --gin.MoEConfig.routing=\"'soft'\"). Prints a table (or JSON with --json) and writes "
                     'DIR/eval.json and, for expert models, DIR/routing_map.png.')
@@ -184,18 +189,12 @@ def _eval_parser(commands) -> None:
                                'the harness\'s; scores go into eval.json under "tasks"')
     evaluate.add_argument('--num_fewshot', type=int, default=None, help='few-shot examples (default: each task\'s)')
     evaluate.add_argument('--limit', type=int, default=None, help='at most this many items per task')
-    _distributed_flag(evaluate)
+    return evaluate
 
 
-def _distributed_flag(command) -> None:
-    command.add_argument('--distributed', action='store_true',
-                         help='join a multi-process job: jax.distributed.initialize() (automatic on a TPU '
-                              'pod; launch/run.sh passes it)')
-
-
-def _hf_parsers(commands) -> None:
+def _import_hf_parser(commands, name):
     import_hf = commands.add_parser(
-        'import-hf', help='a Hugging Face Llama, Mistral, Qwen2 or Qwen3 model as a bam_jax checkpoint',
+        name, help='a Hugging Face Llama, Mistral, Qwen2 or Qwen3 model as a bam_jax checkpoint',
         description='Reads config.json, the safetensors weights and tokenizer.json of a Hugging Face model '
                     'directory and writes a bam_jax checkpoint directory: use it as INIT_CHECKPOINT, as '
                     '--seed/--experts of upcycle, or with eval and generate.')
@@ -203,8 +202,12 @@ def _hf_parsers(commands) -> None:
     import_hf.add_argument('--out', required=True, help='output directory (written atomically)')
     import_hf.add_argument('--dtype', default='float32', help='stored dtype: float32 (default) or bfloat16')
     import_hf.add_argument('--overwrite', action='store_true', help='replace OUT if it exists')
+    return import_hf
+
+
+def _export_hf_parser(commands, name):
     export_hf = commands.add_parser(
-        'export-hf', help="a run's latest checkpoint as a Hugging Face model directory",
+        name, help="a run's latest checkpoint as a Hugging Face model directory",
         description='Writes config.json, safetensors weights, the tokenizer and generation_config.json. '
                     '--format=auto picks the standard family that computes the model exactly, or bam_jax '
                     '(this project\'s modeling file, shipped in OUT: load with trust_remote_code=True).')
@@ -216,6 +219,7 @@ def _hf_parsers(commands) -> None:
     export_hf.add_argument('--max_shard_mb', type=int, default=5120,
                            help='largest safetensors file before sharding, in MiB (default 5120)')
     export_hf.add_argument('--overwrite', action='store_true', help='replace OUT if it exists')
+    return export_hf
 
 
 def _import_hf(args, bindings) -> int:
@@ -362,21 +366,43 @@ def _train(args, bindings) -> int:
     return 0
 
 
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One `bam-jax` command. host: it works on the host's CPU and leaves the accelerators to a run
+    beside it (JAX_PLATFORMS=cpu). every_worker: in a multi-process job (a pod's workers,
+    launch/run.sh --local_processes) every process runs it and joins the job (--distributed);
+    otherwise it runs once, as one process (a pod's worker 0). The launchers read this table."""
+    run: Callable[[argparse.Namespace, list[str]], int]
+    add_parser: Callable[..., argparse.ArgumentParser]
+    host: bool
+    every_worker: bool
+
+
+COMMANDS = {
+    'train': Command(_train, _train_parser, host=False, every_worker=True),
+    'upcycle': Command(_upcycle, _upcycle_parser, host=True, every_worker=False),
+    'experts': Command(_experts, _experts_parser, host=True, every_worker=False),
+    'eval': Command(_eval, _eval_parser, host=False, every_worker=True),
+    'generate': Command(_generate, _generate_parser, host=False, every_worker=True),
+    'import-hf': Command(_import_hf, _import_hf_parser, host=True, every_worker=False),
+    'export-hf': Command(_export_hf, _export_hf_parser, host=True, every_worker=False),
+    'prepare-data': Command(_prepare_data, _prepare_parser, host=True, every_worker=True),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_backends()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         rest, bindings = _split_gin_overrides(argv)
         args = _parser().parse_args(rest)
-        if args.command in HOST_COMMANDS:
-            os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # leaves the accelerators to a run beside it
-        if hasattr(args, 'distributed'):  # the commands that join a multi-process job
+        command = COMMANDS[args.command]
+        if command.host:
+            os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+        if command.every_worker:
             from bam_jax.parallel import maybe_initialize_distributed
             maybe_initialize_distributed(force=args.distributed)
-        commands = {'train': _train, 'upcycle': _upcycle, 'eval': _eval, 'generate': _generate,
-                    'import-hf': _import_hf, 'export-hf': _export_hf, 'prepare-data': _prepare_data,
-                    'experts': _experts}
-        return commands[args.command](args, bindings)
+        return command.run(args, bindings)
     except BamJaxError as e:
         # Everything worth keeping is already saved or was never written. Skip the interpreter's
         # teardown, and silence stderr before printing: Orbax's I/O threads can report their

@@ -5,6 +5,8 @@ import pathlib
 import shlex
 import subprocess
 
+from bam_jax.cli import COMMANDS
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -42,14 +44,25 @@ def test_pod_runs_host_commands_once_on_worker_0():
     assert remote.endswith('bam-jax upcycle --method=btx --seed=a --out=c')  # no --distributed
 
 
+def test_pod_places_every_command_as_the_cli_table_says():
+    for name, command in COMMANDS.items():
+        (cmd,) = commands(dry_run(name, '--x=1', TPU_NAME='pod-a', TPU_ZONE='z'))
+        remote = next(a for a in cmd if a.startswith('--command='))
+        assert ('--worker=all' in cmd) == command.every_worker, name
+        assert remote.endswith(' --distributed') == command.every_worker, name
+    proc = subprocess.run(['bash', 'launch/run.sh', '--dry-run', 'trian'], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, 'TPU_NAME': 'pod-a', 'TPU_ZONE': 'z'}, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip() == "launch/run.sh: unknown command 'trian'"
+
+
 def test_local_processes_start_the_local_job():
     (cmd,) = commands(dry_run('--local_processes=2', '--local_devices=4', 'train', '--workdir=runs/seed'))
-    assert cmd[1:] == ['-m', 'bam_jax.parallel.local_job', '--processes=2', '--devices_per_process=4', '--',
+    assert cmd[1:] == ['-m', 'bam_jax.local_job', '--processes=2', '--devices_per_process=4', '--',
                        'train', '--workdir=runs/seed']
     lines = dry_run('pipeline', 'seed', 'upcycle', 'mix', 'eval', OUT='out', MIXES='btx_top1', LOCAL_PROCESSES='2')
     cmds = dict(zip([line[3:] for line in lines if line.startswith('== ')], commands(lines)))
     for stage in ('seed', 'mix_btx_top1', 'eval seed code law math btx_top1'):
-        assert cmds[stage][1:5] == ['-m', 'bam_jax.parallel.local_job', '--processes=2', '--'], stage
+        assert cmds[stage][1:5] == ['-m', 'bam_jax.local_job', '--processes=2', '--'], stage
     assert cmds['upcycle_btx'][0].endswith('.venv/bin/bam-jax')  # host work: one process
 
 

@@ -151,7 +151,7 @@ def _prepare_workers(paths: list[pathlib.Path], data_dir: pathlib.Path, domain: 
     gin_file.write_text(f"DataConfig.user_domains = [@{domain}/text_domain()]\n{domain}/text_domain.name = '{domain}'\n"
                         f"{domain}/text_domain.paths = {[str(p) for p in paths]}\nDataConfig.data_dir = '{data_dir}'\n"
                         'DataConfig.validation_fraction = 0.05\n')
-    subprocess.run([sys.executable, '-m', 'bam_jax.parallel.local_job', f'--processes={workers}', '--',
+    subprocess.run([sys.executable, '-m', 'bam_jax.local_job', f'--processes={workers}', '--',
                     'prepare-data', f'--gin_file={gin_file}', f'--domains={domain}'],
                    check=True, capture_output=True, env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
     (manifest,) = data_dir.glob(f'{domain}-*/manifest.json')

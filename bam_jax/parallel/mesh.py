@@ -59,7 +59,7 @@ def create_mesh(config: MeshConfig | None = None, devices=None) -> Mesh:
 
 
 def maybe_initialize_distributed(force: bool = False) -> None:
-    """Joins a multi-host run (TPU pod, multi-node GPU, or bam_jax.parallel.local_job) before any
+    """Joins a multi-host run (TPU pod, multi-node GPU, or bam_jax.local_job) before any
     other JAX call.
 
     On a TPU pod `jax.distributed.initialize()` finds the coordinator by itself; elsewhere it

@@ -1,6 +1,6 @@
 """A multi-process JAX job on this machine: the stand-in for a multi-host pod slice.
 
-    python -m bam_jax.parallel.local_job --processes=N [--devices_per_process=D] -- COMMAND ARGS...
+    python -m bam_jax.local_job --processes=N [--devices_per_process=D] -- COMMAND ARGS...
     (or: launch/run.sh --local_processes=N [--local_devices=D] COMMAND ARGS...)
 
 Starts N `bam-jax COMMAND ARGS --distributed` processes that join one job through
@@ -9,8 +9,9 @@ CPU collectives between them. Past the launcher this is exactly a pod's code pat
 all N·D devices, every process feeds its own part of each batch, and Orbax writes one checkpoint
 together.
 
-Host-only commands (upcycle, import-hf, export-hf, experts) run once, as one process, as on a
-pod's first worker; prepare-data runs on every process, which share each domain's input files.
+A command runs as `bam_jax.cli.COMMANDS` says: train, eval, generate and prepare-data on every
+process (prepare-data's processes share each domain's input files), the others (upcycle,
+import-hf, export-hf, experts) once, as one process, as on a pod's first worker.
 Process 0's stdout passes through untouched (tables, JSON); every process's stderr does, the
 others' lines prefixed `[process i]`.
 
@@ -32,7 +33,8 @@ import sys
 import threading
 import time
 
-HOST_ONLY_COMMANDS = ('upcycle', 'import-hf', 'export-hf', 'experts')
+from bam_jax.cli import COMMANDS
+
 DEFAULT_HEARTBEAT_TIMEOUT = 20  # seconds: a lost peer is noticed within this (jax's default is 100)
 
 
@@ -139,7 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.processes < 1:
         parser.error(f'--processes must be >= 1, got {args.processes}')
     devices = args.devices_per_process or max(1, 8 // args.processes)
-    if command[0] in HOST_ONLY_COMMANDS:
+    if command[0] not in COMMANDS:
+        parser.error(f'unknown command {command[0]!r}; bam-jax has {", ".join(COMMANDS)}')
+    if not COMMANDS[command[0]].every_worker:
         return subprocess.call([sys.executable, '-m', 'bam_jax.cli', *command])
     job = LocalJob(command, args.processes, devices, args.grace if args.grace is not None else heartbeat_timeout() + 30)
     signal.signal(signal.SIGTERM, job.stop)
