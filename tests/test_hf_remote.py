@@ -4,8 +4,10 @@ Each tiny model is exported as an export does it (safetensors named by the check
 config_dict's config.json, copy_code's two files) and read back with
 AutoModelForCausalLM.from_pretrained(trust_remote_code=True). Its logits must be bam_jax's
 inference logits, and its greedy generate() with a KV cache bam_jax's Engine's tokens, for every
-architecture and attention option. Weights are drawn with numpy (large, and norm scales and biases
-away from 1 and 0), so routers disagree between tokens and every parameter matters.
+architecture and attention option. The Engine has no beam search: a Lory model's beam search is
+checked against one over bam_jax's forward pass without a cache. Weights are drawn with numpy
+(large, and norm scales and biases away from 1 and 0), so routers disagree between tokens and every
+parameter matters.
 """
 
 import ast
@@ -225,7 +227,7 @@ def test_prefill_and_decode_logits(export, name):
     exported = export(name)
     prompt = 6
     expected = exported.logits(TOKENS, prompt_len=prompt)
-    cache = transformers.DynamicCache()
+    cache = exported.hf.cache_class()
     got = [hf_logits(exported, TOKENS[:, :prompt], **{cache_arg(): cache})]
     mask = torch.ones(TOKENS.shape, dtype=torch.long)
     for t in range(prompt, TOKENS.shape[1]):
@@ -236,6 +238,45 @@ def test_prefill_and_decode_logits(export, name):
 def cache_arg() -> str:
     """The name forward's cache argument has in the installed transformers."""
     return 'cache' if int(transformers.__version__.split('.')[0]) >= 5 else 'past_key_values'
+
+
+# Row operations decoding methods apply to a cache (beam search's reorder_cache; contrastive
+# search's batch_repeat_interleave and batch_select_indices), as (method, argument) calls on a
+# cache prefilled with TOKENS' two rows, and the rows of TOKENS they leave.
+ROW_OPERATIONS = {
+    'reorder_cache': ([('reorder_cache', torch.tensor([1, 0]))], [1, 0]),
+    'repeat_then_select': ([('batch_repeat_interleave', 2), ('batch_select_indices', torch.tensor([3, 0, 2]))],
+                           [1, 0, 1]),
+}
+
+
+@pytest.mark.parametrize('calls, rows', ROW_OPERATIONS.values(), ids=list(ROW_OPERATIONS))
+def test_lory_merges_follow_their_rows(export, calls, rows):
+    """After the cache's row operations (reordering, repeating and selecting rows), each row
+    decodes with its own prompt's merged FFN: bam_jax's prompt_len logits of the rows they leave.
+    The two prompts' merges differ, so a merge left in its old row would show."""
+    exported = export('lory')
+    prompt = 6
+    cache = exported.hf.cache_class()
+    hf_logits(exported, TOKENS[:, :prompt], **{cache_arg(): cache})
+    wi_gate = cache.lory[0][0]  # [B, 1, D, F]
+    assert not torch.allclose(wi_gate[0], wi_gate[1], atol=1e-2)
+    for method, argument in calls:
+        getattr(cache, method)(argument)
+    tokens = TOKENS[rows]
+    got = [hf_logits(exported, tokens[:, t:t + 1], **{cache_arg(): cache}) for t in range(prompt, tokens.shape[1])]
+    np.testing.assert_allclose(np.concatenate(got, axis=1), exported.logits(tokens, prompt_len=prompt)[:, prompt:],
+                               **TOLERANCE)
+
+
+def test_lory_refuses_a_cache_without_its_merges(export):
+    """A plain DynamicCache has no place for the merged FFNs: a Lory model asks for its cache_class
+    (other models decode with any DynamicCache)."""
+    with pytest.raises(ValueError, match='cache_class'):
+        hf_logits(export('lory'), TOKENS, **{cache_arg(): transformers.DynamicCache()})
+    exported = export('btx_top2_softmax')
+    np.testing.assert_allclose(hf_logits(exported, TOKENS, **{cache_arg(): transformers.DynamicCache()}),
+                               exported.logits(TOKENS), **TOLERANCE)
 
 
 # ---------------------------------------------------------------------------------------
@@ -296,3 +337,71 @@ def test_generate_without_cache_and_sampling(export):
     assert [len(row) for row in sampled] == [NEW_TOKENS] * len(PROMPTS)
     assert all(0 <= t < BASE.vocab_size for row in sampled for t in row)
     assert hf_generate(exported, PROMPTS, do_sample=True, top_k=1) == expected
+
+
+BEAM_PROMPTS = [*PROMPTS, [START, *np.random.RandomState(7).randint(2, BASE.vocab_size, 7).tolist()]]
+NUM_BEAMS = 3
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """log softmax over the last axis, in float64."""
+    x = x.astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def reference_beam_search(exported: Exported, prompts, num_beams: int, new_tokens: int):
+    """Beam search without EOS over bam_jax's forward pass without a cache: each step recomputes
+    every beam's whole sequence (right-padded, which a causal model never reads), Lory merging
+    from the prompt (prompt_len). Each step keeps the num_beams highest summed log-probs over all
+    (beam, token) continuations, starting from one beam, as generate() does.
+
+    Returns (new tokens [P, n, new_tokens] best first, scores [P, n]: the summed log-probs over
+    new_tokens, generate()'s length_penalty 1, and whether some step after the first took a beam
+    from another slot than its own, i.e. reordered the beams).
+    """
+    batch, n = len(prompts), num_beams
+    lengths = np.array([len(p) for p in prompts])
+    seqs = np.zeros((batch, n, lengths.max() + new_tokens), np.int32)
+    for i, prompt in enumerate(prompts):
+        seqs[i, :, :len(prompt)] = prompt
+    scores = np.full((batch, n), -np.inf)
+    scores[:, 0] = 0.0
+    forward = jax.jit(functools.partial(bam_jax_logits, exported.graphdef))
+    prompt_len = jnp.asarray(np.repeat(lengths, n))
+    reordered = False
+    for step in range(new_tokens):
+        logits = np.asarray(forward(exported.params, jnp.asarray(seqs.reshape(batch * n, -1)), prompt_len))
+        last = logits.reshape(batch, n, *logits.shape[1:])[np.arange(batch), :, lengths + step - 1]  # [P, n, V]
+        total = (scores[..., None] + log_softmax(last)).reshape(batch, -1)  # [P, n * V]
+        best = np.argsort(-total, axis=1, kind='stable')[:, :n]
+        parents, tokens = np.divmod(best, last.shape[-1])
+        reordered |= step > 0 and bool((parents != np.arange(n)).any())
+        seqs = np.take_along_axis(seqs, parents[..., None], axis=1)
+        seqs[np.arange(batch)[:, None], np.arange(n), (lengths + step)[:, None]] = tokens
+        scores = np.take_along_axis(total, best, axis=1)
+    new = np.stack([seqs[i, :, length:length + new_tokens] for i, length in enumerate(lengths)])
+    return new, scores / new_tokens, reordered
+
+
+def test_lory_beam_search_equals_reference(export):
+    """Beam search with the cache generate() makes (a cache_class), on left-padded prompts of
+    different content: the beams and scores of reference_beam_search, whose beams do get
+    reordered; the same with a cache passed in."""
+    exported = export('lory')
+    expected, expected_scores, reordered = reference_beam_search(exported, BEAM_PROMPTS, NUM_BEAMS, NEW_TOKENS)
+    assert reordered
+    width = max(map(len, BEAM_PROMPTS))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in BEAM_PROMPTS])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in BEAM_PROMPTS])
+    kwargs = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, pad_token_id=0, num_beams=NUM_BEAMS,
+                  num_return_sequences=NUM_BEAMS, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        out = exported.hf.generate(ids, **kwargs)
+        passed = exported.hf.generate(ids, **{cache_arg(): exported.hf.cache_class()}, **kwargs)
+    assert isinstance(cache_of(out), exported.hf.cache_class)
+    assert sorted(cache_of(out).lory) == list(range(exported.config.num_layers))
+    shape = (len(BEAM_PROMPTS), NUM_BEAMS, NEW_TOKENS)
+    assert out.sequences[:, width:].reshape(shape).tolist() == expected.tolist()
+    np.testing.assert_allclose(out.sequences_scores.reshape(shape[:2]).numpy(), expected_scores, **TOLERANCE)
+    assert torch.equal(passed.sequences, out.sequences)

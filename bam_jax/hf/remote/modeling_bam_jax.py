@@ -10,9 +10,11 @@ Parameters are named by the bam_jax checkpoint paths with '/' replaced by '.', w
 exported safetensors load as they are.
 
 Decoding caches, per layer, the keys and values the attention reads (after RoPE), as
-[B, heads, S, Dh] in a transformers Cache: K heads for dense, BTX, Lory and BAM with shared K/V,
-N*K heads for BAM with expert K/V. A Lory layer also keeps each row's merged FFN, chosen from the
-whole prompt at prefill and used for every later token, as bam_jax's decode engine does.
+[B, heads, S, Dh] in a BamJaxCache (a transformers DynamicCache): K heads for dense, BTX, Lory and
+BAM with shared K/V, N*K heads for BAM with expert K/V. A Lory layer also keeps each row's merged
+FFN there, chosen from the whole prompt at prefill and used for every later token, as bam_jax's
+decode engine does; the cache moves it with the row's keys and values when generate() reorders,
+repeats or selects rows (beam search).
 
 This file is copied into the export directory: it imports torch, transformers and the standard
 library only. Shapes: B batch, T new tokens, S cached and new tokens, D d_model, H query heads,
@@ -149,6 +151,44 @@ class Step:
     inv_freq: torch.Tensor
     cache: object = None
     lory: str = 'segments'
+
+
+class BamJaxCache(DynamicCache):
+    """A DynamicCache that also holds each Lory layer's merged FFN, one per row.
+
+    lory: {layer: (wi_gate [B, 1, D, F], wi_up [B, 1, D, F], wo [B, 1, F, D])}, the experts averaged
+    by the router's softmax over the row's prompt. Its batch axis is the keys' and values': every
+    method transformers uses to reorder, repeat or select rows (beam search and its relatives)
+    applies to both, so a row keeps its own merge. Constructed as DynamicCache is.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lory = {}
+
+    def _rows(self, take):
+        """Replaces every merged weight w by take(w), a new batch axis of the same rows."""
+        self.lory = {layer: tuple(take(w) for w in merged) for layer, merged in self.lory.items()}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        """Row i becomes row beam_idx[i] [B'] (beam search's reordering after each step)."""
+        super().reorder_cache(beam_idx)
+        self._rows(lambda w: w.index_select(0, beam_idx.to(w.device)))
+
+    def batch_repeat_interleave(self, repeats: int):
+        """Every row repeated `repeats` times in place: [B] -> [B * repeats]."""
+        super().batch_repeat_interleave(repeats)
+        self._rows(lambda w: w.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        """Only the rows `indices` [B'] kept, in that order."""
+        super().batch_select_indices(indices)
+        self._rows(lambda w: w[indices])
+
+    def reset(self):
+        """Empty again: the next call is a prefill, which merges anew."""
+        super().reset()
+        self.lory = {}
 
 
 def cached(step: Step, layer: int, k, v):
@@ -374,8 +414,7 @@ class LoryFeedForward(nn.Module):
 
     def forward(self, x, step: Step):
         batch, length, d = x.shape
-        # The merged FFNs ride along in the cache object, by layer.
-        store = None if step.cache is None else step.cache.__dict__.setdefault('bam_jax_lory', {})
+        store = None if step.cache is None else step.cache.lory  # forward made sure it is a BamJaxCache
         if step.lory == 'decode':
             return self.run(x[:, None], store[self.index])[:, 0]
         if store is not None:  # the merge the tokens that follow will use
@@ -468,8 +507,11 @@ class BamJaxForCausalLM(BamJaxPreTrainedModel, GenerationMixin):
 
     forward returns float32 logits. Positions are 0, 1, ... from the first token (after a
     cache's tokens); with a 2D attention_mask they count the unmasked tokens only, so
-    left-padded rows start at 0 too and nothing reads padding.
+    left-padded rows start at 0 too and nothing reads padding. cache_class is the cache it
+    decodes with (and makes when given none): `model.cache_class()` to pass one.
     """
+
+    cache_class = BamJaxCache
 
     def __init__(self, config: BamJaxConfig):
         super().__init__(config)
@@ -537,8 +579,9 @@ class BamJaxForCausalLM(BamJaxPreTrainedModel, GenerationMixin):
         next-token cross-entropy when labels [B, T] are given (-100: not scored).
 
         cache (past_key_values before transformers 5): a DynamicCache holding the earlier tokens,
-        or None. A Lory model merges its experts per segment without one; with one it
-        merges them from the tokens of the first call (the prompt) and keeps that merge.
+        or None (then a BamJaxCache is made when use_cache). A Lory model merges its experts per
+        segment without one; with one, which must be a BamJaxCache, it merges them from the
+        tokens of the first call (the prompt) and keeps that merge.
         """
         if input_ids is None:
             raise ValueError('BamJaxForCausalLM takes input_ids (inputs_embeds are not supported)')
@@ -547,10 +590,13 @@ class BamJaxForCausalLM(BamJaxPreTrainedModel, GenerationMixin):
         cache = cache if cache is not None else past_key_values
         if getattr(cache, 'is_compileable', False):  # fixed-size buffers: the masks here span the tokens seen
             raise ValueError('BamJaxForCausalLM decodes with a DynamicCache; static caches are not supported')
+        if self.model_config.get('lory') and cache is not None and not isinstance(cache, BamJaxCache):
+            raise ValueError(f'A Lory model keeps its merged experts in the cache: pass model.cache_class() '
+                             f'(a BamJaxCache), not a {type(cache).__name__}')
         cache_given = cache is not None
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
-            cache = DynamicCache()
+            cache = BamJaxCache()
         step = self.step(input_ids, attention_mask, position_ids, cache, cache_given)
         x = self.embed(input_ids)
         for block in self.layers:
@@ -565,3 +611,17 @@ class BamJaxForCausalLM(BamJaxPreTrainedModel, GenerationMixin):
                                    ignore_index=-100)
         out = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache if use_cache else None})
         return out.to_tuple() if return_dict is False else out
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """generate()'s cache: where transformers makes a plain DynamicCache, a BamJaxCache instead,
+        so beam search moves Lory's merged FFNs with the keys and values. A cache the caller passed
+        is kept as it is (forward checks it)."""
+        given = any(model_kwargs.get(name) is not None for name in ('cache', 'past_key_values'))
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if given:
+            return
+        for name in ('cache', 'past_key_values'):  # the key transformers 5 uses, and the one before
+            made = model_kwargs.get(name)
+            if type(made) is DynamicCache:  # a quantized or static cache (refused by forward) stays
+                offloading = dict(offloading=True) if getattr(made, 'offloading', False) else {}
+                model_kwargs[name] = BamJaxCache(**offloading)
