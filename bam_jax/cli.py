@@ -324,13 +324,11 @@ def _experts(args, bindings) -> int:
 
 
 def _prepare_data(args, bindings) -> int:
-    from bam_jax.data import DataConfig
     from bam_jax.data.prepare import prepare_domain
     from bam_jax.data.prepare_pod import Workers, prepare_together
     from bam_jax.gin_config import parse_gin
 
-    parse_gin(args.gin_file, bindings)
-    config = DataConfig()
+    config = parse_gin(args.gin_file, bindings).data
     domains = [d.strip() for d in args.domains.split(',') if d.strip()] or list(config.domains)
     unknown = [d for d in domains if d not in config.domains]
     if unknown:
@@ -359,8 +357,8 @@ def _prepare_data(args, bindings) -> int:
 def _train(args, bindings) -> int:
     from bam_jax.gin_config import parse_gin
     from bam_jax.train import train
-    parse_gin(args.gin_file, bindings)
-    result = train(args.workdir)
+    configs = parse_gin(args.gin_file, bindings)
+    result = train(args.workdir, configs)
     if result['stopped'] == 'sigterm':
         return EXIT_SIGTERM
     return 0

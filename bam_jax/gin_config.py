@@ -1,10 +1,15 @@
-"""Gin set-up shared by the CLI commands: files, `--gin.NAME=VALUE` overrides, search path."""
+"""Gin at the commands' entry points: files, `--gin.NAME=VALUE` overrides, the search path, and
+the configs they bind (`RunConfig`), which the commands hand down as values. The library below
+never reads gin's global bindings itself."""
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import pathlib
+import re
 import tempfile
+from typing import TYPE_CHECKING
 
 import gin
 
@@ -14,6 +19,41 @@ from bam_jax.errors import BamJaxError
 # The repository root holds gin/: files are found relative to the working directory first,
 # then relative to it, so `include 'gin/seed.gin'` works from anywhere.
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+if TYPE_CHECKING:
+    from bam_jax.data import DataConfig
+    from bam_jax.models import ModelConfig
+    from bam_jax.parallel import MeshConfig
+    from bam_jax.train import TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The configs of one command, bound from gin once (`parse_gin`, `load_run_config`).
+    operative: gin's operative config of the bindings (what a training run records as its
+    config.gin); empty when the configs were built in Python."""
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    mesh: MeshConfig
+    operative: str = ''
+
+    @property
+    def max_length(self) -> int:
+        """The longest sequence the model reads: ModelConfig.max_length, or, where that is unset (a
+        run from before the setting), the length it trained at."""
+        return self.model.max_length or self.train.seq_len
+
+
+def bound_configs() -> RunConfig:
+    """The configs as the gin files and overrides just parsed bind them."""
+    from bam_jax.data import DataConfig
+    from bam_jax.models import ModelConfig
+    from bam_jax.parallel import MeshConfig
+    from bam_jax.train import TrainConfig
+
+    configs = RunConfig(model=ModelConfig(), data=DataConfig(), train=TrainConfig(), mesh=MeshConfig())
+    return dataclasses.replace(configs, operative=gin.operative_config_str())
 
 
 def resolve_gin_file(name: str) -> str:
@@ -28,8 +68,9 @@ def resolve_gin_file(name: str) -> str:
     raise BamJaxError(f'gin file {name} not found (looked in {pathlib.Path.cwd()} and {REPO_ROOT})')
 
 
-def parse_gin(files: list[str], bindings: list[str]) -> None:
-    """Parses gin files then overrides, after registering every configurable of bam_jax."""
+def parse_gin(files: list[str], bindings: list[str]) -> RunConfig:
+    """Parses gin files then overrides, after registering every configurable of bam_jax; returns
+    the configs they bind."""
     import bam_jax.data  # noqa: F401 - registers DataConfig, text_domain
     import bam_jax.models  # noqa: F401 - registers ModelConfig
     import bam_jax.parallel  # noqa: F401 - registers MeshConfig
@@ -49,6 +90,7 @@ def parse_gin(files: list[str], bindings: list[str]) -> None:
             hint = ' (string values need inner quotes: --gin.DOMAIN="\'code\'")'
         raise BamJaxError(f'gin: {first}{hint}') from None
     _check_override_macros(bindings)
+    return bound_configs()
 
 
 def _without_retired(path: str, copy: pathlib.Path) -> str:
@@ -67,11 +109,9 @@ def _without_retired(path: str, copy: pathlib.Path) -> str:
 
 
 def _read_macros() -> set[str]:
-    """The macros some binding reads (%NAME), in the config just parsed."""
-    # gin has no public query for this; its parsed config maps (scope, selector) to bindings.
-    config = gin.config._CONFIG  # noqa: SLF001
-    macro = gin.get_configurable(gin.config.macro)
-    return {ref.scoped_selector.rsplit('/', 1)[0] for ref in gin.config.iterate_references(config, to=macro)}
+    """The macros some binding reads (%NAME), in the config just parsed: gin's own listing of it
+    writes every reference as %NAME."""
+    return set(re.findall(r'%([A-Za-z_][\w.]*)', gin.config_str()))
 
 
 def _check_override_macros(bindings: list[str]) -> None:
@@ -89,9 +129,10 @@ def _check_override_macros(bindings: list[str]) -> None:
         raise BamJaxError(f'gin: --gin.{name} sets a macro that no gin file reads ({hint})')
 
 
-def load_run_config(workdir: str | storage.Path, bindings: list[str]) -> None:
+def load_run_config(workdir: str | storage.Path, bindings: list[str]) -> RunConfig:
     """Parses a run directory's operative gin config (config.gin), or the model.gin of an
-    upcycled or imported model that has not been trained, then the overrides."""
+    upcycled or imported model that has not been trained, then the overrides; returns the
+    configs they bind."""
     from bam_jax.workdir import files
 
     workdir = storage.path(workdir)
@@ -102,4 +143,4 @@ def load_run_config(workdir: str | storage.Path, bindings: list[str]) -> None:
         config = workdir / files.MODEL_GIN
     if not config.is_file():
         raise BamJaxError(f'{workdir} has no {files.CONFIG} (nor {files.MODEL_GIN}): is it a bam_jax run directory?')
-    parse_gin([str(config)], bindings)
+    return parse_gin([str(config)], bindings)

@@ -111,8 +111,7 @@ def train_run(files, workdir, *bindings):
     from bam_jax.gin_config import parse_gin
     from bam_jax.train import train
 
-    parse_gin(files, [*SMALL_RUN, *bindings])
-    assert train(workdir)['step'] == 1
+    assert train(workdir, parse_gin(files, [*SMALL_RUN, *bindings]))['step'] == 1
 
 
 def shared(tmp_path_factory, name, make):

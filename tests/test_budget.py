@@ -7,6 +7,7 @@ import pytest
 
 from bam_jax.data import DataConfig
 from bam_jax.errors import BamJaxError
+from bam_jax.gin_config import RunConfig
 from bam_jax.models import ModelConfig
 from bam_jax.models.config import MoAConfig, MoEConfig
 from bam_jax.parallel import MeshConfig
@@ -134,7 +135,7 @@ def test_train_writes_budget_and_a_matched_run_trains_the_derived_steps(tmp_path
     data = DataConfig(source='law', eval_domains=())
     mesh = MeshConfig(data=2, fsdp=2, tensor=2)
     run = config(train_steps=2, warmup_steps=1, checkpoint_every=100, eval_every=100, log_every=1)
-    first = train(tmp_path / 'first', run, MODEL, data, mesh)
+    first = train(tmp_path / 'first', RunConfig(train=run, model=MODEL, data=data, mesh=mesh))
     assert first['step'] == 2
     budget = json.loads((tmp_path / 'first' / BUDGET_FILE).read_text())
     assert budget['steps'] == 2
@@ -143,7 +144,7 @@ def test_train_writes_budget_and_a_matched_run_trains_the_derived_steps(tmp_path
 
     # Data-matched at half the batch: 1024 tokens / (4 * 64) = 4 steps.
     matched = dataclasses.replace(run, batch_size=4, train_steps=1000, match_run=str(tmp_path / 'first'))
-    second = train(tmp_path / 'second', matched, MODEL, data, mesh)
+    second = train(tmp_path / 'second', RunConfig(train=matched, model=MODEL, data=data, mesh=mesh))
     assert second['step'] == 4 and second['stopped'] == 'finished'
     budget = json.loads((tmp_path / 'second' / BUDGET_FILE).read_text())
     assert budget['steps'] == 4 and budget['tokens'] == 2 * 8 * 64

@@ -32,11 +32,21 @@ def test_override_of_a_macro_nothing_reads_is_refused_with_the_closest_name():
 
 
 def test_overrides_of_read_macros_and_of_parameters_are_taken():
-    parse_gin(TINY, ['TRAIN_STEPS = 3', 'STEPS_HERE = 7', 'TrainConfig.eval_every = %STEPS_HERE',
-                     'ModelConfig.d_model = 64'])
-    config = TrainConfig()
-    assert (config.train_steps, config.eval_every) == (3, 7)
-    assert ModelConfig().d_model == 64
+    configs = parse_gin(TINY, ['TRAIN_STEPS = 3', 'STEPS_HERE = 7', 'TrainConfig.eval_every = %STEPS_HERE',
+                               'ModelConfig.d_model = 64'])
+    assert (configs.train.train_steps, configs.train.eval_every) == (3, 7)
+    assert configs.model.d_model == 64
+    assert configs.train == TrainConfig() and configs.model == ModelConfig()  # gin's bindings, as bound
+    assert 'TrainConfig.eval_every = %STEPS_HERE' in configs.operative  # what config.gin records
+
+
+def test_the_model_length_is_its_own_setting_else_the_training_length():
+    assert parse_gin(TINY, ['SEQ_LEN = 64']).max_length == 64  # unset: a run from before the setting
+    configs = parse_gin(TINY, ['SEQ_LEN = 64', 'ModelConfig.max_length = 512'])
+    assert (configs.max_length, configs.train.seq_len) == (512, 64)
+    assert 'max_length' in configs.model.settings()  # a setting: any length reads the same checkpoint
+    with pytest.raises(BamJaxError, match='ModelConfig.max_length must be >= 0'):
+        parse_gin(TINY, ['ModelConfig.max_length = -1'])
 
 
 def test_cli_refuses_a_misspelt_macro_and_writes_nothing(tmp_path, monkeypatch, capsys):

@@ -28,8 +28,9 @@ TEXT = ('Permission is hereby granted, free of charge, to any person obtaining a
 
 @pytest.fixture(scope='module')
 def harness(bam_run):
-    gin_config.load_run_config(pathlib.Path(bam_run['run']), [])
-    lm = LanguageModel.restore(bam_run['run'], batch_size=4)
+    configs = gin_config.load_run_config(pathlib.Path(bam_run['run']), [])
+    lm = LanguageModel.restore(bam_run['run'], configs.model, configs.data, configs.mesh, configs.max_length,
+                               batch_size=4)
     assert lm.max_length == 64 and lm.start_id == 0
     return BamJaxLM(lm=lm, progress=None)
 
@@ -110,7 +111,8 @@ def test_a_task_through_the_harness_scores_as_a_hand_computation(bam_run, harnes
     from bam_jax.evaluate import offline_tasks
     # By hand: the choice with the highest log-likelihood (per character, for acc_norm) is the answer.
     items = [json.loads(line) for line in
-             (offline_tasks.write_tasks() / 'bam_law.jsonl').read_text().splitlines()][:12]
+             (offline_tasks.write_tasks(gin_config.load_run_config(run, []).data) / 'bam_law.jsonl')
+             .read_text().splitlines()][:12]
     hits, hits_norm = [], []
     for item in items:
         lls = [ll for ll, _ in harness.loglikelihood([request('loglikelihood', item['context'], choice)

@@ -98,6 +98,8 @@ def test_imported_logits_equal_transformers(models, family):
         assert np.abs(bam_logits(imported, *off) - expected).max() > 100 * TOLERANCE['atol']
     record = json.loads((imported / 'import.json').read_text())
     assert record['architecture'] == FAMILIES[family][0].__name__ and record['dtype'] == 'float32'
+    # The model's length is its config's max_position_embeddings (under the import's cap).
+    assert gin_config.load_run_config(imported, []).max_length == 128
     assert record['tensors'] == len(load_file(hf_dir / 'model.safetensors'))
     assert (imported / 'tokenizer' / 'tokenizer.json').read_bytes() == (hf_dir / 'tokenizer.json').read_bytes()
 

@@ -10,6 +10,7 @@ import pytest
 
 from bam_jax.data import DataConfig
 from bam_jax.errors import BamJaxError
+from bam_jax.gin_config import RunConfig
 from bam_jax.models import ModelConfig, build_model, merge_params, split_params
 from bam_jax.models.config import LoryConfig
 from bam_jax.parallel import MeshConfig
@@ -62,7 +63,7 @@ def test_converted_model_computes_the_dense_function():
 
 
 def test_switch_continues_the_run_and_resumes_across_it(tmp_path, capsys):
-    straight = train(tmp_path / 'straight', RUN, LORY, DATA, MESH)
+    straight = train(tmp_path / 'straight', RunConfig(train=RUN, model=LORY, data=DATA, mesh=MESH))
     assert straight['step'] == 6 and straight['stopped'] == 'finished'
     assert 'dense warm-up done, switching to Lory' in capsys.readouterr().out
 
@@ -76,10 +77,11 @@ def test_switch_continues_the_run_and_resumes_across_it(tmp_path, capsys):
     assert 'router/layers/0/ffn/entropy' in lory_log[0]
 
     # Stop just after the switch (a warm-up and the switch in one invocation), then finish.
-    first = train(tmp_path / 'resumed', dataclasses.replace(RUN, stop_at_step=4), LORY, DATA, MESH)
+    first = train(tmp_path / 'resumed', RunConfig(train=dataclasses.replace(RUN, stop_at_step=4), model=LORY, data=DATA,
+                                                       mesh=MESH))
     assert first['step'] == 4 and first['stopped'] == 'stop_at_step'
     assert not (tmp_path / 'resumed' / 'checkpoints' / '2').exists()  # the warm-up's checkpoints are its own
-    assert train(tmp_path / 'resumed', RUN, LORY, DATA, MESH)['step'] == 6
+    assert train(tmp_path / 'resumed', RunConfig(train=RUN, model=LORY, data=DATA, mesh=MESH))['step'] == 6
     assert_same_state(tmp_path / 'straight' / 'checkpoints' / '6', tmp_path / 'resumed' / 'checkpoints' / '6')
     resumed_log = json.loads((tmp_path / 'resumed' / 'metrics.json').read_text())['train']
     assert [r['loss'] for r in resumed_log] == [r['loss'] for r in lory_log]

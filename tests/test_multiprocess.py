@@ -52,8 +52,7 @@ def train_here(files, bindings, workdir):
     from bam_jax.gin_config import parse_gin
     from bam_jax.train import train
     gin.clear_config()
-    parse_gin(files, bindings)
-    return train(workdir)
+    return train(workdir, parse_gin(files, bindings))
 
 
 def params(step_dir):

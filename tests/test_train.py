@@ -10,6 +10,7 @@ import pytest
 
 from bam_jax.data import DataConfig
 from bam_jax.errors import BamJaxError
+from bam_jax.gin_config import RunConfig
 from bam_jax.models import ModelConfig, build_model, split_params
 from bam_jax.models.config import MoAConfig, MoEConfig
 from bam_jax.parallel import MeshConfig
@@ -70,10 +71,11 @@ def test_gradient_accumulation_equals_one_big_batch():
 # dense path is the same code with fewer states to restore).
 @pytest.mark.parametrize('model, mesh', [(BAM_SAMPLED, MeshConfig(fsdp=2, expert=2, tensor=2))], ids=['bam_sampled'])
 def test_stop_and_resume_equals_straight_run_bit_for_bit(tmp_path, model, mesh):
-    straight = train(tmp_path / 'straight', RUN, model, DATA, mesh)
-    stopped = train(tmp_path / 'resumed', dataclasses.replace(RUN, stop_at_step=3), model, DATA, mesh)
+    straight = train(tmp_path / 'straight', RunConfig(train=RUN, model=model, data=DATA, mesh=mesh))
+    stopping = RunConfig(train=dataclasses.replace(RUN, stop_at_step=3), model=model, data=DATA, mesh=mesh)
+    stopped = train(tmp_path / 'resumed', stopping)
     assert stopped['step'] == 3 and stopped['stopped'] == 'stop_at_step'
-    resumed = train(tmp_path / 'resumed', RUN, model, DATA, mesh)
+    resumed = train(tmp_path / 'resumed', RunConfig(train=RUN, model=model, data=DATA, mesh=mesh))
     assert resumed['step'] == straight['step'] == 6
 
     assert_same_state(tmp_path / 'straight' / 'checkpoints' / '6', tmp_path / 'resumed' / 'checkpoints' / '6')
@@ -89,13 +91,22 @@ def test_stop_and_resume_equals_straight_run_bit_for_bit(tmp_path, model, mesh):
                 'router/layers/0/attn/load/1', 'router/layers/0/attn/z_loss'} <= set(record)
 
 
+def test_a_training_length_past_the_model_length_is_refused(tmp_path):
+    short = dataclasses.replace(MODEL, max_length=32)
+    with pytest.raises(BamJaxError, match=r'TrainConfig.seq_len 64 is longer than the model reads '
+                                          r'\(ModelConfig.max_length 32\)'):
+        train(tmp_path, RunConfig(train=RUN, model=short, data=DATA, mesh=MESH))
+    assert not tmp_path.joinpath('checkpoints').exists()
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    train(tmp_path, dataclasses.replace(RUN, train_steps=2, warmup_steps=0), MODEL, DATA, MESH)
+    train(tmp_path, RunConfig(train=dataclasses.replace(RUN, train_steps=2, warmup_steps=0), model=MODEL, data=DATA,
+                              mesh=MESH))
     good = restore(tmp_path / 'checkpoints' / '2' / 'params')
     exploding = dataclasses.replace(RUN, train_steps=5, warmup_steps=0, learning_rate=1e38,
                                     grad_clip_norm=1e38, checkpoint_every=1)
     with pytest.raises(BamJaxError, match='non-finite.*last good checkpoint is step 2'):
-        train(tmp_path, exploding, MODEL, DATA, MESH)
+        train(tmp_path, RunConfig(train=exploding, model=MODEL, data=DATA, mesh=MESH))
     saved = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir() if p.name.isdigit())
     assert saved == [2]
     for x, y in zip(jax.tree.leaves(good), jax.tree.leaves(restore(tmp_path / 'checkpoints' / '2' / 'params'))):

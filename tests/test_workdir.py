@@ -23,8 +23,7 @@ SMALL = ['ModelConfig.d_model = 32', 'ModelConfig.d_ff = 64', 'ModelConfig.num_l
 
 
 def train_run(workdir, steps, *bindings):
-    parse_gin(BTX, [*SMALL, f'TRAIN_STEPS = {steps}', *bindings])
-    return train(workdir)
+    return train(workdir, parse_gin(BTX, [*SMALL, f'TRAIN_STEPS = {steps}', *bindings]))
 
 
 @pytest.fixture(scope='module')
@@ -73,11 +72,11 @@ def test_resume_refuses_another_architecture(btx_run, tmp_path):
 
 
 def test_eval_takes_a_routing_change_and_records_it(btx_run):
-    load_run_config(btx_run, ["MoEConfig.routing = 'soft'"])
-    changed = evaluate_run(btx_run, progress=lambda line: None)
+    soft = load_run_config(btx_run, ["MoEConfig.routing = 'soft'"])
+    load_run_config(btx_run, [])  # gin now binds top_k: evaluation reads the configs it is given, not gin
+    changed = evaluate_run(btx_run, soft, progress=lambda line: None)
     assert changed['settings_changed'] == {'moe.routing': ['top_k', 'soft']}
-    load_run_config(btx_run, [])
-    assert evaluate_run(btx_run, progress=lambda line: None)['settings_changed'] == {}
-    load_run_config(btx_run, ['MoEConfig.expert_split = 2'])
+    assert evaluate_run(btx_run, load_run_config(btx_run, []), progress=lambda line: None)['settings_changed'] == {}
+    split = load_run_config(btx_run, ['MoEConfig.expert_split = 2'])
     with pytest.raises(BamJaxError, match='holds a run of a different model: moe is'):
-        evaluate_run(btx_run, progress=lambda line: None)
+        evaluate_run(btx_run, split, progress=lambda line: None)

@@ -20,7 +20,7 @@ from bam_jax.generate import LanguageModel
 BOOTSTRAP_ITERS = 1000
 
 
-def _task_manager(tasks: Sequence[str]):
+def _task_manager(tasks: Sequence[str], data_config: data.DataConfig):
     from lm_eval.tasks import TaskManager
     # bam_jax's tasks read files it wrote: nothing may be fetched for them.
     ours = set(tasks) <= {*offline_tasks.TASKS, offline_tasks.GROUP}
@@ -28,16 +28,17 @@ def _task_manager(tasks: Sequence[str]):
         os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
         os.environ.setdefault('HF_HUB_OFFLINE', '1')
     # Indexing the harness's hundreds of task files takes seconds: only when one of them is asked for.
-    return TaskManager(include_path=str(offline_tasks.write_tasks(data.DataConfig())), include_defaults=not ours)
+    return TaskManager(include_path=str(offline_tasks.write_tasks(data_config)), include_defaults=not ours)
 
 
-def check_tasks(tasks: Sequence[str], num_fewshot: int | None, limit: int | None):
-    """The TaskManager, after refusing unknown names and bad options in one line."""
+def check_tasks(tasks: Sequence[str], num_fewshot: int | None, limit: int | None, data_config: data.DataConfig):
+    """The TaskManager (bam_jax's tasks cut from data_config's prepared domains), after refusing
+    unknown names and bad options in one line."""
     if num_fewshot is not None and num_fewshot < 0:
         raise BamJaxError(f'--num_fewshot must be >= 0, got {num_fewshot}')
     if limit is not None and limit < 1:
         raise BamJaxError(f'--limit must be >= 1, got {limit}')
-    manager = _task_manager(tasks)
+    manager = _task_manager(tasks, data_config)
     unknown = [name for name in tasks if name not in manager.all_tasks]
     if unknown:
         ours = ', '.join((*offline_tasks.TASKS, offline_tasks.GROUP))
@@ -62,16 +63,18 @@ def _metrics(values: dict) -> dict:
     return out
 
 
-def run_tasks(lm: LanguageModel, tasks: Sequence[str], *, num_fewshot: int | None = None,
-              limit: int | None = None, progress: Callable[[str], None] | None = None) -> dict:
-    """{task: {'acc': ..., 'acc_stderr': ..., ..., 'n': items scored, 'primary': metric name,
+def run_tasks(lm: LanguageModel, tasks: Sequence[str], data_config: data.DataConfig, *,
+              num_fewshot: int | None = None, limit: int | None = None,
+              progress: Callable[[str], None] | None = None) -> dict:
+    """The scores of `lm` (a run read with data_config) on `tasks`: {task: {'acc': ...,
+    'acc_stderr': ..., ..., 'n': items scored, 'primary': metric name,
     'chance': chance level (bam_jax's tasks; None otherwise), 'group': whether it is a group}} for
     each task and group asked for (a group's member tasks come too)."""
     import lm_eval
 
     from bam_jax.evaluate.harness import BamJaxLM
 
-    manager = check_tasks(tasks, num_fewshot, limit)
+    manager = check_tasks(tasks, num_fewshot, limit, data_config)
     out = lm_eval.simple_evaluate(model=BamJaxLM(lm=lm, progress=progress), tasks=list(tasks),
                                   num_fewshot=num_fewshot, limit=limit, task_manager=manager, log_samples=False,
                                   bootstrap_iters=BOOTSTRAP_ITERS)

@@ -16,20 +16,22 @@ from collections.abc import Sequence
 
 import jax
 
-from bam_jax import data, storage
+from bam_jax import storage
 from bam_jax.evaluate.routing_map import save_routing_map
 from bam_jax.generate import LanguageModel
-from bam_jax.gin_config import load_run_config
+from bam_jax.gin_config import RunConfig, load_run_config
 from bam_jax.parallel import batch_sharding, replicated
-from bam_jax.train.config import TrainConfig
 from bam_jax.train.step import make_eval_step
 from bam_jax.train.validation import ValidationBatches, validate
 from bam_jax.workdir import files, write_json_atomic
 
 
-def evaluate_run(workdir: str | storage.Path, batches: ValidationBatches | None = None, progress=print,
-                 tasks: Sequence[str] = (), num_fewshot: int | None = None, limit: int | None = None) -> dict:
-    """Evaluates the latest checkpoint of `workdir` under the gin config already parsed.
+def evaluate_run(workdir: str | storage.Path, configs: RunConfig, batches: ValidationBatches | None = None,
+                 progress=print, tasks: Sequence[str] = (), num_fewshot: int | None = None,
+                 limit: int | None = None) -> dict:
+    """Evaluates the latest checkpoint of `workdir` under `configs`, the run's own (its
+    config.gin plus overrides: gin_config.load_run_config). Validation rows are its training
+    batches' shape (TrainConfig.batch_size x seq_len), as in training.
 
     batches: validation batches to share with other evaluations (default: read afresh).
     tasks: downstream tasks run through lm-evaluation-harness (bam_jax.evaluate.downstream), with
@@ -41,8 +43,8 @@ def evaluate_run(workdir: str | storage.Path, batches: ValidationBatches | None 
     'settings_changed': {setting: [the checkpoint's, this evaluation's]}} (routing, top_k,
     compute dtype... set differently from the checkpoint).
     """
-    model = LanguageModel.restore(workdir, progress)
-    data_config, train_config = data.DataConfig(), TrainConfig()
+    model = LanguageModel.restore(workdir, configs.model, configs.data, configs.mesh, configs.max_length, progress)
+    data_config, train_config = configs.data, configs.train
     shardings = jax.tree.map(lambda a: a.sharding, model.params)
     sharding = batch_sharding(model.mesh)
     step = jax.jit(make_eval_step(model.graphdef), in_shardings=(shardings, sharding),
@@ -52,7 +54,8 @@ def evaluate_run(workdir: str | storage.Path, batches: ValidationBatches | None 
                           train_config.seq_len, sharding, progress)
     if tasks:
         from bam_jax.evaluate.downstream import run_tasks
-        result['tasks'] = run_tasks(model, tasks, num_fewshot=num_fewshot, limit=limit, progress=progress)
+        result['tasks'] = run_tasks(model, tasks, data_config, num_fewshot=num_fewshot, limit=limit,
+                                    progress=progress)
     experts = {kind: labels for kind in ('ffn', 'attn') if (labels := model.config.expert_labels(kind))}
     return {'step': int(model.step_dir.name), 'checkpoint': str(model.step_dir), **result, 'experts': experts,
             'settings_changed': model.settings_changed}
@@ -91,19 +94,18 @@ def eval_command(workdirs: Sequence[str | storage.Path], bindings: list[str], as
     save its eval.json and routing map. Every workdir, and every task name, is checked before any
     run is evaluated."""
     workdirs = [storage.path(w) for w in workdirs]
-    for workdir in workdirs:
-        load_run_config(workdir, bindings)
+    configs = [load_run_config(workdir, bindings) for workdir in workdirs]
     if tasks:
         from bam_jax.evaluate.downstream import check_tasks
-        check_tasks(tasks, num_fewshot, limit)
+        check_tasks(tasks, num_fewshot, limit, configs[0].data)
     log = (lambda line: print(line, file=sys.stderr)) if as_json else print  # noqa: E731
     batches = ValidationBatches()  # runs with the same data settings share them
     results = []
-    for workdir in workdirs:
+    for workdir, run_configs in zip(workdirs, configs):
         if len(workdirs) > 1:
             log(f'== {workdir}')
-        load_run_config(workdir, bindings)
-        result = evaluate_run(workdir, batches, progress=log, tasks=tasks, num_fewshot=num_fewshot, limit=limit)
+        result = evaluate_run(workdir, run_configs, batches, progress=log, tasks=tasks, num_fewshot=num_fewshot,
+                              limit=limit)
         result['overrides'] = list(bindings)
         results.append(result)
         if jax.process_index() != 0:  # a multi-process job: every process computed the same result

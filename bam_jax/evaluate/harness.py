@@ -62,8 +62,9 @@ class BamJaxLM(LM):
             if workdir is None:
                 raise BamJaxError('the bam_jax harness model needs model_args workdir=DIR')
             from bam_jax.gin_config import load_run_config
-            load_run_config(storage.path(workdir), [b for b in gin.split(';') if b.strip()])
-            lm = LanguageModel.restore(workdir, progress, batch_size=size)
+            configs = load_run_config(storage.path(workdir), [b for b in gin.split(';') if b.strip()])
+            lm = LanguageModel.restore(workdir, configs.model, configs.data, configs.mesh, configs.max_length,
+                                       progress, batch_size=size)
         self.lm, self.progress = lm, progress
 
     @property
@@ -149,12 +150,14 @@ def _generation_settings(kwargs: dict) -> tuple[tuple[str, ...], int, Sampling]:
 
 def main() -> None:
     """lm_eval's own command line, with the bam_jax model registered and bam_jax's offline tasks
-    on the include path (unless one is given)."""
+    on the include path (unless one is given), cut from the built-in corpora prepared with the
+    default data settings."""
     from lm_eval.__main__ import cli_evaluate
 
+    from bam_jax.data import DataConfig
     from bam_jax.evaluate.offline_tasks import write_tasks
     if len(sys.argv) > 1 and sys.argv[1] in ('run', 'ls', 'validate') and '--include_path' not in sys.argv:
-        sys.argv += ['--include_path', str(write_tasks())]
+        sys.argv += ['--include_path', str(write_tasks(DataConfig()))]
     cli_evaluate()
 
 

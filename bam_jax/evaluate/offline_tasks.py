@@ -228,12 +228,9 @@ def math_items(validation, training, limit=MATH_ITEMS, fewshot=MATH_FEWSHOT):
     return [_problem(t) for t in kept[pool:]], [_problem(t) for t in kept[:pool]]
 
 
-def build_items(data_config=None):
+def build_items(data_config):
     """{task: items} (and 'bam_math_fewshot') from the built-in corpora
     prepared with the settings of `data_config` (a bam_jax.data.DataConfig)."""
-    if data_config is None:
-        from bam_jax.data import DataConfig
-        data_config = DataConfig()
     out = {}
     for task in TASKS:
         domain = DOMAIN[task]
@@ -336,7 +333,7 @@ def cache_root():
     return pathlib.Path(base) / 'bam_jax'
 
 
-def write_tasks(data_config=None, directory=None):
+def write_tasks(data_config, directory=None):
     """Write the tasks and return their directory, `<directory>/<hash>/`.
 
     `directory` defaults to `cache_root() / 'lm_eval_tasks'`; `<hash>` is a

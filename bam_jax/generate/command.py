@@ -47,9 +47,10 @@ def generate_command(workdir: str | storage.Path, bindings: list[str], prompts: 
         if not prompt:
             raise BamJaxError(f'prompt {i} is empty')
     workdir = storage.path(workdir)
-    load_run_config(workdir, bindings)
+    configs = load_run_config(workdir, bindings)
     log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    model = LanguageModel.restore(workdir, progress=log, batch_size=batch_size)
+    model = LanguageModel.restore(workdir, configs.model, configs.data, configs.mesh, configs.max_length,
+                                  progress=log, batch_size=batch_size)
     log(f'{workdir.name}: step {model.step_dir.name}, {len(prompts)} prompt(s), up to {max_new_tokens} new tokens')
     completions = model.generate([model.encode(p) for p in prompts], max_new_tokens, sampling=sampling,
                                  seed=seed, stop=stop, progress=log)

@@ -66,24 +66,23 @@ class LanguageModel:
         self._score = jax.jit(functools.partial(_score, graphdef))
 
     @classmethod
-    def restore(cls, workdir: str | storage.Path, progress: Callable[[str], None] | None = None,
+    def restore(cls, workdir: str | storage.Path, config: ModelConfig, data_config: data.DataConfig,
+                mesh_config: MeshConfig, max_length: int, progress: Callable[[str], None] | None = None,
                 batch_size: int = 16) -> LanguageModel:
-        """The latest checkpoint of `workdir` under the gin config already parsed (the run's own
-        config.gin plus overrides: gin_config.load_run_config)."""
+        """The latest checkpoint of `workdir` as `config` (its settings may differ from the
+        checkpoint's), read with data_config's vocabulary, on mesh_config's mesh. The configs are
+        a run's (gin_config.load_run_config: its config.gin plus overrides)."""
         from bam_jax.models.config import describe_changes
-        from bam_jax.train.config import TrainConfig
 
         step_dir = resolve_checkpoint(storage.path(workdir), 'workdir')
-        config = ModelConfig()
         changed = check_model(config, step_dir, f'checkpoint {step_dir}')
         if changed and progress:
             progress(f'settings changed since that checkpoint: {describe_changes(changed)}')
-        mesh = create_mesh(MeshConfig())
+        mesh = create_mesh(mesh_config)
         abstract = abstract_model(config)
         graphdef, abstract_params = split_params(abstract)
         params = restore_params(step_dir, abstract_params, param_shardings(abstract, mesh))
-        model = cls(config, graphdef, params, data.vocabulary(data.DataConfig()), TrainConfig().seq_len, mesh,
-                    batch_size)
+        model = cls(config, graphdef, params, data.vocabulary(data_config), max_length, mesh, batch_size)
         model.step_dir, model.settings_changed = step_dir, changed
         return model
 

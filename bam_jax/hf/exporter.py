@@ -175,23 +175,21 @@ def export_hf(run: str | storage.Path, out: str | storage.Path, *, fmt: str = 'a
               progress: bool = True) -> dict:
     """Exports the latest checkpoint of `run` (under its config.gin plus bindings: the routing
     settings decide the format) to `out`; returns the record also saved as OUT/export.json."""
-    from bam_jax.train.config import TrainConfig
-
     start = time.perf_counter()
     run, out = storage.path(run), storage.path(out)
     if dtype not in DTYPES:
         raise BamJaxError(f'--dtype={dtype!r} is not one of {tuple(DTYPES)}')
-    gin_config.load_run_config(run, list(bindings))
-    config = ModelConfig()
+    configs = gin_config.load_run_config(run, list(bindings))
+    config = configs.model
     step_dir = workdir.resolve_checkpoint(run, 'workdir')
     workdir.check_model(config, step_dir, f'checkpoint {step_dir}')
     origin = import_record(run)
     fmt = choose_format(config, fmt, origin and origin['family'])
-    data_config = data.DataConfig()
+    data_config = configs.data
     vocabulary = data.vocabulary(data_config)
     hf_origin = origin['hf_config'] if origin else {}
     token_ids = _token_ids(vocabulary, hf_origin)
-    max_length = int(hf_origin.get('max_position_embeddings') or TrainConfig().seq_len)
+    max_length = int(hf_origin.get('max_position_embeddings') or configs.max_length)
     shapes = {path: shape for path, (shape, _) in workdir.read_param_shapes(step_dir).items()}
 
     with outputs.atomic_output(out, 'export', overwrite) as tmp:

@@ -3,8 +3,8 @@
 Output, usable as INIT_CHECKPOINT (branch.gin), as --seed/--experts of `bam-jax upcycle`, and as
 --workdir of `bam-jax eval` and `bam-jax generate`:
   OUT/checkpoints/0/params, model   the weights (float32 by default) and the ModelConfig
-  OUT/model.gin                     the model, its tokenizer (DataConfig.tokenizer_path) and the
-                                    length eval and generate use, as gin bindings
+  OUT/model.gin                     the model (its length in ModelConfig.max_length) and its
+                                    tokenizer (DataConfig.tokenizer_path), as gin bindings
   OUT/tokenizer/                    the model's tokenizer files, copied
   OUT/import.json                   what was imported: source, architecture, dtype, tensor count,
                                     and the source's config.json
@@ -14,6 +14,7 @@ near the largest tensor.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -33,9 +34,9 @@ from bam_jax.workdir.files import TOKENIZER_DIR
 
 IMPORT_RECORD = 'import.json'
 DTYPES = ('float32', 'bfloat16')
-# The length `bam-jax eval` and `generate` use on an imported model unless told otherwise: the
-# model's own limit can be far longer than one host evaluates at once.
-DEFAULT_SEQ_LEN = 2048
+# The longest ModelConfig.max_length an import gets (what generate and the harness cut contexts
+# to) unless told otherwise: the model's own limit can be far longer than one host reads at once.
+MAX_LENGTH = 2048
 
 
 def read_hf_config(hf_dir: storage.Path) -> dict:
@@ -75,6 +76,8 @@ def import_hf(hf_dir: str | storage.Path, out: str | storage.Path, *, dtype: str
         raise BamJaxError(f'--dtype={dtype!r} is not one of {DTYPES}')
     hf = read_hf_config(hf_dir)
     config, family = families.model_config(hf, param_dtype=dtype)
+    length = min(int(hf.get('max_position_embeddings') or MAX_LENGTH), MAX_LENGTH)
+    config = dataclasses.replace(config, max_length=length)
     tokenizer = hf_dir / 'tokenizer.json'
     if not tokenizer.is_file():
         raise BamJaxError(f'{hf_dir} has no tokenizer.json (the model\'s Hugging Face tokenizer)')
@@ -109,10 +112,7 @@ def _write_import(tmp: storage.Path, out: storage.Path, hf_dir: storage.Path, hf
     written, _ = tensors.write_params(tmp, converted(), budget=largest)
     outputs.write_model_config(tmp, config)
     copied = copy_tokenizer_files(hf_dir, tmp / TOKENIZER_DIR)
-    seq_len = min(int(hf.get('max_position_embeddings') or DEFAULT_SEQ_LEN), DEFAULT_SEQ_LEN)
     gin = model_gin(config, out, f'bam-jax import-hf --hf_dir={hf_dir}', tokenizer=out / TOKENIZER_DIR)
-    gin += ('# The length eval and generate read; a training stage sets its own (SEQ_LEN).\n'
-            f'TrainConfig.seq_len = {seq_len}\n')
     (tmp / files.MODEL_GIN).write_text(gin)
     return {
         'source': str(hf_dir), 'architecture': families.ARCHITECTURE[family], 'family': family,

@@ -166,7 +166,7 @@ class ModelConfig:
     exactly in float32.
     """
     # Fields of this record that are settings, not architecture (see the module docstring).
-    SETTINGS: ClassVar[tuple[str, ...]] = ('dtype', 'init_std', 'attention_impl', 'expert_names')
+    SETTINGS: ClassVar[tuple[str, ...]] = ('dtype', 'init_std', 'attention_impl', 'expert_names', 'max_length')
     EXPERT_LAYERS: ClassVar[tuple[str, ...]] = ('moe', 'moa', 'lory')
 
     vocab_size: int = 384
@@ -203,6 +203,10 @@ class ModelConfig:
     # The run each expert came from (seed, code, ...), one name per input model of the upcycle, in
     # expert order: what routing maps, tables and expert surgery call the experts. Empty: 0, 1, ...
     expert_names: tuple[str, ...] = ()
+    # The longest sequence the model reads (positions), bound by the stage files to the training
+    # length (SEQ_LEN): what inference cuts contexts to and an export declares. 0: unset, as in
+    # runs from before this setting (then the run's TrainConfig.seq_len stands in).
+    max_length: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, 'expert_names', tuple(self.expert_names))  # gin and JSON give lists
@@ -227,6 +231,8 @@ class ModelConfig:
                               f'{self.rope_low_freq_factor} and {self.rope_high_freq_factor}')
         if self.attention_impl not in ATTENTION_IMPLS:
             raise BamJaxError(f'ModelConfig.attention_impl={self.attention_impl!r} is not one of {ATTENTION_IMPLS}')
+        if self.max_length < 0:
+            raise BamJaxError(f'ModelConfig.max_length must be >= 0, got {self.max_length}')
         if self.sliding_window < 0:
             raise BamJaxError(f'ModelConfig.sliding_window must be >= 0, got {self.sliding_window}')
         for name in ('dtype', 'param_dtype'):

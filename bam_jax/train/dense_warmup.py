@@ -35,7 +35,8 @@ def start(run: Run, train_fn: Callable) -> StartState | dict:
     before the switch (stop_at_step, SIGTERM): rerunning the command continues it."""
     steps = warmup_steps(run.config, run.model)
     dense_dir = run.workdir / files.DENSE_WARMUP
-    dense = train_fn(dense_dir, warmup_config(run.config, steps), dense_model(run.model), run.data, run.mesh_config)
+    dense = train_fn(dense_dir, dataclasses.replace(run.configs, train=warmup_config(run.config, steps),
+                                                    model=dense_model(run.model)))
     if dense['step'] < steps or dense['stopped'] == 'sigterm':
         return dense
     params, opt_state, data_position = _restore_dense(run, dense_dir, steps)

@@ -8,7 +8,7 @@ split) and writes nothing.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import optax
@@ -23,11 +23,17 @@ from bam_jax.train.budget import resolve_train_steps
 from bam_jax.train.config import TrainConfig
 from bam_jax.train.optimizer import make_optimizer, trainable_mask
 
+if TYPE_CHECKING:
+    from bam_jax.gin_config import RunConfig
+
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """What `train` needs besides the start state. Fields with `abstract_` hold ShapeDtypeStructs."""
+    """What `train` needs besides the start state. Fields with `abstract_` hold ShapeDtypeStructs.
+    configs: as given (the operative gin text, a sub-run's base); config: configs.train with the
+    budget's train_steps."""
     workdir: storage.Path
+    configs: RunConfig
     config: TrainConfig
     model: ModelConfig
     data: data.DataConfig
@@ -42,17 +48,15 @@ class Run:
     batch_sharding: Any
 
     @classmethod
-    def create(cls, workdir, config: TrainConfig | None = None, model: ModelConfig | None = None,
-               data_config: data.DataConfig | None = None, mesh_config: MeshConfig | None = None) -> Run:
-        """Configs default to their gin bindings; the budget (if any) sets config.train_steps."""
-        model = model or ModelConfig()
-        config = resolve_train_steps(config or TrainConfig(), model)
+    def create(cls, workdir, configs: RunConfig) -> Run:
+        """The run of `configs` (gin_config.parse_gin binds them from a command's gin files); the
+        budget (if any) sets TrainConfig.train_steps."""
+        model, data_config, mesh_config = configs.model, configs.data, configs.mesh
+        config = resolve_train_steps(configs.train, model)
         if config.match_run or config.flops_budget:
             basis = (f'the {config.match} of {config.match_run}' if config.match_run
                      else f'{config.flops_budget:.3g} FLOPs')
             print(f'training {config.train_steps} steps: {basis}')
-        data_config = data_config or data.DataConfig()
-        mesh_config = mesh_config or MeshConfig()
         mesh = create_mesh(mesh_config)
         _check_data(config, model, data_config, mesh)
 
@@ -63,7 +67,7 @@ class Run:
             raise BamJaxError(f'TrainConfig.trainable {config.trainable!r} matches no parameter of the model')
         optimizer = make_optimizer(config)
         abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-        return cls(workdir=storage.path(workdir), config=config, model=model, data=data_config,
+        return cls(workdir=storage.path(workdir), configs=configs, config=config, model=model, data=data_config,
                    mesh_config=mesh_config, mesh=mesh, graphdef=graphdef, abstract_params=abstract_params,
                    param_shardings=shardings, optimizer=optimizer, abstract_opt_state=abstract_opt,
                    opt_shardings=opt_shardings(optimizer, abstract_opt, shardings, mesh),
@@ -79,6 +83,9 @@ def opt_shardings(optimizer, abstract_opt_state, shardings, mesh):
 
 
 def _check_data(config: TrainConfig, model: ModelConfig, data_config: data.DataConfig, mesh: Mesh) -> None:
+    if model.max_length and config.seq_len > model.max_length:
+        raise BamJaxError(f'TrainConfig.seq_len {config.seq_len} is longer than the model reads '
+                          f'(ModelConfig.max_length {model.max_length})')
     data.source_rates(data_config)
     data.eval_domain_names(data_config)
     vocab_size = data.vocab_size(data_config)

@@ -6,8 +6,8 @@ import math
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING
 
-import gin
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -25,13 +25,17 @@ from bam_jax.train.step import make_eval_step, make_train_step
 from bam_jax.train.validation import ValidationBatches, validate
 from bam_jax.workdir import RunCheckpoints, files
 
+if TYPE_CHECKING:
+    from bam_jax.gin_config import RunConfig
 
-def train(workdir, config=None, model_config=None, data_config=None, mesh_config=None) -> dict:
-    """Trains (or resumes) the run in `workdir`. Configs default to their gin bindings.
+
+def train(workdir, configs: RunConfig) -> dict:
+    """Trains (or resumes) the run in `workdir` with `configs` (`bam-jax train` binds them from its
+    gin files: gin_config.parse_gin).
 
     Returns {'step': last step, 'loss': last train loss, 'eval': last eval results, 'stopped': why}.
     """
-    run = Run.create(workdir, config, model_config, data_config, mesh_config)
+    run = Run.create(workdir, configs)
     begin = start.choose(run, train)  # every check runs before anything is written to the workdir
     state = begin()
     if not isinstance(state, StartState):  # Lory's dense warm-up stopped before the switch
@@ -96,8 +100,8 @@ def _global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array
 def _train_from(run: Run, state: StartState) -> dict:
     """Trains from `state` to the end (or stop_at_step), then records the run's budget."""
     run.workdir.mkdir(parents=True, exist_ok=True)
-    if jax.process_index() == 0:
-        (run.workdir / files.CONFIG).write_text(gin.operative_config_str())
+    if jax.process_index() == 0 and run.configs.operative:
+        (run.workdir / files.CONFIG).write_text(run.configs.operative)
     log = MetricsLog(run.workdir, resume_step=state.step)
     if state.settings_changed:
         log.settings_changed(state.step, state.settings_changed)

@@ -198,9 +198,7 @@ def run_domains(directories: list[str], sources: str = '') -> list[Domain]:
     DataConfig.source unless `sources` (comma-separated, one per run; empty keeps the run's)
     names another. A source with rates ('code:3,law:1') is not split on its commas: give
     those runs' sources in their config instead."""
-    from bam_jax.data import DataConfig
     from bam_jax.gin_config import load_run_config
-    from bam_jax.train.config import TrainConfig
 
     given = [s.strip() for s in sources.split(',')] if sources else [''] * len(directories)
     if len(given) != len(directories):
@@ -208,12 +206,11 @@ def run_domains(directories: list[str], sources: str = '') -> list[Domain]:
                           '(the seed first, then the experts)')
     domains = []
     for directory, source in zip(directories, given):
-        load_run_config(directory, [])
-        data = DataConfig()
-        source = source or data.source
+        configs = load_run_config(directory, [])
+        source = source or configs.data.source
         if not source:
             raise BamJaxError(f'{directory} records no DataConfig.source: name its domain with --router_data')
-        domains.append(Domain(source, data, TrainConfig().seq_len))
+        domains.append(Domain(source, configs.data, configs.train.seq_len))
     return domains
 
 
