@@ -21,6 +21,7 @@ from bam_jax.models import attention_kernels as kernels
 from bam_jax.models.config import MoAConfig, MoEConfig, setting_changes
 from bam_jax.models.layers import Attention
 from bam_jax.models.moa import MoAttention
+from bam_jax.models.sublayer import Context
 from bam_jax.parallel import MeshConfig, batch_sharding, create_mesh
 
 from helpers import numpy_layer
@@ -94,7 +95,7 @@ def layer_run(cfg, params, x, positions, segment_ids, cotangent):
     mask = functools.partial(kernels.self_attention_mask, config=cfg)
 
     def loss(p, x):
-        y = merge_params(graphdef, p)(x, positions, mask(segment_ids))
+        y, _ = merge_params(graphdef, p)(x, Context(positions, mask(segment_ids), segment_ids))
         return jnp.sum(y * cotangent), y
 
     (_, y), (grad_params, grad_x) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)

@@ -20,6 +20,7 @@ from bam_jax.models.dropless import dropless_group, send_slots, take
 from bam_jax.models.flops import train_flops_per_token
 from bam_jax.models.moe import MoEFeedForward, dense_experts
 from bam_jax.models.routing import call_with_aux, combine_weights, route, router_aux
+from bam_jax.models.sublayer import Context
 from bam_jax.parallel import MeshConfig, create_mesh
 
 import references
@@ -60,7 +61,7 @@ def skewed_x(seed):
 def layer_loss(graphdef, ct):
     """params, x -> (sum(y * ct) + aux loss, (y, aux)) of one training call of the layer."""
     def fn(params, x):
-        y, aux = call_with_aux(nnx.merge(graphdef, params), x, train=True)
+        (y, _), aux = call_with_aux(nnx.merge(graphdef, params), x, Context(None, None, None, train=True))
         return jnp.sum(y * ct) + aux['']['loss'], (y, aux[''])
     return jax.value_and_grad(fn, argnums=(0, 1), has_aux=True)
 

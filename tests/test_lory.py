@@ -28,6 +28,7 @@ from bam_jax.models.flops import forward_flops_per_token, lory_merge_overhead, t
 from bam_jax.models.layers import SwiGLU
 from bam_jax.models.lory import LoryFeedForward
 from bam_jax.models.routing import call_with_aux
+from bam_jax.models.sublayer import Context
 
 import references
 from helpers import numpy_layer, random_x, routed_ffn_params
@@ -53,7 +54,8 @@ def make_layer(*, seed=0, router_scale=3.0, lory=None):
 def apply_fn(graphdef, prompt_len=None):
     """params, x, segment_ids -> (y, aux) of one layer call."""
     def fn(params, x, segment_ids):
-        y, aux = call_with_aux(nnx.merge(graphdef, params), x, segment_ids, prompt_len=prompt_len)
+        context = Context(None, None, segment_ids, prompt_len=prompt_len)
+        (y, _), aux = call_with_aux(nnx.merge(graphdef, params), x, context)
         return y, aux['']
     return fn
 
@@ -116,7 +118,7 @@ def test_identical_experts_equal_dense_swiglu(prompt_len):
     x = random_x((2, 10, D), seed=4)  # 3 segments, the last one short
     segment_ids = jnp.ones((2, 10), jnp.int32)
     y, aux = jax.jit(apply_fn(graphdef, prompt_len))(params, x, segment_ids)
-    want = jax.jit(lambda p, x: nnx.merge(dense_def, p)(x))(w, x)
+    want = jax.jit(lambda p, x: nnx.merge(dense_def, p)(x)[0])(w, x)
     close(y, want, rtol=1e-5, atol=1e-6)
     close(want, np_swiglu(np.asarray(x, np.float64), *(np.asarray(w[n], np.float64)
                                                         for n in ('wi_gate', 'wi_up', 'wo'))))

@@ -22,6 +22,7 @@ from bam_jax.models.config import MoAConfig, MoEConfig
 from bam_jax.models.layers import Attention
 from bam_jax.models.moa import MoAttention
 from bam_jax.models.routing import call_with_aux
+from bam_jax.models.sublayer import Context
 from bam_jax.parallel import MeshConfig, batch_sharding, create_mesh
 
 from helpers import numpy_layer, packed_rows
@@ -79,7 +80,7 @@ def make_layer(cfg, seed=0):
 
 def run_layer(graphdef, params, x, positions, segment_ids):
     def fn(p, x, pos, seg):
-        return merge_params(graphdef, p)(x, pos, attention_mask(seg))
+        return merge_params(graphdef, p)(x, Context(pos, attention_mask(seg), seg))[0]
     return np.asarray(jax.jit(fn)(params, x, positions, segment_ids))
 
 
@@ -219,7 +220,7 @@ def test_router_gradient(variant):
     cotangent = rng.normal(0, 1, x.shape)
 
     def loss(p):
-        y = merge_params(graphdef, p)(x, positions, attention_mask(segment_ids))
+        y, _ = merge_params(graphdef, p)(x, Context(positions, attention_mask(segment_ids), segment_ids))
         return jnp.sum(y * cotangent.astype(np.float32))
 
     grads = jax.jit(jax.grad(loss))(params)

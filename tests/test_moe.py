@@ -25,6 +25,7 @@ from bam_jax.models.moe import (
     expert_capacity,
 )
 from bam_jax.models.routing import call_with_aux, combine_weights, route, router_aux
+from bam_jax.models.sublayer import Context
 from bam_jax.parallel import MeshConfig, create_mesh
 
 import references
@@ -58,7 +59,7 @@ def apply_fn(graphdef, *, train=False):
     """params, x[, rng] -> (y, aux) for one layer call."""
     def fn(params, x, rng=None):
         layer = nnx.merge(graphdef, params)
-        y, aux = call_with_aux(layer, x, train=train, rng=rng)
+        (y, _), aux = call_with_aux(layer, x, Context(None, None, None, train=train, rng=rng))
         return y, aux['']
     return fn
 
@@ -318,7 +319,7 @@ def test_identical_experts_equal_dense_swiglu(moe):
     w = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), w)
     params['experts'] = {n: jnp.broadcast_to(a, (4,) + a.shape) for n, a in w.items()}
     x = random_x((2, 8, D), seed=9)
-    want = jax.jit(lambda p, x: nnx.merge(dense_def, p)(x))(w, x)
+    want = jax.jit(lambda p, x: nnx.merge(dense_def, p)(x)[0])(w, x)
     y, aux = jax.jit(apply_fn(graphdef))(params, x)
     close(y, want, rtol=1e-5, atol=1e-6)
     assert float(aux['dropped_fraction']) == 0.0

@@ -187,6 +187,7 @@ def test_with_soft_routing_an_added_expert_moves_the_output_by_its_weight_only()
 
     from bam_jax.models.attention_kernels import self_attention_mask
     from bam_jax.models.moa import MoAttention
+    from bam_jax.models.sublayer import Context
 
     params, config, models = mixed('bam')
     prefix = 'layers/0/attn/'
@@ -201,7 +202,8 @@ def test_with_soft_routing_an_added_expert_moves_the_output_by_its_weight_only()
 
     def attention(flat, cfg):
         graphdef, _ = split_params(MoAttention(cfg, rngs=nnx.Rngs(0)))
-        return np.asarray(merge_params(graphdef, unflatten(layer_params(flat)))(x, positions, mask), np.float64)
+        layer = merge_params(graphdef, unflatten(layer_params(flat)))
+        return np.asarray(layer(x, Context(positions, mask, None))[0], np.float64)
 
     alone = dataclasses.replace(bigger, moa=dataclasses.replace(bigger.moa, num_experts=1), moe=None, expert_names=())
     only_new = {k: v[3:4] if '/experts/' in k else v[:, 3:4] for k, v in grown.items() if k.startswith(prefix)}

@@ -1,12 +1,13 @@
 """The decoding cache: a pytree, one entry per layer, preallocated to the maximum length.
 
-Every layer caches the keys and values its attention reads, after RoPE, in the compute dtype:
+Each sublayer owns its part's shape (`cache_spec` and CACHE_AXES, bam_jax/models/sublayer.py):
+every attention caches the keys and values it reads, after RoPE, in the compute dtype,
   dense, BTX, Lory  {'attn': {'k', 'v'}} of [B, S, K, Dh]: the dense model's cache;
   BAM expert KV     [B, S, N*K, Dh]: every attention expert has its own K/V heads, N times dense;
   BAM shared KV     [B, S, K, Dh]: the experts' N*H query heads read the dense model's K heads,
-                    so the cache is the dense one, byte for byte.
-Lory adds {'ffn': {'wi_gate', 'wi_up' [B, 1, D, F], 'wo' [B, 1, F, D]}}: each row's FFN, merged
-once from its prompt at prefill, so a generated token costs what a dense token costs.
+                    so the cache is the dense one, byte for byte;
+and a Lory FFN adds {'ffn': {'wi_gate', 'wi_up' [B, 1, D, F], 'wo' [B, 1, F, D]}}, each row's FFN
+merged once from its prompt. This module assembles and places them.
 Shapes: B batch, S maximum length, K kv heads, N attention experts, Dh head_dim, D d_model, F d_ff.
 """
 
@@ -16,32 +17,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
-from bam_jax.models import ModelConfig
+from bam_jax.models import Block, ModelConfig
 from bam_jax.parallel.sharding import logical_to_spec
-
-KV_AXES = ('batch', 'length', 'kv_heads', 'head_dim')
-MERGED_FFN_AXES = {'wi_gate': ('batch', None, 'embed', 'mlp'), 'wi_up': ('batch', None, 'embed', 'mlp'),
-                   'wo': ('batch', None, 'mlp', 'embed')}
-
-
-def cache_kv_heads(config: ModelConfig) -> int:
-    """K/V heads a layer caches: N*K for expert-KV attention experts, K otherwise."""
-    if config.moa and not config.moa.shared_kv:
-        return config.moa.num_experts * config.num_kv_heads
-    return config.num_kv_heads
 
 
 def cache_spec(config: ModelConfig, batch: int, max_len: int) -> list[dict]:
     """The cache's shapes and dtypes (jax.ShapeDtypeStruct), one dict per layer."""
-    dt = config.compute_dtype
-    kv = jax.ShapeDtypeStruct((batch, max_len, cache_kv_heads(config), config.resolved_head_dim), dt)
-    layer = {'attn': {'k': kv, 'v': kv}}
-    if config.lory:
-        d, f = config.d_model, config.d_ff
-        layer['ffn'] = {'wi_gate': jax.ShapeDtypeStruct((batch, 1, d, f), dt),
-                        'wi_up': jax.ShapeDtypeStruct((batch, 1, d, f), dt),
-                        'wo': jax.ShapeDtypeStruct((batch, 1, f, d), dt)}
-    return [layer for _ in range(config.num_layers)]
+    return [Block.cache_spec(config, batch, max_len) for _ in range(config.num_layers)]
 
 
 def cache_bytes(spec) -> int:
@@ -49,11 +31,14 @@ def cache_bytes(spec) -> int:
     return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(spec))
 
 
-def cache_shardings(spec, mesh: Mesh):
-    """The batch over the data-parallel axes, K/V heads (and a merged FFN) as the weights are."""
+def cache_shardings(config: ModelConfig, spec, mesh: Mesh):
+    """Each entry placed by its sublayer's CACHE_AXES: the batch over the data-parallel axes,
+    K/V heads (and a merged FFN) as the weights are."""
+    axes = Block.cache_axes(config)
+
     def one(path, x):
-        names = MERGED_FFN_AXES[path[-1].key] if path[-2].key == 'ffn' else KV_AXES
-        return NamedSharding(mesh, logical_to_spec(names, x.shape, mesh))
+        sublayer, entry = (key.key for key in path[-2:])
+        return NamedSharding(mesh, logical_to_spec(axes[sublayer][entry], x.shape, mesh))
     return jax.tree_util.tree_map_with_path(one, spec)
 
 

@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from bam_jax.generate.cache import cache_shardings, cache_spec, init_cache
 from bam_jax.generate.sampling import GREEDY, Sampling, sample
-from bam_jax.models import ModelConfig, merge_params
+from bam_jax.models import Block, ModelConfig, merge_params
 from bam_jax.parallel.sharding import logical_to_spec
 
 NOTHING = -1  # in a row's output after it stopped
@@ -121,10 +121,11 @@ class Engine:
                             donate_argnums=0)
 
     def prefill(self, params, tokens: np.ndarray, lengths: np.ndarray, cache):
-        """prefill over the whole right-padded prompts [B, P], chunk by chunk (Lory: at once).
+        """prefill over the whole right-padded prompts [B, P], chunk by chunk (at once where a
+        sublayer needs it: Block.whole_prompt_prefill).
         Returns (logits [B, V] of each row's next token, cache)."""
         width = tokens.shape[1]
-        chunk = width if self.config.lory else min(width, self.prefill_chunk)
+        chunk = width if Block.whole_prompt_prefill(self.config) else min(width, self.prefill_chunk)
         logits = jnp.zeros((tokens.shape[0], self.config.vocab_size), jnp.float32)
         lengths = self.put(lengths)
         for offset in range(0, width, chunk):
@@ -142,7 +143,7 @@ class Engine:
     def new_cache(self, batch: int, max_len: int):
         """A zero cache for `batch` rows of up to `max_len` tokens, placed on the mesh."""
         spec = cache_spec(self.config, batch, max_len)
-        return init_cache(spec, cache_shardings(spec, self.mesh) if self.mesh else None)
+        return init_cache(spec, cache_shardings(self.config, spec, self.mesh) if self.mesh else None)
 
     def on_mesh(self):
         """The context to run under: the engine's mesh (the expert layers dispatch over it), if any."""

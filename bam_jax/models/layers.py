@@ -15,6 +15,17 @@ from flax import nnx
 
 from bam_jax.models.attention_kernels import attention, check_attention_impl, dot_product_attention
 from bam_jax.models.config import ModelConfig
+from bam_jax.models.sublayer import Context, Sublayer
+
+# A KV cache's logical axes ([B, S, K, Dh]): the batch over the data-parallel axes, K/V heads
+# as the weights place them.
+KV_CACHE_AXES = {'k': ('batch', 'length', 'kv_heads', 'head_dim'), 'v': ('batch', 'length', 'kv_heads', 'head_dim')}
+
+
+def kv_cache_spec(config: ModelConfig, batch: int, max_len: int, kv_heads: int) -> dict:
+    """{'k', 'v'}: [B, S, kv_heads, Dh] in the compute dtype, the keys and values after RoPE."""
+    kv = jax.ShapeDtypeStruct((batch, max_len, kv_heads, config.resolved_head_dim), config.compute_dtype)
+    return {'k': kv, 'v': kv}
 
 
 def param(rngs: nnx.Rngs, init, shape, dtype, names) -> nnx.Param:
@@ -121,9 +132,16 @@ def attend(q, k, v, positions, mask, cache=None, gate=None, window: int = 0, imp
     return attention(q, k, v, mask, impl=impl, window=window, gate=gate), cache
 
 
-class Attention(nnx.Module):
+class Attention(Sublayer):
     """Multi-head attention with grouped K/V heads and RoPE; weights wq, wk, wv, wo, and
-    bq [H, Dh], bk, bv [K, Dh] (qkv_bias), q_norm, k_norm [Dh] (qk_norm)."""
+    bq [H, Dh], bk, bv [K, Dh] (qkv_bias), q_norm, k_norm [Dh] (qk_norm). Decoding caches
+    K/V [B, S, K, Dh]."""
+
+    CACHE_AXES = KV_CACHE_AXES
+
+    @classmethod
+    def cache_spec(cls, config: ModelConfig, batch: int, max_len: int) -> dict:
+        return kv_cache_spec(config, batch, max_len, config.num_kv_heads)
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         check_attention_impl(config)
@@ -146,11 +164,11 @@ class Attention(nnx.Module):
             self.q_norm = param(rngs, nnx.initializers.ones, (dh,), wd, ('head_dim',))
             self.k_norm = param(rngs, nnx.initializers.ones, (dh,), wd, ('head_dim',))
 
-    def __call__(self, x, positions, mask, *, train: bool = False, rng=None, cache=None):
-        """x: [B, T, D] -> [B, T, D], or (y, cache) when a KV cache ({'k', 'v'} [B, S, K, Dh])
-        is given (see attend). mask: attention_kernels.self_attention_mask's (Documents or a
-        boolean [B, 1, T, T]). train, rng: the routed layers' interface; unused here."""
+    def __call__(self, x, context: Context, cache=None):
+        """x: [B, T, D] -> (y [B, T, D], cache): the sublayer protocol. Reads context.positions
+        and context.mask; cache: {'k', 'v'} [B, S, K, Dh] or None (see attend)."""
         config, dt = self.config, self.config.compute_dtype
+        positions = context.positions
         x = x.astype(dt)
 
         def heads(w, bias=None, norm=None):
@@ -159,10 +177,9 @@ class Attention(nnx.Module):
 
         freqs = rope_frequencies(config)
         q, k = rope(heads('wq', 'bq', 'q_norm'), positions, freqs), rope(heads('wk', 'bk', 'k_norm'), positions, freqs)
-        out, cache = attend(q, k, heads('wv', 'bv'), positions, mask, cache, window=config.sliding_window,
+        out, cache = attend(q, k, heads('wv', 'bv'), positions, context.mask, cache, window=config.sliding_window,
                             impl=config.attention_impl)
-        y = jnp.einsum('bthk,hkd->btd', out, self.wo[...].astype(dt))
-        return y if cache is None else (y, cache)
+        return jnp.einsum('bthk,hkd->btd', out, self.wo[...].astype(dt)), cache
 
 
 def optional(module: nnx.Module, name: str | None):
@@ -171,7 +188,7 @@ def optional(module: nnx.Module, name: str | None):
     return None if weight is None else weight[...]
 
 
-class SwiGLU(nnx.Module):
+class SwiGLU(Sublayer):
     """FFN(x) = (silu(x Wg) * (x Wu)) Wo; weights wi_gate, wi_up, wo."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -184,12 +201,12 @@ class SwiGLU(nnx.Module):
         self.wi_up = param(rngs, init, (d, f), wd, ('embed', 'mlp'))
         self.wo = param(rngs, out_init, (f, d), wd, ('mlp', 'embed'))
 
-    def __call__(self, x, *, train: bool = False, rng=None):
-        """x: [B, T, D] -> [B, T, D]. train, rng: the routed layers' interface; unused here."""
+    def __call__(self, x, context: Context | None = None, cache=None):
+        """x: [B, T, D] -> (y [B, T, D], None): the sublayer protocol; it reads no context."""
         dt = self.dtype
         x = x.astype(dt)
         hidden = jax.nn.silu(x @ self.wi_gate[...].astype(dt)) * (x @ self.wi_up[...].astype(dt))
-        return hidden @ self.wo[...].astype(dt)
+        return hidden @ self.wo[...].astype(dt), cache
 
 
 class Embed(nnx.Module):

@@ -23,6 +23,7 @@ from flax import nnx
 from bam_jax.models.config import ModelConfig
 from bam_jax.models.moe import SwiGLUExperts
 from bam_jax.models.routing import Router, report
+from bam_jax.models.sublayer import Context, Sublayer
 
 
 def masked_mean(x, mask, axis):
@@ -53,11 +54,23 @@ def merged_swiglu(x, merged: dict):
     return jnp.einsum('bstf,bsfd->bstd', hidden, merged['wo'])
 
 
-class LoryFeedForward(nnx.Module):
+class LoryFeedForward(Sublayer):
     """Segment-routed merged SwiGLU experts in place of the dense FFN. Parameters: router/*, experts/*.
+    Decoding caches each row's merged FFN, merged once from its prompt at prefill, so a generated
+    token costs what a dense token costs: wi_gate, wi_up [B, 1, D, F], wo [B, 1, F, D].
 
     Reports its router z-loss and metrics (the keys of routing.router_aux) to routing.call_with_aux.
     """
+
+    WHOLE_PROMPT_PREFILL = True  # the merge reads the whole prompt
+    CACHE_AXES = {'wi_gate': ('batch', None, 'embed', 'mlp'), 'wi_up': ('batch', None, 'embed', 'mlp'),
+                  'wo': ('batch', None, 'mlp', 'embed')}
+
+    @classmethod
+    def cache_spec(cls, config: ModelConfig, batch: int, max_len: int) -> dict:
+        d, f, dt = config.d_model, config.d_ff, config.compute_dtype
+        into, out = jax.ShapeDtypeStruct((batch, 1, d, f), dt), jax.ShapeDtypeStruct((batch, 1, f, d), dt)
+        return {'wi_gate': into, 'wi_up': into, 'wo': out}
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.lory = config.lory
@@ -66,16 +79,17 @@ class LoryFeedForward(nnx.Module):
         self.router = Router(self.num_experts, config, rngs=rngs)
         self.experts = SwiGLUExperts(self.num_experts, config.d_ff, config, rngs=rngs)
 
-    def __call__(self, x, segment_ids, *, train: bool = False, rng=None, prompt_len=None, cache=None):
-        """x: [B, L, D]; segment_ids: [B, L] (0 = padding, left out of every mean) -> [B, L, D].
+    def __call__(self, x, context: Context, cache=None):
+        """x: [B, L, D] -> (y [B, L, D], cache): the sublayer protocol. Reads
+        context.segment_ids ([B, L], 0 = padding, left out of every mean) and .prompt_len.
 
         prompt_len (int or [B]): inference; one merge per row from the mean of its first
         prompt_len tokens, used at every position. None: training-time segment routing.
         cache (decoding): a row's merged FFN, as merge_experts returns it with S = 1. With
         prompt_len (the prefill) it is computed and returned; without, the cached FFN serves
-        the new tokens, at a dense FFN's cost. Given a cache, returns (y, cache).
-        train, rng: the routed layers' interface; Lory neither samples nor drops.
+        the new tokens, at a dense FFN's cost. Lory neither samples nor drops.
         """
+        segment_ids, prompt_len = context.segment_ids, context.prompt_len
         batch, length, d = x.shape
         x = x.astype(self.dtype)
         if cache is not None and prompt_len is None:
@@ -100,7 +114,7 @@ class LoryFeedForward(nnx.Module):
         merged = merge_experts(merge, *self.experts.weights(jnp.float32), self.dtype)
         y = merged_swiglu(x_seg, merged).reshape(batch, -1, d)[:, :length]
         report(self, self.aux(logits, merge, jnp.any(real, axis=-1)))
-        return y if cache is None else (y, merged)
+        return y, (None if cache is None else merged)
 
     def aux(self, logits, merge, used) -> dict:
         """routing.router_aux's keys over the merges that segments with a real token use.

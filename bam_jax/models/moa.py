@@ -27,8 +27,18 @@ from flax import nnx
 
 from bam_jax.models.attention_kernels import check_attention_impl
 from bam_jax.models.config import ModelConfig
-from bam_jax.models.layers import attend, head_extras, optional, param, rope, rope_frequencies
+from bam_jax.models.layers import (
+    KV_CACHE_AXES,
+    attend,
+    head_extras,
+    kv_cache_spec,
+    optional,
+    param,
+    rope,
+    rope_frequencies,
+)
 from bam_jax.models.routing import Router, combine_weights, report, route, router_aux
+from bam_jax.models.sublayer import Context, Sublayer
 
 
 class AttentionExperts(nnx.Module):
@@ -60,12 +70,21 @@ class AttentionExperts(nnx.Module):
                 self.k_norm = param(rngs, nnx.initializers.ones, (n, dh), wd, ('experts', 'head_dim'))
 
 
-class MoAttention(nnx.Module):
+class MoAttention(Sublayer):
     """Routed attention experts in place of the dense attention. Parameters: router/*,
-    experts/*, and wk, wv (bk, bv, k_norm) when K/V are shared.
+    experts/*, and wk, wv (bk, bv, k_norm) when K/V are shared. Decoding caches K/V
+    [B, S, N*K, Dh] (expert KV: every expert its own heads) or [B, S, K, Dh] (shared KV: the
+    dense model's cache, byte for byte).
 
     Reports its routing losses and metrics (routing.router_aux) to routing.call_with_aux.
     """
+
+    CACHE_AXES = KV_CACHE_AXES
+
+    @classmethod
+    def cache_spec(cls, config: ModelConfig, batch: int, max_len: int) -> dict:
+        experts = 1 if config.moa.shared_kv else config.moa.num_experts
+        return kv_cache_spec(config, batch, max_len, experts * config.num_kv_heads)
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         check_attention_impl(config)
@@ -85,22 +104,19 @@ class MoAttention(nnx.Module):
             if config.qk_norm:
                 self.k_norm = param(rngs, nnx.initializers.ones, (dh,), wd, ('head_dim',))
 
-    def __call__(self, x, positions, mask, *, train: bool = False, rng=None, cache=None):
-        """x: [B, T, D]; positions: [B, T]; mask: attention_kernels.self_attention_mask's
-        (Documents or a boolean [B, 1, T, T]) -> [B, T, D].
-
-        cache: a KV cache {'k', 'v'} [B, S, N*K, Dh] (expert KV) or [B, S, K, Dh] (shared KV,
-        the dense model's); given one, returns (y, cache) (see layers.attend).
-        """
+    def __call__(self, x, context: Context, cache=None):
+        """x: [B, T, D] -> (y [B, T, D], cache): the sublayer protocol. Reads context.positions,
+        .mask, .train and .rng (sampled routing); cache: the KV cache (cache_spec) or None."""
         x = x.astype(self.config.compute_dtype)
+        positions, mask = context.positions, context.mask
         logits = self.router(x)
-        index, gate, probs = route(logits, self.moa, rng if train else None)
+        index, gate, probs = route(logits, self.moa, context.rng if context.train else None)
         gates = combine_weights(index, gate, self.moa.num_experts)  # [B, T, N]
         q = self._heads(x, self.experts, 'wq', 'bq', 'q_norm')  # [B, T, N, H, Dh]
         attention = self._shared_kv if self.moa.shared_kv else self._expert_kv
         y, cache = attention(x, q, gates, positions, mask, cache)
         report(self, router_aux(logits, probs, index, self.moa))
-        return y if cache is None else (y, cache)
+        return y, cache
 
     def _weight(self, w):
         return w[...].astype(self.config.compute_dtype)

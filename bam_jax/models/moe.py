@@ -39,6 +39,7 @@ from bam_jax.models.config import ModelConfig
 from bam_jax.models.dropless import dropless_group
 from bam_jax.models.layers import param
 from bam_jax.models.routing import Router, combine_weights, report, route, router_aux
+from bam_jax.models.sublayer import Context, Sublayer
 from bam_jax.parallel.sharding import logical_to_spec
 
 
@@ -152,7 +153,7 @@ def dropless(x, expert_index, gate, weights):
     return _over_mesh(dropless_group, x, expert_index, gate, weights, num_outputs=1)
 
 
-class MoEFeedForward(nnx.Module):
+class MoEFeedForward(Sublayer):
     """Routed SwiGLU experts in place of the dense FFN. Parameters: router/*, experts/*.
 
     Reports its routing losses and metrics (routing.router_aux) to routing.call_with_aux.
@@ -165,12 +166,14 @@ class MoEFeedForward(nnx.Module):
         self.router = Router(self.num_experts, config, rngs=rngs)
         self.experts = SwiGLUExperts(self.num_experts, config.d_ff // config.moe.expert_split, config, rngs=rngs)
 
-    def __call__(self, x, *, train: bool = False, rng=None):
-        """x: [B, T, D] -> [B, T, D]. train: sampled routing, and a capacity unless moe.dropless;
-        otherwise dropless."""
+    def __call__(self, x, context: Context, cache=None):
+        """x: [B, T, D] -> (y [B, T, D], None): the sublayer protocol. Reads context.train
+        (sampled routing with context.rng, and a capacity unless moe.dropless; otherwise
+        dropless); it keeps no decoding state."""
         x = x.astype(self.dtype)
+        train = context.train
         logits = self.router(x)
-        index, gate, probs = route(logits, self.moe, rng if train else None)
+        index, gate, probs = route(logits, self.moe, context.rng if train else None)
         weights = self.experts.weights(self.dtype)
         dropped = 0.0
         if self.moe.routing == 'soft':
@@ -184,4 +187,4 @@ class MoEFeedForward(nnx.Module):
         else:
             y = dropless(x, index, gate, weights)
         report(self, router_aux(logits, probs, index, self.moe, dropped))
-        return y
+        return y, cache

@@ -4,7 +4,8 @@ A block is either the parallel form used by BAM and PaLM, y = x + attn(norm(x)) 
 or the sequential pre-norm form, y = x + attn(norm1(x)); y = y + ffn(norm2(y)).
 Its attention is dense or attention experts (ModelConfig.moa), its FFN dense, routed experts
 (ModelConfig.moe) or Lory's segment-merged experts (ModelConfig.lory): dense = both dense,
-BTX = dense attention + MoE, BAM = MoA + MoE.
+BTX = dense attention + MoE, BAM = MoA + MoE. Every sublayer is called alike
+(bam_jax/models/sublayer.py), so a block never asks which kind it holds.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from bam_jax.models.moa import MoAttention
 from bam_jax.models.moe import MoEFeedForward
 from bam_jax.models.params import split_params
 from bam_jax.models.routing import record_input
+from bam_jax.models.sublayer import Context, Sublayer
 
 
-def _fold(rng, i: int):
-    """An independent key per layer and sub-layer (None stays None: deterministic routing)."""
-    return None if rng is None else jax.random.fold_in(rng, i)
+def sublayers(config: ModelConfig) -> dict[str, type[Sublayer]]:
+    """The class of a block's attention and of its FFN."""
+    return {'attn': MoAttention if config.moa else Attention,
+            'ffn': LoryFeedForward if config.lory else MoEFeedForward if config.moe else SwiGLU}
 
 
 class Block(nnx.Module):
@@ -40,49 +43,49 @@ class Block(nnx.Module):
         else:
             self.attn_norm = RMSNorm(config.d_model, config, rngs=rngs)
             self.ffn_norm = RMSNorm(config.d_model, config, rngs=rngs)
-        self.attn = MoAttention(config, rngs=rngs) if config.moa else Attention(config, rngs=rngs)
-        if config.lory:
-            self.ffn = LoryFeedForward(config, rngs=rngs)
-        elif config.moe:
-            self.ffn = MoEFeedForward(config, rngs=rngs)
-        else:
-            self.ffn = SwiGLU(config, rngs=rngs)
+        layers = sublayers(config)
+        self.attn = layers['attn'](config, rngs=rngs)
+        self.ffn = layers['ffn'](config, rngs=rngs)
 
-    def __call__(self, x, positions, mask, segment_ids, *, train: bool = False, rng=None, prompt_len=None,
-                 cache=None):
-        """x: [B, T, D] -> [B, T, D]. train and rng reach the routers (capacity, sampling);
-        segment_ids ([B, T], 0 = padding) and prompt_len reach a Lory FFN only.
-        cache: this layer's decoding cache {'attn': KV cache[, 'ffn': Lory's merged FFN]}
-        (bam_jax/generate/cache.py); given one, returns (y, cache)."""
-        attn = dict(train=train, rng=_fold(rng, 0))
-        ffn = dict(train=train, rng=_fold(rng, 1))
-        if isinstance(self.ffn, LoryFeedForward):
-            ffn = dict(ffn, segment_ids=segment_ids, prompt_len=prompt_len)
-        if cache is not None:
-            cache = dict(cache)
-            attn['cache'] = cache['attn']
-            if 'ffn' in cache:
-                ffn['cache'] = cache['ffn']
+    @staticmethod
+    def cache_spec(config: ModelConfig, batch: int, max_len: int) -> dict:
+        """A layer's decoding cache, by sublayer: {'attn': its KV cache[, 'ffn': Lory's merged FFN]}."""
+        specs = {name: layer.cache_spec(config, batch, max_len) for name, layer in sublayers(config).items()}
+        return {name: spec for name, spec in specs.items() if spec is not None}
 
-        def call(layer, name, *args, **kwargs):
-            if 'cache' not in kwargs:
-                return layer(*args, **kwargs)
-            out, cache[name] = layer(*args, **kwargs)
-            return out
+    @staticmethod
+    def cache_axes(config: ModelConfig) -> dict:
+        """cache_spec's logical axes, by sublayer and entry."""
+        return {name: layer.CACHE_AXES for name, layer in sublayers(config).items() if layer.CACHE_AXES}
 
+    @staticmethod
+    def whole_prompt_prefill(config: ModelConfig) -> bool:
+        """Whether a sublayer needs each prompt prefilled in one call (Sublayer.WHOLE_PROMPT_PREFILL)."""
+        return any(layer.WHOLE_PROMPT_PREFILL for layer in sublayers(config).values())
+
+    def __call__(self, x, context: Context, cache: dict | None = None):
+        """x: [B, T, D] -> (y [B, T, D], cache). context: what the sublayers read (each gets its
+        own key); cache: this layer's decoding cache (cache_spec's) or None, returned updated."""
+        cache = cache or {}
+        attn, ffn = context.fold(0), context.fold(1)
         if self.parallel:
             h = self.norm(x)
             record_input(self, 'attn_input', h)
             record_input(self, 'ffn_input', h)
-            y = x + call(self.attn, 'attn', h, positions, mask, **attn) + call(self.ffn, 'ffn', h, **ffn)
+            a, attn_cache = self.attn(h, attn, cache.get('attn'))
+            f, ffn_cache = self.ffn(h, ffn, cache.get('ffn'))
+            y = x + a + f
         else:
             h = self.attn_norm(x)
             record_input(self, 'attn_input', h)
-            x = x + call(self.attn, 'attn', h, positions, mask, **attn)
+            a, attn_cache = self.attn(h, attn, cache.get('attn'))
+            x = x + a
             h = self.ffn_norm(x)
             record_input(self, 'ffn_input', h)
-            y = x + call(self.ffn, 'ffn', h, **ffn)
-        return y if cache is None else (y, cache)
+            f, ffn_cache = self.ffn(h, ffn, cache.get('ffn'))
+            y = x + f
+        new = {name: c for name, c in (('attn', attn_cache), ('ffn', ffn_cache)) if c is not None}
+        return y, new or None
 
 
 class DecoderLM(nnx.Module):
@@ -125,15 +128,12 @@ class DecoderLM(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[-1]), tokens.shape)
         mask = self_attention_mask(segment_ids, self.config, one_document) if cache is None else None
+        context = Context(positions, mask, segment_ids, train=train, rng=rng, prompt_len=prompt_len)
         x = self.embed(tokens)
         new_cache = []
         for i, block in enumerate(self.layers):
-            kwargs = dict(train=train, rng=_fold(rng, i), prompt_len=prompt_len)
-            if cache is None:
-                x = block(x, positions, mask, segment_ids, **kwargs)
-            else:
-                x, layer_cache = block(x, positions, mask, segment_ids, cache=cache[i], **kwargs)
-                new_cache.append(layer_cache)
+            x, layer_cache = block(x, context.fold(i), None if cache is None else cache[i])
+            new_cache.append(layer_cache)
         x = self.final_norm(x)
         return x if cache is None else (x, new_cache)
 
