@@ -1,14 +1,14 @@
 """`make bench`: speed of the train step and of decoding for dense, BTX, BAM and Lory models, of
 the upcycler, of the Hugging Face import and export, of a resume's data work and of the prepared
-data path, and routers initialised from domains, as seven tables and JSON ({"train_step": [rows],
-"decode": [rows], "upcycle": {...}, "hf_io": {...}, "resume": {...}, "data": {...}, "routers":
-{...}}, null for a table not run).
+data path, routers initialised from domains, and training checkpoints' compression, as eight
+tables and JSON ({"train_step": [rows], "decode": [rows], "upcycle": {...}, "hf_io": {...},
+"resume": {...}, "data": {...}, "routers": {...}, "checkpoints": {...}}, null for a table not run).
 
   python -m bam_jax.benchmarks [--model gin/models/X.gin]
                                [--archs dense,btx,btx_dropless,bam,bam_dropless,bam_shared_kv,lory4,lory8]
                                [--decode_archs dense,btx,bam,bam_shared_kv,lory4]
                                [--batch N] [--seq_len T] [--steps S]
-                               [--tables train,decode,upcycle,hf_io,resume,data,routers]
+                               [--tables train,decode,upcycle,hf_io,resume,data,routers,checkpoints]
                                [--resume_position N] [--router_runs runs/demo]
 
 Every architecture is timed in the same run on the same model size. BTX has 4 FFN experts
@@ -24,7 +24,8 @@ model's active size plus the merge, E/T of an FFN, shown as "merge"). The decode
 (decode.py) times prefill and the decode loop of the generation engine, at batch 1 and 16, in the
 BAM paper's setting and at long context, with each model's cache size and its decode speed
 relative to BTX. The upcycle table (upcycle.py) times `bam-jax upcycle --method=btx` of 4 dense
-200M checkpoints end to end against copies of their files and measures its peak memory.
+200M checkpoints end to end, from uncompressed and from zstd inputs, against mergekit-moe merging
+the same weights and against copies of their files, and measures peak memory.
 The hf_io table (hf_io.py) does the same for `import-hf` of a Llama model and `export-hf` of the
 result, against copies of its safetensors file. The resume table (resume.py) times the data
 work of a resume at --resume_position against a fresh start.
@@ -32,7 +33,9 @@ The data table (data.py) times `prepare-data`'s work (byte vocabulary, and a 32k
 against its bare encode_batch), the prepared-data training stream, its memory over a 200 MB and a
 2 GB domain, and a start at batch 1,000,000. The routers table (routers.py) upcycles `make demo`'s
 seed and experts with random and domain-initialised routers and evaluates them before any mix
-training (skipped without those runs).
+training (skipped without those runs). The checkpoints table (checkpoints.py) saves and restores
+a 200M model's training checkpoint (weights and AdamW state) with and without zstd: bytes on
+disk, seconds and CPU seconds.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ import pathlib
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 ARCHS = ('dense', 'btx', 'btx_dropless', 'bam', 'bam_dropless', 'bam_shared_kv', 'lory4', 'lory8')
-TABLES = ('train', 'decode', 'upcycle', 'hf_io', 'resume', 'data', 'routers')
+TABLES = ('train', 'decode', 'upcycle', 'hf_io', 'resume', 'data', 'routers', 'checkpoints')
 
 
 def arch_config(dense, arch: str, lory_segment_len: int = 64):
@@ -148,7 +151,7 @@ def main() -> None:
 
     devices = f'{jax.device_count()} x {jax.devices()[0].device_kind}'
     results = {'train_step': None, 'decode': None, 'upcycle': None, 'hf_io': None, 'resume': None, 'data': None,
-               'routers': None}
+               'routers': None, 'checkpoints': None}
     if 'train' in args.tables:
         results['train_step'] = _train_table(dense, name, dtype, devices, args)
     if 'decode' in args.tables:
@@ -170,12 +173,13 @@ def _module_tables(args: argparse.Namespace, results: dict) -> None:
     """The tables whose module does its own work: module.run(*arguments), then print_table."""
     import importlib
 
-    tables = [('upcycle', 'timing upcycle (btx, 4 x 200M) and copies of its inputs', ()),
+    tables = [('upcycle', 'timing upcycle (btx, 4 x 200M), mergekit-moe and copies of the inputs', ()),
               ('hf_io', 'timing import-hf and export-hf (llama) and copies of their input', ()),
               ('resume', f'timing a resume at batch {args.resume_position:,}', (args.resume_position,)),
               ('data', 'timing data preparation and the prepared-data stream', ()),
               ('routers', "upcycling make demo's runs with random and domain routers, and evaluating them",
-               (args.router_runs,))]
+               (args.router_runs,)),
+              ('checkpoints', 'saving a training checkpoint (200M + AdamW) with and without zstd', ())]
     for table, message, arguments in tables:  # each table is the module of its name
         if table in args.tables:
             bench = importlib.import_module(f'bam_jax.benchmarks.{table}')

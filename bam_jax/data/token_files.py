@@ -8,7 +8,7 @@ A training row is a window of consecutive tokens of the split (token_stream.py),
 is one positioned read of a few kB, whatever the corpus size: no file is mapped or held in memory
 but the index, which holds 8 bytes per document. The format is the one of Megatron's and OLMo's
 indexed datasets and nanoGPT's token files, chosen over ArrayRecord records read through Grain on
-this machine's measurement (`make bench --tables data` repeats it): on 100M uint16 tokens in
+this machine's measurement (`python -m bam_jax.benchmarks --tables data` repeats it): on 100M uint16 tokens in
 100,000 documents, reading documents in a random order ran at about 4e8 tokens/s here against
 9e7 for ArrayRecord's batched random reads, and writing was about 3x faster; and it needs no
 library beyond numpy, so every machine that trains can read it.

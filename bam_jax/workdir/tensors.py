@@ -6,9 +6,10 @@ read specs, and all inputs share one TensorStore context (one cache pool, one se
 decompression threads). `ReadAhead` keeps the next tensors' reads in flight while the current
 one is built, within a byte budget. Writing gathers finished tensors into groups of a few
 tensors' worth, each an Orbax partial save run in the background while the next group fills.
-The tensors are written without zstd: float32 weights shrink by under a tenth, and compressing
-every byte costs more CPU time than all the rest of the write on a host's few cores; a training
-run's own checkpoints stay compressed.
+The tensors are written without zstd, as a training run's checkpoints are (workdir/checkpoints.py):
+float32 weights shrink by under a tenth, and compressing every byte costs more CPU time than all
+the rest of the write on a host's few cores. Compressed checkpoints of older versions read as
+any other: each array's codec is in its metadata.
 """
 
 from __future__ import annotations
@@ -90,8 +91,8 @@ class ReadAhead:
     back). `ahead` is that count.
     """
 
-    # A read in flight holds its compressed bytes and the decoded array (measured: a lone read of
-    # a 131 MB tensor raises the peak resident set by about 3x the tensor, twice it at the least).
+    # A read in flight holds its stored bytes and the decoded array (measured on zstd inputs: a lone
+    # read of a 131 MB tensor raises the peak resident set by about 3x the tensor, twice it at the least).
     READ_COST = 2
 
     def __init__(self, order: Iterable[tuple[CheckpointReader, str]]):
@@ -127,7 +128,8 @@ class ParamsWriter:
     Tensors are gathered in groups of at most `group_bytes` (a tensor alone may exceed it): each
     partial save has a fixed cost, and a group must stay within the caller's memory budget. A full
     group is saved in the background while the next one fills; `held` counts the bytes of both. close() finishes
-    the checkpoint and returns (bytes written, largest tensor's bytes).
+    the checkpoint and returns (bytes written, largest tensor's bytes). A tensor must not change once
+    added: it is written from the caller's own array, without a copy.
     """
 
     def __init__(self, tmp: storage.Path, group_bytes: int, step: int = 0):
@@ -139,6 +141,10 @@ class ParamsWriter:
         self.written = self.largest = 0
         self._context = ocp_v1.Context()
         self._context.array.saving.use_compression = False
+        # Orbax copies every numpy array it is given before writing it, in case the caller changes
+        # it meanwhile; nothing changes a tensor once added, and the copy cost a quarter of the
+        # upcycler's time and a group's worth of memory.
+        self._context.memory_options.deepcopy_host_arrays = False
 
     @property
     def held(self) -> int:
