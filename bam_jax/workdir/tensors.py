@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
+import functools
 import math
 from collections.abc import Iterable
 
@@ -31,6 +33,24 @@ from bam_jax.models.params import flatten, unflatten
 from bam_jax.workdir import files
 from bam_jax.workdir.checkpoints import read_param_metadata
 
+# glibc's malloc serves allocations above its mmap threshold from fresh mappings, returned to the
+# system on free. After such a block is freed it raises the threshold to that block's size, so the
+# next tensors come from the heap, which keeps what they free: streaming tensors one by one, the
+# resident set grew to about twice what was live (measured on the upcycle bench: 1.24-1.41 GB
+# peak, against 0.74 GB with the threshold fixed). Fixing it keeps every tensor a mapping.
+MMAP_THRESHOLD = 1 << 20
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
+@functools.cache
+def fix_mmap_threshold() -> bool:
+    """Fixes glibc's mmap threshold at MMAP_THRESHOLD for this process (once); False where the C
+    library is not glibc."""
+    try:
+        return bool(ctypes.CDLL('libc.so.6').mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
+
 
 def shared_context() -> ts.Context:
     """One TensorStore context for every checkpoint a command reads (Orbax's defaults)."""
@@ -44,6 +64,7 @@ class CheckpointReader:
     """
 
     def __init__(self, step_dir: storage.Path, context: ts.Context | None = None):
+        fix_mmap_threshold()
         self.step_dir = step_dir
         self.bytes_read = 0
         context = context or shared_context()
@@ -133,6 +154,7 @@ class ParamsWriter:
     """
 
     def __init__(self, tmp: storage.Path, group_bytes: int, step: int = 0):
+        fix_mmap_threshold()
         self.tmp, self.step, self.group_bytes = tmp, step, group_bytes
         self._staging = tmp / 'params'
         self._group: dict[str, np.ndarray] = {}
