@@ -227,8 +227,8 @@ def _import_hf(args, bindings) -> int:
         raise BamJaxError('import-hf takes no --gin overrides')
     from bam_jax.hf import import_hf
     record = import_hf(args.hf_dir, args.out, dtype=args.dtype, overwrite=args.overwrite)
-    print(f'{record["architecture"]}: {record["tensors"]} tensors, {record["bytes_written"] / 2**20:.1f} MiB '
-          f'({record["dtype"]}) in {record["seconds"]:.1f} s')
+    print(f'{record.architecture}: {record.tensors} tensors, {record.bytes_written / 2**20:.1f} MiB '
+          f'({record.dtype}) in {record.seconds:.1f} s')
     print(f'wrote {args.out}; next: bam-jax upcycle --seed={args.out} --experts=... , or '
           f'bam-jax generate --workdir={args.out} --prompt=...')
     return 0
@@ -240,10 +240,10 @@ def _export_hf(args, bindings) -> int:
     from bam_jax.hf import export_hf
     record = export_hf(args.workdir, args.out, fmt=args.format, dtype=args.dtype, bindings=bindings,
                        overwrite=args.overwrite, max_shard_bytes=args.max_shard_mb * 2**20)
-    remote = ' (load with trust_remote_code=True)' if record['format'] == 'bam_jax' else ''
-    print(f'{record["architecture"]}{remote}: {record["tensors"]} tensors in {len(record["files"])} file(s), '
-          f'{record["bytes_written"] / 2**20:.1f} MiB ({record["dtype"]}) in {record["seconds"]:.1f} s')
-    if not record['tokenizer_files']:
+    remote = ' (load with trust_remote_code=True)' if record.format == 'bam_jax' else ''
+    print(f'{record.architecture}{remote}: {record.tensors} tensors in {len(record.files)} file(s), '
+          f'{record.bytes_written / 2**20:.1f} MiB ({record.dtype}) in {record.seconds:.1f} s')
+    if not record.tokenizer_files:
         print('no tokenizer written: the run reads a SentencePiece model (DataConfig.spm_path), which has no '
               'exact Hugging Face tokenizer here; ship it beside the export', file=sys.stderr)
     print(f'wrote {args.out}')
@@ -290,15 +290,15 @@ def _upcycle(args, bindings) -> int:
         seed_expert=not args.no_seed_expert, overwrite=args.overwrite, num_experts=args.num_experts,
         expert_split=args.expert_split, router_seed=args.router_seed, domains=domains,
         router_tokens=args.router_tokens or router_init.ROUTER_TOKENS, router_inputs=args.router_inputs)
-    moe, lory = summary['model']['moe'], summary['model']['lory']
-    ffn = (f'{lory["num_experts"]} merged FFN experts per layer' if lory else
-           f'{moe["num_experts"] * moe["expert_split"]} FFN experts per layer')
-    print(f'{args.method}: {len(summary["expert_models"])} experts ({", ".join(summary["expert_models"])}), '
-          f'{ffn}; {summary["tensors"]} tensors, {summary["bytes_written"] / 2**20:.1f} MiB '
-          f'in {summary["seconds"]:.1f} s')
-    if summary['router_init'] != 'random':
-        print(router_init.format_shares(summary['router_init']))
-    print(f'wrote {summary["out"]}; next: bam-jax train --gin_file={summary["out"]}/model.gin '
+    moe, lory = summary.model.moe, summary.model.lory
+    ffn = (f'{lory.num_experts} merged FFN experts per layer' if lory else
+           f'{moe.num_experts * moe.expert_split} FFN experts per layer')
+    print(f'{args.method}: {len(summary.expert_models)} experts ({", ".join(summary.expert_models)}), '
+          f'{ffn}; {summary.tensors} tensors, {summary.bytes_written / 2**20:.1f} MiB '
+          f'in {summary.seconds:.1f} s')
+    if summary.router_init != 'random':
+        print(router_init.format_shares(summary.router_init))
+    print(f'wrote {summary.out}; next: bam-jax train --gin_file={summary.out}/model.gin '
           f'--gin_file=gin/mix_{"btx" if args.method == "sparse_upcycle" else args.method}.gin --workdir=DIR')
     return 0
 
@@ -313,10 +313,10 @@ def _experts(args, bindings) -> int:
                              run=getattr(args, 'run', None), overwrite=args.overwrite,
                              router_data=getattr(args, 'router_data', ''),
                              router_tokens=getattr(args, 'router_tokens', None) or router_init.ROUTER_TOKENS)
-    print(f'experts {args.operation}: {", ".join(record["experts_before"])} -> {", ".join(record["experts_after"])}')
-    if 'router' in record:
-        shares = record['router']['own_share']
-        print(f"its domain ({record['router']['domain']}) sends its expert "
+    print(f'experts {args.operation}: {", ".join(record.experts_before)} -> {", ".join(record.experts_after)}')
+    if record.router is not None:
+        shares = record.router.own_share
+        print(f"its domain ({record.router.domain}) sends its expert "
               f"{sum(shares.values()) / len(shares):.3f} of its routing, mean over {len(shares)} routed layers")
     print(f'wrote {args.out}; evaluate: bam-jax eval --workdir={args.out}; train the routers alone: bam-jax train '
           f'--gin_file={args.out}/model.gin --gin_file=gin/mix_router_only.gin --workdir=DIR')
@@ -341,14 +341,14 @@ def _prepare_data(args, bindings) -> int:
             r = prepare_together(config, domain, workers, skip_bad=args.skip_bad)
         else:
             r = prepare_domain(config, domain, skip_bad=args.skip_bad)
-        train, valid = r['splits']['train'], r['splits']['validation']
+        train, valid = r.splits.train, r.splits.validation
         if not names:  # the header with the first row, below what preparing it logged
             say(f'{"domain":<12} {"read":>9} {"duplicate":>9} {"train docs":>10} {"train tokens":>13} '
                 f'{"valid docs":>10} {"valid tokens":>13} {"skipped":>7} {"seconds":>8}')
-        say(f'{domain:<12} {r["documents_read"]:>9} {r["duplicates"]:>9} {train["documents"]:>10} '
-            f'{train["tokens"]:>13} {valid["documents"]:>10} {valid["tokens"]:>13} {len(r["skipped"]):>7} '
-            f'{r["seconds"]:>8.1f}', flush=True)
-        names.append(r['name'])
+        say(f'{domain:<12} {r.documents_read:>9} {r.duplicates:>9} {train.documents:>10} '
+            f'{train.tokens:>13} {valid.documents:>10} {valid.tokens:>13} {len(r.skipped):>7} '
+            f'{r.seconds:>8.1f}', flush=True)
+        names.append(r.name)
     say(f'wrote {", ".join(names)} under {config.data_dir}' +
         (f' with {workers.count} workers' if workers.count > 1 else ''))
     return 0

@@ -109,7 +109,7 @@ def test_import_then_export_is_tensor_exact(models, family, tmp_path):
     hf_dir, imported = models[family]
     out = tmp_path / 'export'
     record = export_hf(imported, out, dtype='float32', progress=False)
-    assert record['format'] == family  # auto: the family it came from
+    assert record.format == family  # auto: the family it came from
     original, exported = load_file(hf_dir / 'model.safetensors'), load_file(out / 'model.safetensors')
     assert exported.keys() == original.keys()
     for name, value in original.items():
@@ -200,7 +200,7 @@ def mixed(models, tmp_path_factory):
 def test_btx_exports_to_a_standard_moe_family(mixed, tmp_path, routing, expected_format):
     out = tmp_path / 'btx'
     record = export_hf(mixed['btx'], out, dtype='float32', bindings=routing, progress=False)
-    assert record['format'] == expected_format
+    assert record.format == expected_format
     np.testing.assert_allclose(hf_logits(out), bam_logits(mixed['btx'], *routing), **TOLERANCE)
     # The experts' tokenizer travels: upcycled model, its gin file, the export.
     assert f"DataConfig.tokenizer_path = '{mixed['btx'] / 'tokenizer'}'" in (mixed['btx'] / 'model.gin').read_text()
@@ -210,7 +210,7 @@ def test_btx_exports_to_a_standard_moe_family(mixed, tmp_path, routing, expected
 @pytest.mark.parametrize('method', ['bam', 'bam_shared_kv'])
 def test_bam_exports_to_its_own_hugging_face_model(mixed, method, tmp_path, monkeypatch, capsys):
     out = tmp_path / method
-    assert export_hf(mixed[method], out, dtype='float32', progress=False)['format'] == 'bam_jax'
+    assert export_hf(mixed[method], out, dtype='float32', progress=False).format == 'bam_jax'
     np.testing.assert_allclose(hf_logits(out, trust_remote_code=True), bam_logits(mixed[method]), **TOLERANCE)
     # transformers' generate() with the model's own cache, against bam-jax generate
     prompt = 'def add(a, b):'

@@ -86,8 +86,8 @@ def test_every_distinct_document_of_every_format_decodes_back_in_its_split(tmp_p
     assert sorted(map(corpora.normalise, validation)) == sorted(corpora.normalise(d.text) for d in reference.validation)
     assert set(train + validation) <= set(texts)  # each kept exactly as read
     nonblank = [t for t in texts if t.strip()]  # blank documents are dropped as they are read
-    assert record['documents_read'] == len(nonblank)
-    assert record['duplicates'] == len(nonblank) - len(set(map(corpora.normalise, nonblank)))
+    assert record.documents_read == len(nonblank)
+    assert record.duplicates == len(nonblank) - len(set(map(corpora.normalise, nonblank)))
     manifest = json.loads((prepared_dir(config) / MANIFEST).read_text())
     assert manifest['vocabulary'] == {'kind': 'bytes', 'vocab_size': 259, 'eos_id': 1}
     assert sorted(i['path'].rsplit('/', 1)[1] for i in manifest['inputs'])[:4] == [
@@ -219,7 +219,7 @@ def test_skip_bad_counts_what_it_skipped(tmp_path):
         prepare_domain(config, 'notes', progress=False)
     assert not prepared_dir(config).exists()
     record = prepare_domain(config, 'notes', skip_bad=True, progress=False)
-    assert len(record['skipped']) == 3 and 'a.jsonl:17: not UTF-8' in record['skipped'][1]
+    assert len(record.skipped) == 3 and 'a.jsonl:17: not UTF-8' in record.skipped[1]
     kept = decoded(split_of(config, 'train')) + decoded(
         split_of(config, 'validation'))
     assert sorted(kept) == sorted(set(good))
@@ -315,7 +315,7 @@ def test_sentencepiece_ids_are_the_models_own(tmp_path):
                                    minloglevel=2)
     config = config_for(tmp_path, write_inputs(tmp_path / 'raw', texts), spm_path=str(tmp_path / 'm.model'))
     record = prepare_domain(config, 'notes', progress=False)
-    assert record['vocabulary']['kind'] == 'spm' and record['vocabulary']['vocab_size'] == 300
+    assert record.vocabulary['kind'] == 'spm' and record.vocabulary['vocab_size'] == 300
     processor = spm.SentencePieceProcessor(model_file=str(tmp_path / 'm.model'))
     expected = {tuple(processor.encode(t) + [1]) for t in texts}
     split = split_of(config, 'train')

@@ -50,8 +50,8 @@ def test_two_workers_prepare_what_one_does(tmp_path):
     assert f'with {WORKERS} workers' in done.stdout
     name = prepare.prepared_name(config, 'notes')
     two = json.loads((tmp_path / 'two' / name / MANIFEST).read_text())
-    assert two['workers'] == WORKERS and two['inputs'] == one['inputs']
-    assert (two['documents_read'], two['duplicates']) == (one['documents_read'], one['duplicates']) == (303, 3)
+    assert two['workers'] == WORKERS and two['inputs'] == one.inputs
+    assert (two['documents_read'], two['duplicates']) == (one.documents_read, one.duplicates) == (303, 3)
     parts = [p['name'] for p in two['splits']['train']['parts']]
     assert any(p.startswith('w00000-') for p in parts) and any(p.startswith('w00001-') for p in parts)
     for split in ('train', 'validation'):

@@ -127,8 +127,8 @@ def _prepare(path: pathlib.Path, data_dir: pathlib.Path, domain: str, tokenizer_
     start = time.perf_counter()
     record = prepare_domain(config, domain, progress=False)
     seconds = time.perf_counter() - start
-    tokens = sum(split['tokens'] for split in record['splits'].values())
-    return {'tokens': tokens, 'seconds': seconds, 'tokens_per_s': tokens / seconds, 'name': record['name']}
+    tokens = record.splits.train.tokens + record.splits.validation.tokens
+    return {'tokens': tokens, 'seconds': seconds, 'tokens_per_s': tokens / seconds, 'name': record.name}
 
 
 def _prepare_hf(corpus: pathlib.Path, texts: list[str], tmp: pathlib.Path, tokenizer_dir: pathlib.Path) -> dict:

@@ -238,9 +238,9 @@ def _child(argv: list[str]) -> None:
     anon = child.sample_anon_peak()
     result = {}
     if argv[0] == 'import':
-        result = import_hf(argv[1], argv[2], dtype='float32', progress=False)
+        result = import_hf(argv[1], argv[2], dtype='float32', progress=False).to_dict()
     elif argv[0] == 'export':
-        result = export_hf(argv[1], argv[2], fmt=FAMILY, dtype='float32', progress=False)
+        result = export_hf(argv[1], argv[2], fmt=FAMILY, dtype='float32', progress=False).to_dict()
     elif argv[0] in ('copy', 'numpy'):
         result = _copy(pathlib.Path(argv[1]), pathlib.Path(argv[2]), read_with_numpy=argv[0] == 'numpy')
     print(json.dumps({**result, **child.peaks(anon)}))

@@ -374,11 +374,74 @@ def check_not_empty(domain: str, counts: dict, inputs: list[dict]) -> None:
                           f"from {where}")
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitCounts:
+    """One split of a prepared domain: its documents, its tokens (each document's EOS included) and
+    its parts in reading order, each {'name': file stem, 'tokens': int, 'documents': int}."""
+    documents: int
+    tokens: int
+    parts: list[dict]
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+    """A prepared domain's two splits (SPLITS)."""
+    train: SplitCounts
+    validation: SplitCounts
+
+    @classmethod
+    def from_dict(cls, splits: dict) -> Splits:
+        """From {split: {'documents', 'tokens', 'parts'}}, as write_domain counts and a manifest stores them."""
+        return cls(**{split: SplitCounts(**splits[split]) for split in SPLITS})
+
+
+@dataclasses.dataclass(frozen=True)
+class DomainManifest:
+    """A prepared domain, saved as <data_dir>/<name>/manifest.json (to_dict).
+
+    format: FORMAT; name: the prepared directory's name (prepared_name); domain: the DataConfig's
+    name for it; vocabulary: Encoder.identity(); dtype: the token ids' numpy dtype; settings:
+    domain_settings; inputs: the input files (sources.InputFile as dicts), or [{'builtin': domain}];
+    documents_read: non-empty documents read; duplicates: those of them dropped as copies; splits:
+    the two splits; skipped: the bad records skipped (--skip_bad), one line each; seconds: the
+    preparation's wall time; workers: how many prepared it together (None: one process, and then
+    absent from the file).
+    """
+    format: str
+    name: str
+    domain: str
+    vocabulary: dict
+    dtype: str
+    settings: dict
+    inputs: list[dict]
+    documents_read: int
+    duplicates: int
+    splits: Splits
+    skipped: list[str]
+    seconds: float
+    workers: int | None = None
+
+    def to_dict(self) -> dict:
+        """manifest.json's content."""
+        record = dataclasses.asdict(self)
+        if self.workers is None:
+            del record['workers']
+        return record
+
+    @classmethod
+    def from_dict(cls, record: dict) -> DomainManifest:
+        """The manifest as read back from its file."""
+        return cls(**{**record, 'splits': Splits.from_dict(record['splits'])})
+
+
 def manifest(source: DomainSource, name: str, encoder: Encoder, counts: dict, skipped: list[str],
-             seconds: float) -> dict:
-    return {'format': FORMAT, 'name': name, 'domain': source.domain, 'vocabulary': encoder.identity(),
-            'dtype': encoder.dtype.name, 'settings': domain_settings(source.config, source.domain),
-            'inputs': source.inputs(), **counts, 'skipped': skipped, 'seconds': seconds}
+             seconds: float) -> DomainManifest:
+    """The manifest of `source` prepared as `name`, from write_domain's counts."""
+    return DomainManifest(
+        format=FORMAT, name=name, domain=source.domain, vocabulary=encoder.identity(), dtype=encoder.dtype.name,
+        settings=domain_settings(source.config, source.domain), inputs=source.inputs(),
+        documents_read=counts['documents_read'], duplicates=counts['duplicates'],
+        splits=Splits.from_dict(counts['splits']), skipped=skipped, seconds=seconds)
 
 
 def domain_settings(config, domain: str) -> dict:
@@ -394,7 +457,7 @@ def domain_settings(config, domain: str) -> dict:
     return {**settings, 'max_file_bytes': config.max_file_bytes}
 
 
-def prepare_domain(config, domain: str, skip_bad: bool = False, progress: bool = True) -> dict:
+def prepare_domain(config, domain: str, skip_bad: bool = False, progress: bool = True) -> DomainManifest:
     """Prepares one domain of a DataConfig (built-in or user) into config.data_dir, on this
     process (prepare_pod.prepare_together: on many); returns its manifest."""
     start = time.perf_counter()
@@ -410,7 +473,7 @@ def prepare_domain(config, domain: str, skip_bad: bool = False, progress: bool =
                               lambda batch: bar.update(source.batch_size(batch)))
         check_not_empty(domain, counts, source.inputs())
         record = manifest(source, out.name, encoder, counts, reader.skipped, time.perf_counter() - start)
-        (tmp / MANIFEST).write_text(json.dumps(record, indent=1) + '\n')
+        (tmp / MANIFEST).write_text(json.dumps(record.to_dict(), indent=1) + '\n')
     return record
 
 
@@ -470,4 +533,4 @@ def ensure_prepared(config, domain: str) -> dict:
         if stale(config, domain, manifest) is None:
             return manifest
         print(f'preparing {domain} into {domain_dir(config.data_dir, name)} (first use)', file=sys.stderr)
-        return prepare_domain(config, domain, progress=False)
+        return prepare_domain(config, domain, progress=False).to_dict()

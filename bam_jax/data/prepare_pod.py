@@ -32,6 +32,7 @@ from bam_jax import storage
 from bam_jax.data import sources
 from bam_jax.data.prepare import (
     MANIFEST,
+    DomainManifest,
     DomainSource,
     DomainWriter,
     Encoder,
@@ -92,7 +93,7 @@ class Workers:
 
 
 def prepare_together(config, domain: str, workers: Workers, skip_bad: bool = False,
-                     progress: bool = True) -> dict:
+                     progress: bool = True) -> DomainManifest:
     """Prepares `domain` into config.data_dir with every worker of the job; returns the manifest
     (on every worker)."""
     start = time.perf_counter()
@@ -108,7 +109,7 @@ def prepare_together(config, domain: str, workers: Workers, skip_bad: bool = Fal
             record = workers.together(lambda: _join(source, encoder, shared, out, workers.count, start))
         else:
             workers.together(lambda: None)
-            record = json.loads((out / MANIFEST).read_text())
+            record = DomainManifest.from_dict(json.loads((out / MANIFEST).read_text()))
     except BaseException:
         if workers.index == 0:
             storage.remove(shared)
@@ -181,7 +182,7 @@ def _write_part(source: DomainSource, files, encoder: Encoder, shared: storage.P
 
 
 def _join(source: DomainSource, encoder: Encoder, shared: storage.Path, out: storage.Path, count: int,
-          start: float) -> dict:
+          start: float) -> DomainManifest:
     """Step 3 (first worker): the workers' parts as one domain, the held candidates placed."""
     records = [json.loads((shared / _WORKERS / f'{i:05d}.json').read_text()) for i in range(count)]
     held = sorted(_held(shared, records, encoder.dtype), key=lambda e: -e.negative_hash)
@@ -199,9 +200,10 @@ def _join(source: DomainSource, encoder: Encoder, shared: storage.Path, out: sto
     check_not_empty(source.domain, counts, source.inputs())
     for name in (_HASHES, _HELD, _WORKERS, 'token'):
         storage.remove(shared / name)
-    record = {**manifest(source, out.name, encoder, counts, [s for r in records for s in r['skipped']],
-                         time.perf_counter() - start), 'workers': count}
-    (shared / MANIFEST).write_text(json.dumps(record, indent=1) + '\n')
+    skipped = [s for r in records for s in r['skipped']]
+    record = dataclasses.replace(manifest(source, out.name, encoder, counts, skipped, time.perf_counter() - start),
+                                 workers=count)
+    (shared / MANIFEST).write_text(json.dumps(record.to_dict(), indent=1) + '\n')
     storage.publish(shared, out, 'prepare')
     return record
 

@@ -8,7 +8,7 @@
   remote             this project's own Hugging Face model, for what no standard class computes
 """
 
-from bam_jax.hf.exporter import FORMATS, export_hf
-from bam_jax.hf.importer import import_hf
+from bam_jax.hf.exporter import FORMATS, ExportRecord, export_hf
+from bam_jax.hf.importer import ImportRecord, import_hf
 
-__all__ = ['FORMATS', 'export_hf', 'import_hf']
+__all__ = ['FORMATS', 'ExportRecord', 'ImportRecord', 'export_hf', 'import_hf']

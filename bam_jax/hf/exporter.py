@@ -17,6 +17,7 @@ export.json (what was exported from where), and for bam_jax the modeling files.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -170,9 +171,39 @@ def _write_tokenizer(out: storage.Path, data_config) -> list[str]:
     return data.write_byte_tokenizer(out)
 
 
+@dataclasses.dataclass(frozen=True)
+class ExportRecord:
+    """What an export wrote, saved as OUT/export.json (to_dict).
+
+    run: the run directory; step_dir: the checkpoint exported; format: one of FORMATS (never
+    'auto'); dtype: the weights' dtype; architecture: config.json's class (MixtralForCausalLM,
+    BamJaxForCausalLM, ...); tensors: how many were written; bytes_read, bytes_written: tensor
+    bytes; files: the safetensors files' names; tokenizer_files: the tokenizer's file names (none
+    for a SentencePiece vocabulary); imported_from: the Hugging Face directory the run descends
+    from, if any; model: the exported model's config; seconds: the export's wall time.
+    """
+    run: str
+    step_dir: str
+    format: str
+    dtype: str
+    architecture: str
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    files: list[str]
+    tokenizer_files: list[str]
+    imported_from: str | None
+    model: ModelConfig
+    seconds: float
+
+    def to_dict(self) -> dict:
+        """export.json's content."""
+        return dataclasses.asdict(self)
+
+
 def export_hf(run: str | storage.Path, out: str | storage.Path, *, fmt: str = 'auto', dtype: str = 'bfloat16',
               bindings: list[str] = (), overwrite: bool = False, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-              progress: bool = True) -> dict:
+              progress: bool = True) -> ExportRecord:
     """Exports the latest checkpoint of `run` (under its config.gin plus bindings: the routing
     settings decide the format) to `out`; returns the record also saved as OUT/export.json."""
     start = time.perf_counter()
@@ -210,13 +241,10 @@ def export_hf(run: str | storage.Path, out: str | storage.Path, *, fmt: str = 'a
         generation = {**token_ids, 'do_sample': False}
         (tmp / 'generation_config.json').write_text(json.dumps(generation, indent=2) + '\n')
         tokenizer = _write_tokenizer(tmp, data_config)
-        record = {
-            'run': str(run), 'step_dir': str(step_dir), 'format': fmt, 'dtype': dtype,
-            'architecture': hf_config['architectures'][0], 'tensors': len(specs),
-            'bytes_read': reader.bytes_read, 'bytes_written': index['metadata']['total_size'],
-            'files': sorted(set(index['weight_map'].values())), 'tokenizer_files': tokenizer,
-            'imported_from': origin and origin['source'], 'model': config.to_dict(),
-            'seconds': time.perf_counter() - start,
-        }
-        workdir.write_json_atomic(tmp / EXPORT_RECORD, record)
+        record = ExportRecord(
+            run=str(run), step_dir=str(step_dir), format=fmt, dtype=dtype, architecture=hf_config['architectures'][0],
+            tensors=len(specs), bytes_read=reader.bytes_read, bytes_written=index['metadata']['total_size'],
+            files=sorted(set(index['weight_map'].values())), tokenizer_files=tokenizer,
+            imported_from=origin and origin['source'], model=config, seconds=time.perf_counter() - start)
+        workdir.write_json_atomic(tmp / EXPORT_RECORD, record.to_dict())
     return record

@@ -26,7 +26,7 @@ from bam_jax.data import copy_tokenizer_files
 from bam_jax.errors import BamJaxError
 from bam_jax.hf import families
 from bam_jax.hf.safetensors_files import SafetensorsReader, weight_files
-from bam_jax.models import abstract_model, flatten, split_params
+from bam_jax.models import ModelConfig, abstract_model, flatten, split_params
 from bam_jax.progress import progress_bar
 from bam_jax.upcycle.gin_file import model_gin
 from bam_jax.workdir import files, outputs, tensors
@@ -67,8 +67,36 @@ def _hf_tensors(reader: SafetensorsReader, mapping: list[families.Tensor], famil
     return mapping
 
 
+@dataclasses.dataclass(frozen=True)
+class ImportRecord:
+    """What an import wrote, saved as OUT/import.json (to_dict).
+
+    source: the Hugging Face directory; architecture: its config.json's class (LlamaForCausalLM,
+    ...); family: families.ARCHITECTURE's key for it (llama, ...); dtype: the stored dtype;
+    tensors: how many were converted; bytes_read, bytes_written, largest_tensor_bytes: tensor bytes;
+    tokenizer_files: the names copied into OUT/tokenizer; model: the imported model's config;
+    hf_config: the source's config.json; seconds: the import's wall time.
+    """
+    source: str
+    architecture: str
+    family: str
+    dtype: str
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    largest_tensor_bytes: int
+    tokenizer_files: list[str]
+    model: ModelConfig
+    hf_config: dict
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        """import.json's content."""
+        return dataclasses.asdict(self)
+
+
 def import_hf(hf_dir: str | storage.Path, out: str | storage.Path, *, dtype: str = 'float32',
-              overwrite: bool = False, progress: bool = True) -> dict:
+              overwrite: bool = False, progress: bool = True) -> ImportRecord:
     """Imports the model in hf_dir into out; returns the record also saved as OUT/import.json."""
     start = time.perf_counter()
     hf_dir, out = storage.path(hf_dir), storage.path(out)
@@ -87,15 +115,16 @@ def import_hf(hf_dir: str | storage.Path, out: str | storage.Path, *, dtype: str
         reader = SafetensorsReader(local, source=hf_dir)
         mapping = _hf_tensors(reader, families.tensors(config, family), family, config.tie_embeddings)
         record = _write_import(tmp, out, hf_dir, hf, reader, mapping, config, family, dtype, progress)
-        record['seconds'] = time.perf_counter() - start
-        workdir.write_json_atomic(tmp / IMPORT_RECORD, record)
+        record = dataclasses.replace(record, seconds=time.perf_counter() - start)
+        workdir.write_json_atomic(tmp / IMPORT_RECORD, record.to_dict())
     return record
 
 
 def _write_import(tmp: storage.Path, out: storage.Path, hf_dir: storage.Path, hf: dict,
                   reader: SafetensorsReader, mapping: list[families.Tensor], config, family: str,
-                  dtype: str, progress: bool) -> dict:
-    """Writes the checkpoint, model.gin and tokenizer into tmp; returns the import record."""
+                  dtype: str, progress: bool) -> ImportRecord:
+    """Writes the checkpoint, model.gin and tokenizer into tmp; returns the import record (its
+    seconds left to the caller)."""
     _, abstract = split_params(abstract_model(config))
     shapes = {path: tuple(v.shape) for path, v in flatten(abstract).items()}
 
@@ -114,9 +143,7 @@ def _write_import(tmp: storage.Path, out: storage.Path, hf_dir: storage.Path, hf
     copied = copy_tokenizer_files(hf_dir, tmp / TOKENIZER_DIR)
     gin = model_gin(config, out, f'bam-jax import-hf --hf_dir={hf_dir}', tokenizer=out / TOKENIZER_DIR)
     (tmp / files.MODEL_GIN).write_text(gin)
-    return {
-        'source': str(hf_dir), 'architecture': families.ARCHITECTURE[family], 'family': family,
-        'dtype': dtype, 'tensors': len(mapping), 'bytes_read': reader.bytes_read, 'bytes_written': written,
-        'largest_tensor_bytes': largest, 'tokenizer_files': copied, 'model': config.to_dict(),
-        'hf_config': hf,
-    }
+    return ImportRecord(
+        source=str(hf_dir), architecture=families.ARCHITECTURE[family], family=family, dtype=dtype,
+        tensors=len(mapping), bytes_read=reader.bytes_read, bytes_written=written, largest_tensor_bytes=largest,
+        tokenizer_files=copied, model=config, hf_config=hf)

@@ -2,6 +2,7 @@
 between checkpoints."""
 
 from bam_jax.upcycle.core import METHODS, Recipe, UpcycleSpec, build, model_config, plan, upcycle
-from bam_jax.upcycle.io import upcycle_checkpoints
+from bam_jax.upcycle.io import UpcycleSummary, upcycle_checkpoints
 
-__all__ = ['METHODS', 'Recipe', 'UpcycleSpec', 'build', 'model_config', 'plan', 'upcycle', 'upcycle_checkpoints']
+__all__ = ['METHODS', 'Recipe', 'UpcycleSpec', 'UpcycleSummary', 'build', 'model_config', 'plan', 'upcycle',
+           'upcycle_checkpoints']

@@ -18,6 +18,7 @@ Output (usable as INIT_CHECKPOINT, or as a gin file for `bam-jax train`):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -112,10 +113,44 @@ def _expert_models(method: str, num_models: int, skip_seed: bool, num_experts: i
     return expert_models
 
 
+@dataclasses.dataclass(frozen=True)
+class UpcycleSummary:
+    """What an upcycle built from what, saved as OUT/upcycle.json (to_dict).
+
+    method: one of core.METHODS; out: the output directory; inputs: per input model, in order (the
+    seed first), {'name': its role or directory, 'step_dir': the checkpoint read}; expert_models:
+    per expert, the input it comes from (those names); expert_names: the MoE's names for its experts
+    (ModelConfig.expert_names); expert_split: chunks per FFN expert; router_seed: the random
+    routers' seed; model: the MoE's config; tensors: how many were written; bytes_read,
+    bytes_written, largest_tensor_bytes: tensor bytes; router_init: 'random', or the domain
+    routers' statistics (router_init.domain_rows, with 'method', 'tokens' and 'domains'); seconds:
+    the upcycle's wall time.
+    """
+    method: str
+    out: str
+    inputs: list[dict[str, str]]
+    expert_models: list[str]
+    expert_names: list[str]
+    expert_split: int
+    router_seed: int
+    model: ModelConfig
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    largest_tensor_bytes: int
+    router_init: str | dict = 'random'
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        """upcycle.json's content."""
+        return dataclasses.asdict(self)
+
+
 def upcycle_checkpoints(method: str, experts: list[str], out: str | storage.Path, *, seed: str | None = None,
                         seed_expert: bool = True, overwrite: bool = False, num_experts: int = 4,
                         expert_split: int = 1, router_seed: int = 0, domains: list | None = None,
-                        router_tokens: int = 0, router_inputs: str = 'seed', progress: bool = True) -> dict:
+                        router_tokens: int = 0, router_inputs: str = 'seed', progress: bool = True
+                        ) -> UpcycleSummary:
     """Builds OUT from the dense checkpoints; returns the summary also saved as OUT/upcycle.json.
 
     seed: the seed run. It is an expert (the first) unless seed_expert is False, and always
@@ -146,14 +181,15 @@ def upcycle_checkpoints(method: str, experts: list[str], out: str | storage.Path
             routers, router_record = _domain_routers(spec, readers, inputs[0][2], domains, router_tokens,
                                                      router_inputs, progress)
         summary = _write(tmp, out, spec, inputs, readers, routers, tokenizer, progress)
-        summary.update(router_init=router_record, seconds=time.perf_counter() - start)
-        workdir.write_json_atomic(tmp / files.UPCYCLE, summary)
+        summary = dataclasses.replace(summary, router_init=router_record, seconds=time.perf_counter() - start)
+        workdir.write_json_atomic(tmp / files.UPCYCLE, summary.to_dict())
     return summary
 
 
 def _write(tmp: storage.Path, out: storage.Path, spec: UpcycleSpec, inputs: list, readers: list, routers: dict,
-           tokenizer: storage.Path | None, progress: bool) -> dict:
-    """Writes the MoE's checkpoint, model.gin and tokenizer under tmp; returns upcycle.json's record."""
+           tokenizer: storage.Path | None, progress: bool) -> UpcycleSummary:
+    """Writes the MoE's checkpoint, model.gin and tokenizer under tmp; returns upcycle.json's record
+    (its router_init and seconds left to the caller)."""
     dense = inputs[0][2]
     recipes = plan(spec, dense, {k: v[0] for k, v in inputs[0][3].items()})
     moe_config = model_config(dense, spec)
@@ -165,14 +201,12 @@ def _write(tmp: storage.Path, out: storage.Path, spec: UpcycleSpec, inputs: list
         copy_tokenizer_files(tokenizer if tokenizer.is_dir() else tokenizer.parent, tmp / files.TOKENIZER_DIR)
     (tmp / files.MODEL_GIN).write_text(model_gin(moe_config, out, f'bam-jax upcycle --method={spec.method}',
                                                  tokenizer=tokenizer and out / files.TOKENIZER_DIR))
-    return {
-        'method': spec.method, 'out': str(out),
-        'inputs': [{'name': name, 'step_dir': str(d)} for name, d, _, _ in inputs],
-        'expert_models': [inputs[i][0] for i in spec.expert_models], 'expert_names': list(moe_config.expert_names),
-        'expert_split': spec.expert_split, 'router_seed': spec.router_seed, 'model': moe_config.to_dict(),
-        'tensors': len(recipes), 'bytes_read': sum(r.bytes_read for r in readers), 'bytes_written': written,
-        'largest_tensor_bytes': largest,
-    }
+    return UpcycleSummary(
+        method=spec.method, out=str(out), inputs=[{'name': name, 'step_dir': str(d)} for name, d, _, _ in inputs],
+        expert_models=[inputs[i][0] for i in spec.expert_models], expert_names=list(moe_config.expert_names),
+        expert_split=spec.expert_split, router_seed=spec.router_seed, model=moe_config,
+        tensors=len(recipes), bytes_read=sum(r.bytes_read for r in readers), bytes_written=written,
+        largest_tensor_bytes=largest)
 
 
 def _domain_routers(spec: UpcycleSpec, readers: list[tensors.CheckpointReader], dense: ModelConfig, domains: list,

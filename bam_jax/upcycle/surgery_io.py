@@ -47,20 +47,72 @@ def _check_dense(config: ModelConfig, dense: ModelConfig, run: str) -> None:
                           'mixed model')
 
 
-def _new_expert(mix: str, params: dict, config: ModelConfig, run: str, router_data: str, tokens: int) -> tuple:
-    """The dense run's params, its name, its router columns, their record, and its domain's sample."""
+@dataclasses.dataclass(frozen=True)
+class NewExpertRouting:
+    """How an added or replacing expert's router columns were set, and what they do.
+
+    domain: the new expert's domain (DataConfig.source or --router_data); background: the mix
+    run's own data; tokens: tokens sampled from each; scale: {router site: the norm its new column
+    was given}; own_share: {routed layer: the share of the domain's routing its expert receives}.
+    """
+    domain: str
+    background: str
+    tokens: int
+    scale: dict[str, float]
+    own_share: dict[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertsRecord:
+    """What a surgery did, saved as OUT/experts.json (to_dict; router left out when None).
+
+    operation: one of OPERATIONS; workdir: the mixed model given; checkpoint: its checkpoint read;
+    expert: the expert removed or replaced (None for add); run: the dense run added (None for
+    remove); experts_before, experts_after: the experts' names in router order; router: the new
+    expert's routing (None for remove); seconds: the surgery's wall time, before the output was
+    written; model: the output model's config.
+    """
+    operation: str
+    workdir: str
+    checkpoint: str
+    expert: str | None
+    run: str | None
+    experts_before: list[str]
+    router: NewExpertRouting | None
+    experts_after: list[str]
+    seconds: float
+    model: ModelConfig
+
+    def to_dict(self) -> dict:
+        """experts.json's content."""
+        record = dataclasses.asdict(self)
+        if self.router is None:
+            del record['router']
+        return record
+
+
+def _with_new_expert(operation: str, mix: str, params: dict, config: ModelConfig, expert: str | None, run: str,
+                     router_data: str, tokens: int) -> tuple[dict, ModelConfig, NewExpertRouting]:
+    """add, or replace `expert`: the dense run's weights join as an expert, its router columns set
+    from its domain; returns the params, their config and the new expert's routing."""
     _, dense_config, dense = _read(run, 'run')
     _check_dense(config, dense_config, run)
     domain, background = router_init.run_domains([run, mix], f'{router_data},' if router_data else '')
     sample = router_init.sample(domain, tokens)
-    columns, record = router_init.new_expert_columns(params, config, sample, router_init.sample(background, tokens))
-    return dense, run_names([run])[0], columns, {'domain': domain.source, 'background': background.source,
-                                                 'tokens': tokens, **record}, sample
+    columns, stats = router_init.new_expert_columns(params, config, sample, router_init.sample(background, tokens))
+    name = run_names([run])[0]
+    if operation == 'add':
+        params, config = surgery.insert_expert(params, config, dense, name, len(surgery.names(config)), columns)
+    else:
+        params, config = surgery.replace_expert(params, config, expert, dense, name, columns)
+    routing = NewExpertRouting(domain=domain.source, background=background.source, tokens=tokens,
+                               scale=stats['scale'], own_share=_own_share(params, config, name, sample))
+    return params, config, routing
 
 
 def experts_command(operation: str, mix: str, out: str, expert: str | None = None, run: str | None = None,
                     overwrite: bool = False, router_data: str = '', router_tokens: int = router_init.ROUTER_TOKENS
-                    ) -> dict:
+                    ) -> ExpertsRecord:
     """Runs one surgery from MIX's latest checkpoint into OUT; returns the record saved as
     OUT/experts.json."""
     start = time.perf_counter()
@@ -72,20 +124,15 @@ def experts_command(operation: str, mix: str, out: str, expert: str | None = Non
     out = storage.path(out)
     with outputs.atomic_output(out, 'experts', overwrite) as tmp:
         step_dir, config, params = _read(mix, 'workdir')
-        record = {'operation': operation, 'workdir': str(mix), 'checkpoint': str(step_dir), 'expert': expert,
-                  'run': run, 'experts_before': surgery.names(config)}
+        before, routing = surgery.names(config), None
         if operation == 'remove':
             params, config = surgery.remove_expert(params, config, expert)
         else:
-            dense, name, columns, record['router'], sample = _new_expert(mix, params, config, run, router_data,
-                                                                         router_tokens)
-            if operation == 'add':
-                params, config = surgery.insert_expert(params, config, dense, name, len(surgery.names(config)),
-                                                       columns)
-            else:
-                params, config = surgery.replace_expert(params, config, expert, dense, name, columns)
-            record['router']['own_share'] = _own_share(params, config, name, sample)
-        record.update(experts_after=surgery.names(config), seconds=time.perf_counter() - start)
+            params, config, routing = _with_new_expert(operation, mix, params, config, expert, run, router_data,
+                                                       router_tokens)
+        record = ExpertsRecord(operation=operation, workdir=str(mix), checkpoint=str(step_dir), expert=expert,
+                               run=run, experts_before=before, router=routing, experts_after=surgery.names(config),
+                               seconds=time.perf_counter() - start, model=config)
         _write(tmp, out, params, config, record, operation, step_dir)
     return record
 
@@ -97,8 +144,8 @@ def _own_share(params: dict, config: ModelConfig, name: str, batches: list[dict]
     return {layer: float(load.reshape(len(surgery.names(config)), -1)[index].sum()) for layer, load in loads.items()}
 
 
-def _write(tmp: storage.Path, out: storage.Path, params: dict, config: ModelConfig, record: dict, operation: str,
-           source: storage.Path) -> None:
+def _write(tmp: storage.Path, out: storage.Path, params: dict, config: ModelConfig, record: ExpertsRecord,
+           operation: str, source: storage.Path) -> None:
     """The checkpoint, model.gin (with the routing, and the source's tokenizer) and experts.json under tmp."""
     largest = max(value.nbytes for value in params.values())
     tensors.write_params(tmp, sorted(params.items()), budget=2 * largest)
@@ -106,4 +153,4 @@ def _write(tmp: storage.Path, out: storage.Path, params: dict, config: ModelConf
     tokenizer = files.string_bindings(source.parents[1], 'DataConfig.tokenizer_path')
     (tmp / files.MODEL_GIN).write_text(model_gin(config, out, f'bam-jax experts {operation}', routing=True,
                                                  tokenizer=storage.path(tokenizer[-1]) if tokenizer else None))
-    workdir.write_json_atomic(tmp / RECORD, {**record, 'model': config.to_dict()})
+    workdir.write_json_atomic(tmp / RECORD, record.to_dict())
