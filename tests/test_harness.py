@@ -40,9 +40,13 @@ def request(kind, *args):
 
 
 def forward_log_probs(lm, ids):
-    """log P(ids[i] | ids[:i]) for i >= 1, from one plain forward pass of the model."""
-    logits = merge_params(lm.graphdef, lm.params)(jnp.asarray([ids[:-1]]))
-    log_probs = np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32), axis=-1))
+    """log P(ids[i] | ids[:i]) for i >= 1, from one plain forward pass of the model. The row is
+    padded on the right to the model's length, which a causal model's earlier positions never
+    see: every call is the same compiled program."""
+    row = np.zeros((1, lm.max_length), np.int32)
+    row[0, :len(ids) - 1] = ids[:-1]
+    logits = jax.jit(lambda p, t: merge_params(lm.graphdef, p)(t))(lm.params, row)
+    log_probs = np.asarray(jax.nn.log_softmax(logits[0, :len(ids) - 1].astype(jnp.float32), axis=-1))
     return log_probs[np.arange(len(ids) - 1), ids[1:]]
 
 
