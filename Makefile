@@ -21,7 +21,7 @@ $(STAMP): setup.cfg
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadfile -q tests
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder -q tests
 
 demo: $(STAMP)
 	bash launch/demo.sh
