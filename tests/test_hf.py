@@ -225,7 +225,7 @@ def test_a_model_trained_here_on_bytes_exports_and_reloads(bam_run, tmp_path, mo
     assert status == 0, err
     assert 'BamJaxForCausalLM (load with trust_remote_code=True)' in stdout
     assert {'config.json', 'generation_config.json', 'model.safetensors', 'tokenizer.json', 'export.json',
-            'modeling_bam_jax.py', 'configuration_bam_jax.py'} <= {p.name for p in out.iterdir()}
+            'modeling_bam_jax.py', 'configuration_bam_jax.py', 'cache_bam_jax.py'} <= {p.name for p in out.iterdir()}
     tokens = np.asarray(transformers.AutoTokenizer.from_pretrained(out)(['Permission is hereby granted, free'])
                         .input_ids)
     assert tokens[0, 0] == 0  # the start token every bam_jax text begins with

@@ -20,7 +20,7 @@ from etils import epath
 if TYPE_CHECKING:
     from bam_jax.models.config import ModelConfig
 
-FILES = ('configuration_bam_jax.py', 'modeling_bam_jax.py')
+FILES = ('configuration_bam_jax.py', 'cache_bam_jax.py', 'modeling_bam_jax.py')
 ARCHITECTURE = 'BamJaxForCausalLM'
 AUTO_MAP = {'AutoConfig': 'configuration_bam_jax.BamJaxConfig',
             'AutoModelForCausalLM': 'modeling_bam_jax.BamJaxForCausalLM'}
