@@ -20,9 +20,10 @@ at a time between checkpoints. Methods:
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -169,12 +170,13 @@ def reads(recipe: Recipe, num_models: int) -> list[tuple[int, str]]:
 
 def build(recipe: Recipe, read: Callable[[int, str], np.ndarray], num_models: int) -> np.ndarray:
     """One output tensor. read(model index, path) returns that input tensor (float32); it is
-    called in the order `reads` lists. Holds the output and the recipe's inputs."""
+    called in the order `reads` lists, each input read when the previous one is done with
+    (`working_bytes` is what this holds at most)."""
     if recipe.kind == 'router':
         rng = np.random.default_rng(recipe.seed)
         return (rng.standard_normal(recipe.shape) * recipe.std).astype(np.float32)
     if recipe.kind == 'average':
-        return mean([read(i, recipe.source) for i in range(num_models)])
+        return mean(read(i, recipe.source) for i in range(num_models))
     out, source, last = None, None, None
     for slot, model in enumerate(recipe.experts):
         if model != last:
@@ -186,22 +188,29 @@ def build(recipe: Recipe, read: Callable[[int, str], np.ndarray], num_models: in
     return out
 
 
-_MEAN_BLOCK = 1 << 20  # elements: an 8 MB float64 scratch
+def working_bytes(recipe: Recipe, nbytes: Callable[[str], int], num_models: int) -> int:
+    """The most memory `build` holds for the recipe at once, its inputs in flight aside: a mean's
+    float64 sum (2x the tensor) and one input or the result; a stack's output and one input."""
+    if recipe.kind == 'router':
+        return math.prod(recipe.shape) * 4
+    if recipe.kind == 'average':
+        return 3 * nbytes(recipe.source)
+    return nbytes(recipe.source) * (len(recipe.experts) + 1)
 
 
-def mean(arrays: Sequence[np.ndarray]) -> np.ndarray:
-    """The element-wise mean, summed in float64 and rounded once to float32 (numpy's float64
-    mean, exactly), block by block so the float64 scratch stays small."""
-    out = np.empty(arrays[0].shape, np.float32)
-    flat, result = [np.ravel(a) for a in arrays], out.reshape(-1)
-    for start in range(0, result.size, _MEAN_BLOCK):
-        block = slice(start, start + _MEAN_BLOCK)
-        total = flat[0][block].astype(np.float64)
-        for a in flat[1:]:
-            total += a[block]
-        total /= len(arrays)
-        result[block] = total
-    return out
+def mean(arrays: Iterable[np.ndarray]) -> np.ndarray:
+    """The element-wise mean, summed in float64 in order and rounded once to float32 (numpy's
+    float64 mean, exactly). The arrays are taken one at a time: only the sum and one are held."""
+    total, count = None, 0
+    for array in arrays:
+        if total is None:
+            total = np.array(array, np.float64)
+        else:
+            total += array
+        count += 1
+        del array  # before the next one is read
+    total /= count
+    return total.astype(np.float32)
 
 
 def upcycle(dense_params: Sequence[dict], dense: ModelConfig, spec: UpcycleSpec) -> tuple[dict, ModelConfig]:

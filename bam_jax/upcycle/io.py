@@ -29,7 +29,7 @@ from bam_jax import storage, workdir
 from bam_jax.errors import BamJaxError
 from bam_jax.models.config import ModelConfig, first_difference
 from bam_jax.progress import progress_bar
-from bam_jax.upcycle.core import Recipe, UpcycleSpec, build, model_config, plan, reads, upcycle
+from bam_jax.upcycle.core import Recipe, UpcycleSpec, build, model_config, plan, reads, upcycle, working_bytes
 from bam_jax.upcycle.gin_file import model_gin
 from bam_jax.workdir import files, outputs, tensors
 
@@ -236,9 +236,10 @@ def _build_all(recipes: dict[str, Recipe], readers: list[tensors.CheckpointReade
     from the domains), written in place of their recipes.
 
     The budget is (inputs + 1) x the largest tensor, shared by the reads in flight (each counted
-    at ReadAhead.READ_COST x its tensor), the inputs of the tensor being built, the tensor itself
-    and the finished tensors not yet written. TensorStore's and Orbax's own buffers come on top:
-    `make bench` measures the whole peak.
+    at ReadAhead.READ_COST x its tensor), what building the current tensor holds
+    (core.working_bytes: inputs are taken one at a time) and the finished tensors not yet
+    written. TensorStore's and Orbax's own buffers come on top: `make bench` measures the whole
+    peak.
     """
     def out_bytes(recipe):
         if recipe.kind == 'router':
@@ -254,13 +255,13 @@ def _build_all(recipes: dict[str, Recipe], readers: list[tensors.CheckpointReade
     with tensors.ParamsWriter(tmp, 2 * largest, step=STEP) as writer:
         for path in paths:
             recipe = recipes[path]
-            need = sum(readers[i].nbytes[p] for i, p in inputs[path]) + out_bytes(recipe)
+            need = working_bytes(recipe, readers[0].nbytes.get, num_models)
             if writer.held + need > limit:  # write out the finished tensors before taking on this one
                 writer.wait()
                 if writer.held + need > limit:
                     writer.flush()
                     writer.wait()
-            ahead.top_up(limit - writer.held - out_bytes(recipe))
+            ahead.top_up(limit - writer.held - need)
             if given and path in given:
                 writer.add(path, given[path])
             else:
