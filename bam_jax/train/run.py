@@ -30,14 +30,11 @@ if TYPE_CHECKING:
 @dataclasses.dataclass(frozen=True)
 class Run:
     """What `train` needs besides the start state. Fields with `abstract_` hold ShapeDtypeStructs.
-    configs: as given (the operative gin text, a sub-run's base); config: configs.train with the
-    budget's train_steps."""
+    configs: as given (the operative gin text, a sub-run's base; model, data and mesh_config
+    read it); config: configs.train with the budget's train_steps."""
     workdir: storage.Path
     configs: RunConfig
     config: TrainConfig
-    model: ModelConfig
-    data: data.DataConfig
-    mesh_config: MeshConfig
     mesh: Mesh
     graphdef: nnx.GraphDef
     abstract_params: Any
@@ -67,11 +64,23 @@ class Run:
             raise BamJaxError(f'TrainConfig.trainable {config.trainable!r} matches no parameter of the model')
         optimizer = make_optimizer(config)
         abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
-        return cls(workdir=storage.path(workdir), configs=configs, config=config, model=model, data=data_config,
-                   mesh_config=mesh_config, mesh=mesh, graphdef=graphdef, abstract_params=abstract_params,
-                   param_shardings=shardings, optimizer=optimizer, abstract_opt_state=abstract_opt,
+        return cls(workdir=storage.path(workdir), configs=configs, config=config, mesh=mesh, graphdef=graphdef,
+                   abstract_params=abstract_params, param_shardings=shardings, optimizer=optimizer,
+                   abstract_opt_state=abstract_opt,
                    opt_shardings=opt_shardings(optimizer, abstract_opt, shardings, mesh),
                    batch_sharding=batch_sharding(mesh))
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.configs.model
+
+    @property
+    def data(self) -> data.DataConfig:
+        return self.configs.data
+
+    @property
+    def mesh_config(self) -> MeshConfig:
+        return self.configs.mesh
 
 
 def opt_shardings(optimizer, abstract_opt_state, shardings, mesh):
