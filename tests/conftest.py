@@ -32,12 +32,13 @@ os.environ.setdefault('BAM_JAX_DATA_DIR', os.path.join(os.path.dirname(os.path.d
 # once, and no worker waits on another's), in this order (--no-loadscope-reorder keeps it): the
 # longest files first, by their measured time on 2 cores, so that no worker is left running one
 # of them alone at the end of the suite.
-SLOW_FIRST = ('test_generate.py', 'test_hf.py', 'test_gpu_check.py', 'test_pipeline.py', 'test_upcycle.py',
-              'test_multiprocess.py', 'test_cli.py', 'test_storage.py', 'test_harness.py', 'test_surgery.py',
-              'test_train.py', 'test_hf_remote.py', 'test_moa.py', 'test_routing.py', 'test_attention_kernels.py',
-              'test_lory_train.py', 'test_moe.py', 'test_lory.py', 'test_prepare.py', 'test_workdir.py',
-              'test_offline_tasks.py', 'test_model.py', 'test_router_init.py', 'test_upcycle_errors.py',
-              'test_sharding.py', 'test_docs.py', 'test_eval.py', 'test_budget.py', 'test_dropless.py')
+SLOW_FIRST = ('test_storage.py', 'test_upcycle.py', 'test_hf.py', 'test_multiprocess.py', 'test_pipeline.py',
+              'test_generate.py', 'test_gpu_check.py', 'test_harness.py', 'test_cli.py', 'test_surgery.py',
+              'test_train.py', 'test_lory_train.py', 'test_moa.py', 'test_prepare.py', 'test_routing.py',
+              'test_hf_remote.py', 'test_offline_tasks.py', 'test_lory.py', 'test_attention_kernels.py',
+              'test_upcycle_errors.py', 'test_workdir.py', 'test_docs.py', 'test_moe.py', 'test_router_init.py',
+              'test_eval.py', 'test_prepare_pod.py', 'test_model.py', 'test_data.py', 'test_dropless.py',
+              'test_budget.py', 'test_launch.py', 'test_checkpoint_compression.py', 'test_sharding.py')
 
 
 def pytest_collection_modifyitems(items):
