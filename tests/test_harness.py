@@ -2,6 +2,7 @@
 on the session's tiny trained BAM run (byte vocabulary, length 64), against bam_jax's own forward
 pass and evaluation step, and a hand computation of a task's score."""
 
+import functools
 import json
 import pathlib
 import shutil
@@ -39,13 +40,18 @@ def request(kind, *args):
     return Instance(kind, {}, args, 0)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(graphdef, params, tokens):
+    return merge_params(graphdef, params)(tokens)
+
+
 def forward_log_probs(lm, ids):
     """log P(ids[i] | ids[:i]) for i >= 1, from one plain forward pass of the model. The row is
     padded on the right to the model's length, which a causal model's earlier positions never
     see: every call is the same compiled program."""
     row = np.zeros((1, lm.max_length), np.int32)
     row[0, :len(ids) - 1] = ids[:-1]
-    logits = jax.jit(lambda p, t: merge_params(lm.graphdef, p)(t))(lm.params, row)
+    logits = _logits(lm.graphdef, lm.params, row)
     log_probs = np.asarray(jax.nn.log_softmax(logits[0, :len(ids) - 1].astype(jnp.float32), axis=-1))
     return log_probs[np.arange(len(ids) - 1), ids[1:]]
 

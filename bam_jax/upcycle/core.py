@@ -23,7 +23,7 @@ import dataclasses
 import math
 import re
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -188,14 +188,19 @@ def build(recipe: Recipe, read: Callable[[int, str], np.ndarray], num_models: in
     return out
 
 
-def working_bytes(recipe: Recipe, nbytes: Callable[[str], int], num_models: int) -> int:
-    """The most memory `build` holds for the recipe at once, its inputs in flight aside: a mean's
-    float64 sum (2x the tensor) and one input or the result; a stack's output and one input."""
+def output_bytes(recipe: Recipe, nbytes: Mapping[str, int]) -> int:
+    """The bytes of the tensor `build` makes for the recipe; nbytes: an input tensor's bytes by path."""
     if recipe.kind == 'router':
         return math.prod(recipe.shape) * 4
+    return nbytes[recipe.source] * (len(recipe.experts) if recipe.kind == 'stack' else 1)
+
+
+def working_bytes(recipe: Recipe, nbytes: Mapping[str, int]) -> int:
+    """The most memory `build` holds for the recipe at once, its inputs in flight aside: a mean's
+    float64 sum (2x the tensor) and one input or the result; a stack's output and one input."""
     if recipe.kind == 'average':
-        return 3 * nbytes(recipe.source)
-    return nbytes(recipe.source) * (len(recipe.experts) + 1)
+        return 3 * nbytes[recipe.source]
+    return output_bytes(recipe, nbytes) + (nbytes[recipe.source] if recipe.kind == 'stack' else 0)
 
 
 def mean(arrays: Iterable[np.ndarray]) -> np.ndarray:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import sys
 import time
@@ -29,7 +28,17 @@ from bam_jax import storage, workdir
 from bam_jax.errors import BamJaxError
 from bam_jax.models.config import ModelConfig, first_difference
 from bam_jax.progress import progress_bar
-from bam_jax.upcycle.core import Recipe, UpcycleSpec, build, model_config, plan, reads, upcycle, working_bytes
+from bam_jax.upcycle.core import (
+    Recipe,
+    UpcycleSpec,
+    build,
+    model_config,
+    output_bytes,
+    plan,
+    reads,
+    upcycle,
+    working_bytes,
+)
 from bam_jax.upcycle.gin_file import model_gin
 from bam_jax.workdir import files, outputs, tensors
 
@@ -241,12 +250,8 @@ def _build_all(recipes: dict[str, Recipe], readers: list[tensors.CheckpointReade
     written. TensorStore's and Orbax's own buffers come on top: `make bench` measures the whole
     peak.
     """
-    def out_bytes(recipe):
-        if recipe.kind == 'router':
-            return math.prod(recipe.shape) * 4
-        return readers[0].nbytes[recipe.source] * (len(recipe.experts) if recipe.kind == 'stack' else 1)
-
-    largest = max(max(map(out_bytes, recipes.values())), max(readers[0].nbytes.values()))
+    nbytes = readers[0].nbytes  # the inputs share their shapes
+    largest = max(max(output_bytes(recipe, nbytes) for recipe in recipes.values()), max(nbytes.values()))
     limit = (len(readers) + 1) * largest
     inputs = {path: reads(recipe, num_models) for path, recipe in recipes.items()}
     ahead = tensors.ReadAhead((readers[i], p) for path in recipes for i, p in inputs[path])
@@ -257,7 +262,7 @@ def _build_all(recipes: dict[str, Recipe], readers: list[tensors.CheckpointReade
     with tensors.ParamsWriter(tmp, largest, step=STEP) as writer:
         for path in paths:
             recipe = recipes[path]
-            need = working_bytes(recipe, readers[0].nbytes.get, num_models)
+            need = working_bytes(recipe, nbytes)
             if writer.held + need > limit:  # write out the finished tensors before taking on this one
                 writer.wait()
                 if writer.held + need > limit:
